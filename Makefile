@@ -1,0 +1,39 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+export KEDRO_DISABLE_TELEMETRY := 1
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+DEMO_RAW := data/01_raw/rsna-demo
+DEMO_DONE := $(DEMO_RAW)/.complete
+
+.PHONY: demo test install lint demo-data clean-demo
+
+demo: $(INSTALLED) $(DEMO_DONE)  ## create .venv, generate the demo dataset if absent, run every pipeline on it
+	$(BIN)/kedro run --env demo
+
+test: $(INSTALLED)  ## create/update .venv and run the test suite
+	$(BIN)/pytest
+
+install: $(INSTALLED)
+
+# Reinstalls only when pyproject.toml changes (torch is never downloaded again).
+$(INSTALLED): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo-data: $(DEMO_DONE)
+
+# The marker is written only after the whole dataset is, so an interrupted generation reruns.
+$(DEMO_DONE): | $(INSTALLED)
+	$(BIN)/kedro run --env demo --pipelines demo_data
+	touch $@
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+
+clean-demo:  ## remove the generated demo dataset and every demo output
+	rm -rf $(DEMO_RAW) data/0[2-8]_*/demo

@@ -1,0 +1,72 @@
+"""Typed configuration: parameter dictionaries become dataclasses at the node boundary.
+
+Nodes take the raw ``params:<group>`` dictionary (so kedro-mlflow logs it flattened, one MLflow
+param per key) and convert it here; domain code only ever sees the dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from pneumonia_kedro.errors import PneumoniaKedroError
+
+T = TypeVar("T")
+
+
+class ConfigError(PneumoniaKedroError, ValueError):
+    """A parameter group does not match the dataclass it configures."""
+
+
+def _check_type(value: Any, annotation: Any) -> bool:  # noqa: PLR0911
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_check_type(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        return isinstance(value, list | tuple)
+    if origin is dict:
+        return isinstance(value, Mapping)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def from_params(cls: type[T], params: Mapping[str, Any] | T, group: str) -> T:
+    """Build dataclass ``cls`` from the parameter group ``group``, naming any bad key."""
+    if isinstance(params, cls):
+        return params
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"params:{group} must be a mapping, got {type(params).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        raise ConfigError(f"params:{group}: unknown key(s) {unknown}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, raw in params.items():
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation) and isinstance(raw, Mapping):
+            values[name] = from_params(annotation, raw, f"{group}.{name}")
+        elif not _check_type(raw, annotation):
+            raise ConfigError(
+                f"params:{group}.{name} = {raw!r} does not match the expected type "
+                f"{getattr(annotation, '__name__', annotation)}"
+            )
+        elif typing.get_origin(annotation) is tuple and isinstance(raw, list):
+            values[name] = tuple(raw)
+        else:
+            values[name] = raw
+    return cls(**values)

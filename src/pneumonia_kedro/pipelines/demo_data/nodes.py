@@ -1,0 +1,37 @@
+"""Nodes of the demo_data pipeline: sample real label geometry, render synthetic DICOMs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import pandas as pd
+
+from pneumonia_kedro.config import from_params
+from pneumonia_kedro.demo import DemoConfig, demo_file, sample_demo_patients
+
+
+def sample_patients(
+    real_labels: pd.DataFrame, real_headers: pd.DataFrame, params: dict
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Choose demo patients; return labels CSV, class info CSV, train and test patients."""
+    config = from_params(DemoConfig, params, "demo_data")
+    labels, train, test = sample_demo_patients(real_labels, real_headers, config)
+    class_info = labels.loc[:, ["patientId"]].merge(
+        train.loc[:, ["patientId", "detailed_class"]], on="patientId", how="left"
+    ).rename(columns={"detailed_class": "class"})
+    return labels, class_info, train, test
+
+
+def render_images(patients: pd.DataFrame, params: dict) -> dict[str, Callable[[], bytes]]:
+    """One lazily rendered DICOM per patient, with an opacity inside each of its boxes."""
+    config = from_params(DemoConfig, params, "demo_data")
+    return {
+        row["patientId"]: partial(demo_file, row["patientId"], row, row["boxes"], config)
+        for row in patients.to_dict("records")
+    }
+
+
+def sample_submission(test: pd.DataFrame) -> pd.DataFrame:
+    """The competition's sample submission for the test patients."""
+    return pd.DataFrame({"patientId": test["patientId"], "PredictionString": "0.5 0 0 100 100"})

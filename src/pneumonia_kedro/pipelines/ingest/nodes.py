@@ -1,0 +1,94 @@
+"""Nodes of the ingest pipeline: validate labels, read DICOM headers, build the patient table."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import pandas as pd
+
+from pneumonia_kedro.config import from_params
+from pneumonia_kedro.dicom import DicomFolder, header_table
+from pneumonia_kedro.errors import MissingDataError
+from pneumonia_kedro.labels import build_patient_table, validate_class_info, validate_labels
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Competition image size (for box bounds) and what to do with patients lacking a DICOM."""
+
+    image_size: int = 1024
+    on_missing_image: Literal["error", "exclude"] = "error"
+
+
+def validate_patients(
+    train_labels: pd.DataFrame, class_info: pd.DataFrame, params: dict
+) -> tuple[pd.DataFrame, dict]:
+    """Validate both CSVs; return one row per patient and the label counts for the report."""
+    config = from_params(IngestConfig, params, "ingest")
+    labels, n_duplicates = validate_labels(
+        train_labels, train_labels.attrs.get("source", "labels CSV"), config.image_size
+    )
+    targets = labels.groupby("patientId")["Target"].first()
+    classes = validate_class_info(
+        class_info, targets, class_info.attrs.get("source", "class info CSV")
+    )
+    patients = build_patient_table(labels, classes)
+    checks = {"label_rows": len(train_labels), "duplicate_rows_dropped": n_duplicates}
+    return patients, checks
+
+
+def read_dicom_headers(patients: pd.DataFrame, train_dicoms: DicomFolder) -> pd.DataFrame:
+    """Non-identifying header values (view position, sex, age, spacing, size) per patient."""
+    present = [pid for pid in patients["patientId"] if pid in train_dicoms]
+    return header_table(train_dicoms, present)
+
+
+def attach_images(
+    patients: pd.DataFrame,
+    dicom_headers: pd.DataFrame,
+    train_dicoms: DicomFolder,
+    label_checks: dict,
+    params: dict,
+) -> tuple[pd.DataFrame, dict]:
+    """Join header values to patients; stop on or exclude patients without a readable DICOM."""
+    config = from_params(IngestConfig, params, "ingest")
+    headers = dicom_headers.set_index("patientId")
+    missing = sorted(set(patients["patientId"]) - set(headers.index))
+    unreadable = headers.loc[headers["error"] != "", "error"].to_dict()
+    if (missing or unreadable) and config.on_missing_image == "error":
+        listed = [f"{pid}: no file {train_dicoms.display_name(pid)}" for pid in missing[:10]]
+        listed += [reason for reason in list(unreadable.values())[:10]]
+        raise MissingDataError(
+            f"{len(missing)} patient(s) without a DICOM file and {len(unreadable)} unreadable "
+            f"in {train_dicoms.root}:\n  " + "\n  ".join(listed) +
+            "\nSet ingest.on_missing_image: exclude to leave them out (they are listed in the "
+            "ingest report)."
+        )
+    excluded = set(missing) | set(unreadable)
+    if excluded:
+        logger.warning("excluding %d patient(s) without a readable DICOM", len(excluded))
+    table = patients.loc[~patients["patientId"].isin(excluded)].merge(
+        dicom_headers.drop(columns=["error"]), on="patientId", how="left"
+    )
+    report = {
+        **label_checks,
+        "patients": len(table),
+        "positive_patients": int((table["Target"] == 1).sum()),
+        "negative_patients": int((table["Target"] == 0).sum()),
+        "boxes": int(table["n_boxes"].sum()),
+        "boxes_per_image": {str(k): int(v) for k, v in
+                            table["n_boxes"].value_counts().sort_index().items()},
+        "detailed_class": {str(k): int(v) for k, v in
+                           table["detailed_class"].value_counts().sort_index().items()},
+        "view_position": {str(k): int(v) for k, v in
+                          table["view_position"].value_counts().sort_index().items()},
+        "missing_images": missing,
+        "unreadable_images": unreadable,
+        "rejected_files": dict(train_dicoms.rejected),
+        "excluded_patients": len(excluded),
+    }
+    return table.reset_index(drop=True), report

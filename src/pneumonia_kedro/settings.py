@@ -1,0 +1,20 @@
+"""Project settings. See https://docs.kedro.org/en/stable/configure/configuration_basics/"""
+
+import os
+
+from omegaconf.resolvers import oc
+
+from pneumonia_kedro.hooks import RawDataPresenceHook
+
+# Telemetry is opt-out in Kedro; this project never sends it (the Makefile, CI and tests set
+# it too, since kedro-telemetry can run before this file is imported).
+os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
+
+HOOKS = (RawDataPresenceHook(),)
+
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+    # mlflow.yml reads MLFLOW_TRACKING_URI; Kedro enables oc.env for credentials only.
+    "custom_resolvers": {"oc.env": oc.env},
+}

@@ -1,0 +1,87 @@
+"""Patient-level stratified sampling and train/validation split.
+
+Rows of the per-patient table are patients, so a patient is never split across sets and always
+keeps every one of its boxes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import pandas as pd
+from sklearn.model_selection import train_test_split
+from sklearn.utils import shuffle
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How many patients to keep per Target and how to split them."""
+
+    n_per_class: int | None = 500
+    validation_fraction: float = 0.2
+    stratify_by_view: bool = False
+    seed: int = 42
+
+
+def sample_patients(patients: pd.DataFrame, n_per_class: int | None, seed: int
+                    ) -> pd.DataFrame:
+    """Up to ``n_per_class`` patients of each Target (``None`` keeps all), sorted by patientId."""
+    if n_per_class is None:
+        return patients.sort_values("patientId").reset_index(drop=True)
+    chosen = []
+    for target, group in patients.groupby("Target", sort=True):
+        if len(group) < n_per_class:
+            logger.warning("only %d patients with Target %s, fewer than n_per_class=%d; "
+                           "keeping all of them", len(group), target, n_per_class)
+        chosen.append(shuffle(group, random_state=seed).head(n_per_class))
+    return pd.concat(chosen).sort_values("patientId").reset_index(drop=True)
+
+
+def strata(patients: pd.DataFrame, by_view: bool) -> pd.Series:
+    """The label each patient is stratified by: Target, optionally with view position."""
+    labels = patients["Target"].astype(str)
+    if by_view:
+        labels = labels + "_" + patients["view_position"].fillna("unknown").astype(str)
+    return labels
+
+
+def split_patients(patients: pd.DataFrame, config: SplitConfig
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Sample, then split into train and validation patients, stratified and seeded."""
+    if not 0 < config.validation_fraction < 1:
+        raise ValueError(
+            f"validation_fraction must be between 0 and 1, got {config.validation_fraction}"
+        )
+    sampled = sample_patients(patients, config.n_per_class, config.seed)
+    if "view_position" not in sampled and config.stratify_by_view:
+        raise ValueError("stratify_by_view needs a view_position column in the patient table")
+    train, validation = train_test_split(
+        sampled,
+        test_size=config.validation_fraction,
+        stratify=strata(sampled, config.stratify_by_view),
+        random_state=config.seed,
+    )
+    return (train.sort_values("patientId").reset_index(drop=True),
+            validation.sort_values("patientId").reset_index(drop=True))
+
+
+def describe_split(train: pd.DataFrame, validation: pd.DataFrame) -> dict:
+    """Counts per split, Target and view, and the overlap check, for the split report."""
+    def summary(table: pd.DataFrame) -> dict:
+        result = {
+            "patients": len(table),
+            "positive": int((table["Target"] == 1).sum()),
+            "negative": int((table["Target"] == 0).sum()),
+            "boxes": int(table["n_boxes"].sum()),
+        }
+        if "view_position" in table:
+            result["view_position"] = {str(k): int(v) for k, v in
+                                       table["view_position"].value_counts().sort_index().items()}
+        return result
+
+    overlap = set(train["patientId"]) & set(validation["patientId"])
+    return {"train": summary(train), "validation": summary(validation),
+            "patients_in_both": len(overlap)}

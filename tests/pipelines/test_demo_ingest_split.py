@@ -1,0 +1,78 @@
+"""demo_data, ingest and split run in a real KedroSession of a copy of the project."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from kedro.framework.session import KedroSession
+
+from pneumonia_kedro.errors import MissingDataError
+from tests.conftest import TINY_DEMO
+
+
+def test_demo_data_then_ingest_and_split(run_kedro, kedro_project: Path):
+    run_kedro(pipelines=["demo_data"], params={"demo_data": TINY_DEMO})
+    raw = kedro_project / "data/01_raw/rsna-demo"
+    assert sorted(p.name for p in raw.iterdir()) == [
+        "stage_2_detailed_class_info.csv", "stage_2_sample_submission.csv",
+        "stage_2_test_images", "stage_2_train_images", "stage_2_train_labels.csv"]
+    assert len(list((raw / "stage_2_train_images").glob("*.dcm"))) == 16
+    assert len(list((raw / "stage_2_test_images").glob("*.dcm"))) == 3
+    labels = pd.read_csv(raw / "stage_2_train_labels.csv")
+    class_info = pd.read_csv(raw / "stage_2_detailed_class_info.csv")
+    assert list(labels.columns) == ["patientId", "x", "y", "width", "height", "Target"]
+    assert len(class_info) == len(labels)
+
+    run_kedro(pipelines=["ingest", "split"])
+    patients = pd.read_parquet(kedro_project / "data/03_primary/demo/patients.parquet")
+    assert len(patients) == 16 and set(patients["view_position"]) <= {"AP", "PA"}
+    train = pd.read_parquet(kedro_project / "data/05_model_input/demo/train_patients.parquet")
+    validation = pd.read_parquet(
+        kedro_project / "data/05_model_input/demo/validation_patients.parquet")
+    assert not set(train["patientId"]) & set(validation["patientId"])
+    assert len(train) + len(validation) == 16
+    report = json.loads((kedro_project / "data/08_reporting/demo/ingest_report.json").read_text())
+    assert report["patients"] == 16 and report["positive_patients"] == 8
+    assert report["boxes"] == int(labels["Target"].sum())
+
+    # Each kedro run is one MLflow run with its parameters logged flattened.
+    runs = mlflow.search_runs(experiment_names=["pneumonia-kedro"])
+    assert len(runs) == 2
+    latest = runs.sort_values("start_time").iloc[-1]
+    assert latest["params.split.seed"] == "42"
+    assert latest["params.ingest.on_missing_image"] == "error"
+
+
+def test_missing_image_stops_or_is_excluded(run_kedro, kedro_project: Path):
+    run_kedro(pipelines=["demo_data"], params={"demo_data": TINY_DEMO})
+    images = sorted((kedro_project / "data/01_raw/rsna-demo/stage_2_train_images").glob("*.dcm"))
+    images[0].unlink()
+    with pytest.raises(MissingDataError, match=f"(?s)1 patient.*{images[0].stem}"):
+        run_kedro(pipelines=["ingest"])
+    run_kedro(pipelines=["ingest"], params={"ingest": {"on_missing_image": "exclude"}})
+    report = json.loads(
+        (kedro_project / "data/08_reporting/demo/ingest_report.json").read_text())
+    assert report["missing_images"] == [images[0].stem]
+    assert report["patients"] == 15
+
+
+def test_run_without_data_says_where_to_put_it(kedro_project: Path, run_kedro):
+    with pytest.raises(MissingDataError, match="rsna-pneumonia-detection-challenge") as info:
+        run_kedro(env="base", pipelines=["ingest"])
+    assert "make demo" in str(info.value)
+    assert not (kedro_project / "data").exists() or not any(
+        (kedro_project / "data").rglob("*.parquet"))
+
+
+def test_default_pipeline_excludes_demo_data(kedro_project: Path, run_kedro):
+    from kedro.framework.project import pipelines
+
+    assert "demo_data" in pipelines
+    default_nodes = {node.name for node in pipelines["__default__"].nodes}
+    assert "sample_demo_patients_node" not in default_nodes
+    assert {"validate_labels_node", "split_patients_node"} <= default_nodes
+    assert KedroSession is not None

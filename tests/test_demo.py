@@ -1,0 +1,105 @@
+"""The demo generator writes valid competition-like DICOMs, reproducibly."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.uid import JPEGBaseline8Bit
+
+from pneumonia_kedro.datasets import PackageTableDataset
+from pneumonia_kedro.demo import DemoConfig, demo_file, render_chest, sample_demo_patients
+from pneumonia_kedro.dicom import decode, read_header
+
+CONFIG = DemoConfig(n_positive=4, n_negative=4, n_test=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def reference_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
+    labels = PackageTableDataset(package="torchxrayvision",
+                                 resource="data/kaggle_stage_2_train_labels.csv.zip").load()
+    headers = PackageTableDataset(
+        package="torchxrayvision",
+        resource="data/kaggle_stage_2_train_images_dicom_headers.csv.gz",
+        load_args={"usecols": ["PatientID", "PatientAge", "PatientSex", "PixelSpacing",
+                               "ViewPosition"]},
+    ).load()
+    return labels, headers
+
+
+@pytest.fixture(scope="module")
+def sampled(reference_tables):
+    return sample_demo_patients(*reference_tables, CONFIG)
+
+
+def test_real_patients_keep_their_real_boxes_and_headers(reference_tables, sampled):
+    real_labels, real_headers = reference_tables
+    labels, train, test = sampled
+    assert (train["Target"] == 1).sum() == 4 and (train["Target"] == 0).sum() == 4
+    assert not set(train["patientId"]) & set(test["patientId"])
+    for pid in train.loc[train["Target"] == 1, "patientId"]:
+        real = real_labels.loc[real_labels["patientId"] == pid, ["x", "y", "width", "height"]]
+        ours = labels.loc[labels["patientId"] == pid, ["x", "y", "width", "height"]]
+        np.testing.assert_array_equal(real.to_numpy(float), ours.to_numpy(float))
+    header = real_headers.set_index("PatientID").loc[train["patientId"].iloc[0]]
+    assert train["view_position"].iloc[0] == header["ViewPosition"]
+    assert set(train.loc[train["Target"] == 1, "detailed_class"]) == {"Lung Opacity"}
+    assert set(train.loc[train["Target"] == 0, "detailed_class"]) <= {
+        "Normal", "No Lung Opacity / Not Normal"}
+
+
+def test_without_reference_tables_it_samples_from_fitted_distributions():
+    labels, train, _ = sample_demo_patients(None, None, CONFIG)
+    boxes = labels.loc[labels["Target"] == 1]
+    assert len(train) == 8 and 4 <= len(boxes) <= 16
+    assert (boxes["x"] >= 0).all() and (boxes["x"] + boxes["width"] <= 1024).all()
+    assert (boxes["y"] >= 0).all() and (boxes["y"] + boxes["height"] <= 1024).all()
+
+
+def test_files_are_competition_dicoms(sampled):
+    _, train, _ = sampled
+    row = train.loc[train["Target"] == 1].iloc[0].to_dict()
+    data = demo_file(row["patientId"], row, row["boxes"], CONFIG)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    assert ds.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+    assert (ds.Rows, ds.Columns, ds.SamplesPerPixel) == (1024, 1024, 1)
+    assert ds.PhotometricInterpretation == "MONOCHROME2"
+    assert (ds.BitsAllocated, ds.BitsStored, ds.PixelRepresentation) == (8, 8, 0)
+    assert (ds.Modality, ds.BodyPartExamined) == ("CR", "CHEST")
+    assert ds.PatientID == row["patientId"] == str(ds.PatientName)
+    assert ds.ViewPosition == row["view_position"]
+    assert 100_000 < len(data) < 400_000
+    # pydicom's own decoder agrees with the fast path within JPEG decoder rounding.
+    reference = ds.pixel_array
+    ours = decode(data, "demo.dcm").pixels
+    assert reference.shape == ours.shape == (1024, 1024)
+    assert np.abs(reference.astype(int) - ours.astype(int)).max() <= 1
+    header = read_header(data, "demo.dcm")
+    assert header["view_position"] == row["view_position"]
+    assert header["patient_age"] == float(row["patient_age"])
+
+
+def test_same_seed_gives_byte_identical_files(sampled):
+    _, train, _ = sampled
+    row = train.iloc[0].to_dict()
+    assert demo_file(row["patientId"], row, row["boxes"], CONFIG) == demo_file(
+        row["patientId"], row, row["boxes"], CONFIG)
+    other = DemoConfig(**{**CONFIG.__dict__, "seed": 4})
+    assert demo_file(row["patientId"], row, row["boxes"], other) != demo_file(
+        row["patientId"], row, row["boxes"], CONFIG)
+
+
+def test_opacity_is_brighter_inside_boxes_and_views_differ():
+    box = [300.0, 300.0, 200.0, 260.0]
+    with_box = render_chest("p", "PA", [box], seed=1).astype(float)
+    without = render_chest("p", "PA", [], seed=1).astype(float)
+    inside = (slice(330, 530), slice(320, 480))
+    assert with_box[inside].mean() > without[inside].mean() + 20
+    outside = (slice(0, 200), slice(0, 1024))
+    assert abs(with_box[outside].mean() - without[outside].mean()) < 3
+    ap = render_chest("p", "AP", [], seed=1).astype(float)
+    assert np.abs(ap - without).mean() > 5

@@ -1,0 +1,80 @@
+"""Patient-level sampling and split: no leakage, all boxes kept, reproducible."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pneumonia_kedro.config import ConfigError, from_params
+from pneumonia_kedro.split import SplitConfig, describe_split, split_patients
+
+
+@pytest.fixture
+def patients() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    n = 400
+    target = (rng.random(n) < 0.3).astype(int)
+    boxes = [[[float(i), 10.0, 50.0, 60.0]] * int(rng.integers(1, 4)) if t else []
+             for i, t in enumerate(target)]
+    return pd.DataFrame({
+        "patientId": [f"p{i:04d}" for i in range(n)],
+        "Target": target,
+        "boxes": boxes,
+        "n_boxes": [len(b) for b in boxes],
+        "view_position": rng.choice(["AP", "PA"], size=n),
+    })
+
+
+def test_split_is_patient_level_and_keeps_every_box(patients):
+    config = SplitConfig(n_per_class=50, validation_fraction=0.2, seed=1)
+    train, validation = split_patients(patients, config)
+    assert not set(train["patientId"]) & set(validation["patientId"])
+    assert len(train) == 80 and len(validation) == 20
+    assert (train["Target"] == 1).sum() == 40 and (validation["Target"] == 1).sum() == 10
+    original = patients.set_index("patientId")
+    for table in (train, validation):
+        for pid, boxes in zip(table["patientId"], table["boxes"], strict=True):
+            assert boxes == original.loc[pid, "boxes"]
+    assert describe_split(train, validation)["patients_in_both"] == 0
+
+
+def test_same_seed_same_split_other_seed_other_split(patients):
+    config = SplitConfig(n_per_class=None, validation_fraction=0.25, seed=5)
+    first = split_patients(patients, config)
+    second = split_patients(patients, config)
+    pd.testing.assert_frame_equal(first[0], second[0])
+    pd.testing.assert_frame_equal(first[1], second[1])
+    other = split_patients(patients, SplitConfig(n_per_class=None, validation_fraction=0.25,
+                                                 seed=6))
+    assert set(other[1]["patientId"]) != set(first[1]["patientId"])
+    assert len(first[0]) + len(first[1]) == len(patients)
+
+
+def test_stratify_by_view_balances_views(patients):
+    config = SplitConfig(n_per_class=None, validation_fraction=0.2, stratify_by_view=True,
+                         seed=2)
+    train, validation = split_patients(patients, config)
+    for target in (0, 1):
+        for view in ("AP", "PA"):
+            total = ((patients["Target"] == target) & (patients["view_position"] == view)).sum()
+            in_val = ((validation["Target"] == target)
+                      & (validation["view_position"] == view)).sum()
+            assert abs(in_val - 0.2 * total) <= 1
+
+
+def test_fewer_patients_than_requested_keeps_all_with_warning(patients, caplog):
+    train, validation = split_patients(patients, SplitConfig(n_per_class=1000, seed=0))
+    assert len(train) + len(validation) == len(patients)
+    assert "fewer than n_per_class" in caplog.text
+
+
+def test_parameters_are_checked_by_name():
+    assert from_params(SplitConfig, {"n_per_class": None, "seed": 3}, "split").seed == 3
+    with pytest.raises(ConfigError, match=r"params:split: unknown key\(s\) \['n_per_klass'\]"):
+        from_params(SplitConfig, {"n_per_klass": 3}, "split")
+    with pytest.raises(ConfigError, match=r"params:split.validation_fraction = 'a lot'"):
+        from_params(SplitConfig, {"validation_fraction": "a lot"}, "split")
+    with pytest.raises(ValueError, match="validation_fraction must be between 0 and 1"):
+        split_patients(pd.DataFrame({"patientId": [], "Target": []}),
+                       SplitConfig(validation_fraction=1.5))
