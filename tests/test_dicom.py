@@ -1,0 +1,133 @@
+"""DICOM decoding: golden conversions of pydicom's bundled files, and clear errors."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.pixels import apply_modality_lut
+
+from pneumonia_kedro.dicom import decode, read_header
+from pneumonia_kedro.errors import DicomError
+
+
+def test_file(name: str) -> bytes:
+    return Path(get_testdata_file(name)).read_bytes()
+
+
+test_file.__test__ = False  # a helper, not a test
+
+
+def reference_uint8(ds: pydicom.Dataset) -> np.ndarray:
+    """Independent conversion: pydicom's modality LUT, then the DICOM window formula."""
+    values = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+    if "WindowCenter" in ds:
+        center = float(np.atleast_1d(ds.WindowCenter)[0])
+        width = float(np.atleast_1d(ds.WindowWidth)[0])
+        # PS3.3 C.11.2.1.2.1, linear function, scaled to 0..1
+        scaled = np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0, 1)
+    else:
+        scaled = (values - values.min()) / (values.max() - values.min())
+    pixels = np.rint(scaled * 255).astype(np.uint8)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        pixels = 255 - pixels
+    return pixels
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MR_small.dcm",                   # 16-bit signed, window
+        "MR_small_RLE.dcm",               # RLE Lossless
+        "MR_small_bigendian.dcm",         # explicit VR big endian
+        "MR_small_jp2klossless.dcm",      # JPEG 2000 lossless
+        "MR_small_jpeg_ls_lossless.dcm",  # JPEG-LS lossless
+        "CT_small.dcm",                   # rescale slope/intercept (modality LUT), no window
+        "693_J2KI.dcm",                   # JPEG 2000, 14-bit, rescale and window
+        "JPGExtended.dcm",                # JPEG Extended 12-bit, non-square 1024x256
+        "JPEG2000.dcm",                   # JPEG 2000 lossy
+        "image_dfl.dcm",                  # deflated explicit VR little endian
+    ],
+)
+def test_golden_conversion_matches_independent_reference(name):
+    data = test_file(name)
+    image = decode(data, name)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    expected = reference_uint8(ds)
+    assert image.pixels.dtype == np.uint8
+    assert image.pixels.shape == (ds.Rows, ds.Columns)
+    # One grey level of rounding between float paths is allowed.
+    assert np.abs(image.pixels.astype(int) - expected.astype(int)).max() <= 1
+    assert image.pixels.max() > image.pixels.min()
+
+
+def test_monochrome1_is_inverted_so_air_is_dark():
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    plain = decode(test_file("MR_small.dcm"), "mono2").pixels
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    inverted = decode(buffer.getvalue(), "mono1").pixels
+    np.testing.assert_array_equal(inverted, 255 - plain)
+
+
+def test_header_has_no_identifying_values():
+    header = read_header(test_file("CT_small.dcm"), "CT_small.dcm")
+    assert set(header) == {"view_position", "patient_sex", "patient_age", "modality",
+                           "body_part", "pixel_spacing", "rows", "columns"}
+    assert header["rows"] == 128 and header["modality"] == "CT"
+
+
+def without_pixel_data() -> bytes:
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    del ds.PixelData
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
+
+
+def wrong_rows() -> bytes:
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.Rows = 128
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "reason"),
+    [
+        ("empty.dcm", lambda: b"", "empty file"),
+        ("random.dcm", lambda: np.random.default_rng(0).bytes(5000), "not a DICOM file"),
+        ("palette.dcm", lambda: test_file("examples_palette.dcm"), "colour or palette image"),
+        ("rgb.dcm", lambda: test_file("ExplVR_BigEnd.dcm"), "colour or palette image"),
+        ("rgb_jpeg.dcm", lambda: test_file("SC_rgb_jpeg.dcm"), "colour or palette image"),
+        ("multi.dcm", lambda: test_file("rtdose.dcm"), "multi-frame image"),
+        ("truncated.dcm", lambda: test_file("MR_truncated.dcm"), "pixel data does not decode"),
+        ("half.dcm", lambda: test_file("MR_small.dcm")[:3000], "pixel data does not decode"),
+        ("nopixels.dcm", without_pixel_data, "no pixel data"),
+        ("rows.dcm", wrong_rows, "pixel data does not decode"),
+    ],
+)
+def test_bad_files_get_a_clear_error_naming_the_file(name, data, reason):
+    with pytest.raises(DicomError, match=reason) as info:
+        decode(data(), f"/data/{name}")
+    assert str(info.value).startswith(f"/data/{name}: ")
+
+
+def test_missing_decoder_names_the_package_to_install():
+    from pydicom.pixels.decoders import JPEGLSLosslessDecoder
+
+    removed = {label: plugin for label, plugin in JPEGLSLosslessDecoder._available.items()}
+    for label in removed:
+        JPEGLSLosslessDecoder.remove_plugin(label)
+    try:
+        with pytest.raises(DicomError, match="install pylibjpeg-libjpeg") as info:
+            decode(test_file("MR_small_jpeg_ls_lossless.dcm"), "ls.dcm")
+        assert "1.2.840.10008.1.2.4.80" in str(info.value)
+    finally:
+        JPEGLSLosslessDecoder._available.update(removed)

@@ -1,0 +1,145 @@
+"""The image cache: letterbox geometry, skips and errors, no-change reruns, exact resume."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pneumonia_kedro import imagecache
+from pneumonia_kedro.boxes import Letterbox, xywh_to_xyxy, xyxy_to_xywh
+from pneumonia_kedro.demo import DemoConfig, demo_file, sample_demo_patients
+from pneumonia_kedro.dicom import DicomFolder
+from pneumonia_kedro.errors import DicomError
+from pneumonia_kedro.imagecache import CacheConfig, ImageCache, build, plan, preprocess
+
+
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("dicoms")
+    config = DemoConfig(n_positive=3, n_negative=4, n_test=0, seed=11)
+    _, train, _ = sample_demo_patients(None, None, config)
+    for row in train.to_dict("records"):
+        (folder / f"{row['patientId']}.dcm").write_bytes(
+            demo_file(row["patientId"], row, row["boxes"], config))
+    return folder
+
+
+def copy_folder(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def test_cache_holds_every_image_letterboxed(demo_folder, tmp_path):
+    folder = DicomFolder.scan(str(demo_folder))
+    config = CacheConfig(image_size=64, workers=0, chunk_size=3, progress=False)
+    stats = build(plan(folder, folder.patient_ids, config), tmp_path / "cache")
+    cache = ImageCache(tmp_path / "cache")
+    assert stats == {"decoded": 7, "reused": 0}
+    assert cache.images.shape == (7, 64, 64) and cache.images.dtype == np.uint8
+    assert cache.index["patientId"].tolist() == folder.patient_ids
+    assert (cache.index["scale_x"] == 64 / 1024).all()
+    assert set(cache.index["view_position"]) <= {"AP", "PA"}
+
+
+def test_parallel_build_equals_in_process_build(demo_folder, tmp_path):
+    folder = DicomFolder.scan(str(demo_folder))
+    serial = CacheConfig(image_size=64, workers=0, chunk_size=2, progress=False)
+    parallel = CacheConfig(image_size=64, workers=2, chunk_size=2, progress=False)
+    build(plan(folder, folder.patient_ids, serial), tmp_path / "serial")
+    build(plan(folder, folder.patient_ids, parallel), tmp_path / "parallel")
+    a, b = ImageCache(tmp_path / "serial"), ImageCache(tmp_path / "parallel")
+    np.testing.assert_array_equal(a.images, b.images)
+    assert a.index.equals(b.index)
+
+
+def test_rerun_with_nothing_changed_decodes_nothing_and_size_change_rebuilds(demo_folder,
+                                                                             tmp_path):
+    folder = DicomFolder.scan(str(demo_folder))
+    config = CacheConfig(image_size=32, workers=0, progress=False)
+    build(plan(folder, folder.patient_ids, config), tmp_path / "c")
+    assert build(plan(folder, folder.patient_ids, config), tmp_path / "c") == {
+        "decoded": 0, "reused": 7}
+    bigger = CacheConfig(image_size=48, workers=0, progress=False)
+    assert build(plan(folder, folder.patient_ids, bigger), tmp_path / "c")["decoded"] == 7
+    assert ImageCache(tmp_path / "c").images.shape == (7, 48, 48)
+
+
+def test_interrupted_build_resumes_to_an_identical_cache(demo_folder, tmp_path, monkeypatch):
+    folder = DicomFolder.scan(str(demo_folder))
+    config = CacheConfig(image_size=64, workers=0, chunk_size=2, progress=False)
+    cache_plan = plan(folder, folder.patient_ids, config)
+    build(cache_plan, tmp_path / "reference")
+
+    real_decode_rows = imagecache._decode_rows
+    calls = {"n": 0}
+
+    def dies_on_third_chunk(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # what a Ctrl-C or kill does mid-build
+        return real_decode_rows(*args, **kwargs)
+
+    monkeypatch.setattr(imagecache, "_decode_rows", dies_on_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        build(cache_plan, tmp_path / "resumed")
+    assert not (tmp_path / "resumed" / "index.parquet").exists()
+    monkeypatch.setattr(imagecache, "_decode_rows", real_decode_rows)
+    assert build(cache_plan, tmp_path / "resumed") == {"decoded": 3, "reused": 4}
+    reference, resumed = ImageCache(tmp_path / "reference"), ImageCache(tmp_path / "resumed")
+    np.testing.assert_array_equal(reference.images, resumed.images)
+    assert reference.index.equals(resumed.index)
+    assert (tmp_path / "reference/images.npy").read_bytes() == \
+        (tmp_path / "resumed/images.npy").read_bytes()
+
+
+def test_bad_file_stops_the_build_or_is_skipped_and_reported(demo_folder, tmp_path):
+    source = copy_folder(demo_folder, tmp_path / "dicoms")
+    bad = sorted(source.glob("*.dcm"))[2]
+    bad.write_bytes(bad.read_bytes()[:2000])  # truncated mid-pixel-data
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    folder = DicomFolder.scan(str(source))
+    strict = CacheConfig(image_size=32, workers=0, progress=False)
+    with pytest.raises(DicomError, match=bad.name):
+        build(plan(folder, folder.patient_ids, strict), tmp_path / "strict")
+    lenient = CacheConfig(image_size=32, workers=2, chunk_size=2, on_error="skip",
+                          progress=False)
+    build(plan(folder, folder.patient_ids, lenient), tmp_path / "lenient")
+    cache = ImageCache(tmp_path / "lenient")
+    skipped = cache.index.loc[cache.index["status"] == "skipped"]
+    assert skipped["patientId"].tolist() == [bad.stem]
+    assert bad.name in skipped["reason"].iloc[0]
+    assert len(cache.usable) == 6 and bad.stem not in set(cache.usable["patientId"])
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before  # raw data untouched
+
+
+def test_non_square_image_is_letterboxed_and_boxes_map_back():
+    image = np.full((300, 600), 200, dtype=np.uint8)
+    square, box = preprocess(image, 100)
+    assert square.shape == (100, 100)
+    assert (box.offset_x, box.offset_y, box.resized_width, box.resized_height) == (0, 25, 100, 50)
+    assert square[:25].max() == 0 and square[75:].max() == 0 and square[30:70].min() == 200
+    original = np.array([[60.0, 30.0, 300.0, 150.0]])
+    cached = box.to_cache(original)
+    np.testing.assert_allclose(cached, [[10.0, 30.0, 50.0, 50.0]])
+    np.testing.assert_allclose(box.to_original(cached), original)
+
+
+@given(
+    height=st.integers(16, 3000), width=st.integers(16, 3000), size=st.integers(32, 1024),
+    box=st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0.01, 1), st.floats(0.01, 1)),
+)
+def test_box_mapping_round_trips_within_half_a_pixel(height, width, size, box):
+    letterbox = Letterbox.fit(height, width, size)
+    x, y = box[0] * width * 0.9, box[1] * height * 0.9
+    w, h = box[2] * (width - x), box[3] * (height - y)
+    original = xywh_to_xyxy([[x, y, w, h]])
+    back = letterbox.to_original(letterbox.to_cache(original))
+    assert np.abs(back - original).max() <= 0.5
+    np.testing.assert_allclose(xyxy_to_xywh(original), [[x, y, w, h]], atol=1e-9)
+    cached = letterbox.to_cache(original)
+    assert (cached >= -1e-9).all() and (cached <= size + 1e-9).all()
