@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import platform
+import subprocess
+
 from kedro.framework.hooks import hook_impl
 from kedro.io import DataCatalog
-from kedro.pipeline import Pipeline
+from kedro.pipeline import Node, Pipeline
 
 from pneumonia_kedro.datasets import DicomFolderDataset, LabelsCSVDataset
 from pneumonia_kedro.errors import MissingDataError
@@ -23,7 +26,8 @@ class RawDataPresenceHook:
             if name.startswith("params:") or name == "parameters" or name not in catalog:
                 continue
             dataset = catalog.get(name)
-            if isinstance(dataset, RAW_DATASET_TYPES) and not dataset.exists():
+            optional = getattr(dataset, "optional", False)
+            if isinstance(dataset, RAW_DATASET_TYPES) and not optional and not dataset.exists():
                 missing.append(f"{name}: {dataset._describe()}")
         if missing:
             env = run_params.get("env") or "local"
@@ -36,3 +40,44 @@ class RawDataPresenceHook:
                 "run `make demo` (or `kedro run --env demo --pipelines demo_data` once, then "
                 "`kedro run --env demo`)."
             )
+
+
+class MlflowRunTagsHook:
+    """Tags the run's MLflow run with the git commit, the Kedro environment and the machine."""
+
+    def __init__(self) -> None:
+        self._tagged_run: str | None = None
+
+    @hook_impl
+    def before_node_run(self, node: Node, catalog: DataCatalog, inputs: dict) -> None:
+        import mlflow
+
+        run = mlflow.active_run()
+        if run is None or run.info.run_id == self._tagged_run:
+            return
+        self._tagged_run = run.info.run_id
+        mlflow.set_tags(environment_tags())
+
+
+def _git(*args: str) -> str:
+    try:
+        result = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                                check=True)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return result.stdout.strip()
+
+
+def environment_tags() -> dict[str, str]:
+    """Git commit and state, Python, torch and the device the run can use."""
+    import torch
+
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": str(bool(status) and status != "unknown").lower(),
+        "python_version": platform.python_version(),
+        "torch_version": torch.__version__,
+        "platform": platform.platform(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }

@@ -187,7 +187,16 @@ class ImageCache:
 
     def letterbox(self, patient_id: str) -> Letterbox:
         row = self.index.set_index("patientId").loc[patient_id]
-        return Letterbox(**{k: row[k] for k in Letterbox.__dataclass_fields__})
+        return self.letterbox_from_record({"patientId": patient_id, **row.to_dict()})
+
+    @staticmethod
+    def letterbox_from_record(record: dict) -> Letterbox:
+        """The geometry stored in one index row."""
+        return Letterbox(
+            height=int(record["height"]), width=int(record["width"]), size=int(record["size"]),
+            scale_x=float(record["scale_x"]), scale_y=float(record["scale_y"]),
+            offset_x=int(record["offset_x"]), offset_y=int(record["offset_y"]),
+        )
 
     def __len__(self) -> int:
         return len(self.index)

@@ -3,6 +3,16 @@
 from pneumonia_kedro.datasets.dicom_folder import DicomFolderDataset
 from pneumonia_kedro.datasets.image_cache import ImageCacheDataset
 from pneumonia_kedro.datasets.labels_csv import LabelsCSVDataset
+from pneumonia_kedro.datasets.mlflow_detector import MlflowDetectorDataset
 from pneumonia_kedro.datasets.package_table import PackageTableDataset
+from pneumonia_kedro.datasets.torch_model import CheckpointFolderDataset, TrainedModelDataset
 
-__all__ = ["DicomFolderDataset", "ImageCacheDataset", "LabelsCSVDataset", "PackageTableDataset"]
+__all__ = [
+    "CheckpointFolderDataset",
+    "DicomFolderDataset",
+    "ImageCacheDataset",
+    "LabelsCSVDataset",
+    "MlflowDetectorDataset",
+    "PackageTableDataset",
+    "TrainedModelDataset",
+]

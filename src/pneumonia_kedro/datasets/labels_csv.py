@@ -19,17 +19,20 @@ class LabelsCSVDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
     Keeping cells as text lets validation report the exact bad value and line. The loaded
     DataFrame carries its file path in ``attrs["source"]`` so messages can name it. A UTF-8 BOM
     and Windows line endings are accepted; other encodings and binary files get a clear error.
+    With ``optional: true`` a missing file loads as an empty DataFrame.
     """
 
     def __init__(
         self,
         *,
         filepath: str,
+        optional: bool = False,
         credentials: dict[str, Any] | None = None,
         fs_args: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         self._filepath = str(filepath)
+        self.optional = optional
         self._storage_options = {**(credentials or {}), **(fs_args or {})}
         self.metadata = metadata
 
@@ -39,6 +42,8 @@ class LabelsCSVDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
     def load(self) -> pd.DataFrame:
         fs, path = self._fs()
         if not fs.exists(path):
+            if self.optional:
+                return pd.DataFrame()
             raise MissingDataError(f"{self._filepath}: file not found")
         with fs.open(path, "rb") as handle:
             raw = handle.read()

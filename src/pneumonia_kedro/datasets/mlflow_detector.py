@@ -1,0 +1,75 @@
+"""``MlflowDetectorDataset``: logs the detector to MLflow as a pyfunc from code."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from kedro.io import AbstractDataset, DatasetError
+
+import pneumonia_kedro
+from pneumonia_kedro.models import TrainedModel
+
+PACKAGE = Path(pneumonia_kedro.__file__).parent
+SERVING_REQUIREMENTS = (
+    f"torch=={torch.__version__.split('+')[0]}",
+    "torchvision==0.29.1",
+    "pydicom~=3.0.2",
+    "pylibjpeg>=2.0",
+    "pylibjpeg-libjpeg>=2.3",
+    "pylibjpeg-openjpeg>=2.4",
+    "pillow>=10",
+    "opencv-python-headless>=4.9",
+    "pandas>=2.2",
+    "numpy>=1.26",
+    "fsspec",
+    "tqdm",
+    f"mlflow=={mlflow.__version__}",
+)
+
+
+def log_detector(model: TrainedModel, settings: dict, name: str = "model",
+                 registered_model_name: str | None = None) -> mlflow.models.model.ModelInfo:
+    """Log ``model`` in the active MLflow run (models from code, weights as tensors only)."""
+    with tempfile.TemporaryDirectory() as folder:
+        weights = Path(folder) / "weights.pt"
+        torch.save({"model_config": model.config.to_dict(), "state_dict": model.state_dict},
+                   weights)
+        settings_file = Path(folder) / "settings.json"
+        settings_file.write_text(json.dumps(settings, indent=2))
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(PACKAGE / "serving.py"),
+            artifacts={"weights": str(weights), "settings": str(settings_file)},
+            code_paths=[str(PACKAGE)],
+            pip_requirements=list(SERVING_REQUIREMENTS),
+            registered_model_name=registered_model_name,
+        )
+
+
+class MlflowDetectorDataset(AbstractDataset[dict, None]):
+    """Saving ``{"model": TrainedModel, "settings": {...}}`` logs a servable MLflow model in
+    the run kedro-mlflow opened (and registers it when ``registered_model_name`` is set)."""
+
+    def __init__(self, *, name: str = "model", registered_model_name: str | None = None,
+                 metadata: dict[str, Any] | None = None) -> None:
+        self._name = name
+        self._registered_model_name = registered_model_name or None
+        self.metadata = metadata
+
+    def save(self, data: dict) -> None:
+        if mlflow.active_run() is None:
+            raise DatasetError("no active MLflow run to log the model in")
+        info = log_detector(data["model"], data["settings"], self._name,
+                            self._registered_model_name)
+        mlflow.set_tag("model_uri", info.model_uri)
+
+    def load(self) -> None:
+        raise DatasetError("load the logged model with mlflow.pyfunc.load_model(<model uri>)")
+
+    def _describe(self) -> dict[str, Any]:
+        return {"name": self._name, "registered_model_name": self._registered_model_name}

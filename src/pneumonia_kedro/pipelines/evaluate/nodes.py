@@ -1,0 +1,168 @@
+"""Nodes of the evaluate pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from pneumonia_kedro.boxes import xywh_to_xyxy
+from pneumonia_kedro.config import from_params
+from pneumonia_kedro.imagecache import ImageCache
+from pneumonia_kedro.inference import predict_cache
+from pneumonia_kedro.labels import boxes_array
+from pneumonia_kedro.metrics import (
+    best_threshold,
+    coco_metrics,
+    competition_metric,
+    froc,
+    image_level_metrics,
+    threshold_curve,
+)
+from pneumonia_kedro.models import TrainedModel
+from pneumonia_kedro.postprocess import (
+    PostprocessConfig,
+    image_probabilities,
+    per_image,
+    postprocess,
+)
+from pneumonia_kedro.training import resolve_device
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Prediction, post-processing and the grid the score threshold is tuned over."""
+
+    batch_size: int = 16
+    device: str = "auto"
+    hflip_tta: bool = False
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    threshold_grid: tuple = (0.05, 0.95, 0.05)  # start, stop, step (inclusive)
+    inclusive_iou: bool = False
+    progress: bool = True
+
+    def grid(self) -> np.ndarray:
+        start, stop, step = self.threshold_grid
+        return np.round(np.arange(start, stop + step / 2, step), 6)
+
+
+def _config(params: dict) -> EvaluateConfig:
+    return from_params(EvaluateConfig, params, "evaluate")
+
+
+def predict_validation(trained_model: TrainedModel, validation_image_cache: ImageCache,
+                       params: dict) -> pd.DataFrame:
+    """Every box the model proposes on the validation images, in original pixels."""
+    config = _config(params)
+    device = resolve_device(config.device)
+    model = trained_model.build(device)
+    return predict_cache(model, validation_image_cache, device, config.batch_size,
+                         config.hflip_tta, config.progress, desc="validation")
+
+
+def _truth(patients: pd.DataFrame) -> tuple[list[str], list[np.ndarray]]:
+    ids = patients["patientId"].tolist()
+    return ids, [xywh_to_xyxy(boxes_array(b)) for b in patients["boxes"]]
+
+
+def tune_threshold(raw_validation_predictions: pd.DataFrame,
+                   validation_patients: pd.DataFrame, params: dict
+                   ) -> tuple[dict, pd.DataFrame]:
+    """The score threshold that maximises the competition metric on the validation split."""
+    config = _config(params)
+    candidates = postprocess(raw_validation_predictions, config.postprocess,
+                             apply_threshold=False)
+    ids, truth = _truth(validation_patients)
+    boxes, scores = per_image(candidates, ids)
+    curve = threshold_curve(truth, boxes, scores, config.grid(), config.inclusive_iou)
+    threshold, metric = best_threshold(curve)
+    logger.info("score threshold %.2f gives the best validation competition metric %.4f",
+                threshold, metric)
+    chosen = dataclasses.asdict(
+        dataclasses.replace(config.postprocess, score_threshold=threshold))
+    return chosen, pd.DataFrame(curve, columns=["score_threshold", "competition_metric"])
+
+
+def _scores(patients: pd.DataFrame, predictions: pd.DataFrame, all_candidates: pd.DataFrame,
+            threshold: float, inclusive: bool) -> dict:
+    ids, truth = _truth(patients)
+    boxes, scores = per_image(predictions, ids)
+    candidate_boxes, candidate_scores = per_image(all_candidates, ids)
+    probabilities = image_probabilities(all_candidates, ids)
+    froc_result = froc(truth, candidate_boxes, candidate_scores)
+    return {
+        "images": len(ids),
+        "competition_metric": competition_metric(truth, boxes, scores, inclusive),
+        **coco_metrics(truth, candidate_boxes, candidate_scores),
+        "image_level": image_level_metrics(patients["Target"].tolist(), probabilities,
+                                           threshold),
+        "froc": froc_result["sensitivity_at_fp_per_image"],
+    }
+
+
+def evaluate(raw_validation_predictions: pd.DataFrame, validation_patients: pd.DataFrame,
+             postprocessing: dict, params: dict) -> tuple[dict, dict, pd.DataFrame]:
+    """All metrics on the validation split, overall and by view position and detailed class.
+
+    Returns the full metrics (JSON), the headline numbers for MLflow, and the post-processed
+    validation predictions.
+    """
+    config = _config(params)
+    chosen = from_params(PostprocessConfig, postprocessing, "postprocessing")
+    candidates = postprocess(raw_validation_predictions, chosen, apply_threshold=False)
+    final = postprocess(raw_validation_predictions, chosen)
+    threshold = chosen.score_threshold
+    metrics = {"postprocessing": postprocessing,
+               "overall": _scores(validation_patients, final, candidates, threshold,
+                                  config.inclusive_iou)}
+    for column in ("view_position", "detailed_class"):
+        if column not in validation_patients:
+            continue
+        metrics[f"by_{column}"] = {
+            str(value): _scores(group, final, candidates, threshold, config.inclusive_iou)
+            for value, group in validation_patients.groupby(column)
+        }
+    ids, truth = _truth(validation_patients)
+    metrics["froc_curve"] = froc(truth, *per_image(candidates, ids))["curve"]
+    overall = metrics["overall"]
+    headline = {
+        "competition_metric": overall["competition_metric"],
+        "coco_ap": overall["coco_ap"], "coco_ap50": overall["coco_ap50"],
+        "coco_ap75": overall["coco_ap75"], "coco_ar100": overall["coco_ar100"],
+        "roc_auc": overall["image_level"]["roc_auc"],
+        "image_average_precision": overall["image_level"]["average_precision"],
+        "sensitivity": overall["image_level"]["sensitivity"],
+        "specificity": overall["image_level"]["specificity"],
+        "f1": overall["image_level"]["f1"],
+        "score_threshold": threshold,
+        **{f"froc_sensitivity_at_{k}_fp": v for k, v in overall["froc"].items()},
+    }
+    # kedro-mlflow's metrics format; NaN (e.g. AUC with one class) is left out.
+    headline = {k: {"value": float(v), "step": 0} for k, v in headline.items()
+                if not np.isnan(v)}
+    logger.info("validation competition metric %.4f at score threshold %.2f",
+                overall["competition_metric"], threshold)
+    return metrics, headline, final
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """What the served MLflow model accepts."""
+
+    max_files_per_request: int = 64
+    max_file_bytes: int = 64 * 2**20
+    allow_paths: bool = False  # paths let a caller read any file the server can: off
+    no_box: str = "empty"
+
+
+def package_model(trained_model: TrainedModel, postprocessing: dict, params: dict) -> dict:
+    """The trained model with the preprocessing and tuned post-processing it is served with."""
+    config = from_params(ServingConfig, params, "serving")
+    settings = {"image_size": trained_model.config.image_size, "postprocess": postprocessing,
+                **dataclasses.asdict(config)}
+    return {"model": trained_model, "settings": settings}

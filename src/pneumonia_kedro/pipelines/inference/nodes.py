@@ -1,0 +1,110 @@
+"""Nodes of the inference pipeline."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from pneumonia_kedro.config import from_params
+from pneumonia_kedro.dicom import DicomFolder
+from pneumonia_kedro.figures import overlay_figure
+from pneumonia_kedro.imagecache import CacheConfig, CachePlan, ImageCache, plan
+from pneumonia_kedro.inference import predict_cache
+from pneumonia_kedro.models import TrainedModel
+from pneumonia_kedro.postprocess import PostprocessConfig, image_probabilities, postprocess
+from pneumonia_kedro.submission import build_submission, check_against_sample
+from pneumonia_kedro.training import resolve_device
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """How a folder of DICOMs becomes predictions and a submission."""
+
+    cache: CacheConfig = field(default_factory=lambda: CacheConfig(on_error="skip"))
+    batch_size: int = 16
+    device: str = "auto"
+    hflip_tta: bool = False
+    no_box: Literal["empty", "whole_image"] = "empty"
+    overlay_patients: tuple = ()
+    progress: bool = True
+
+
+def _config(params: dict) -> InferenceConfig:
+    return from_params(InferenceConfig, params, "inference")
+
+
+def plan_test_cache(test_dicoms: DicomFolder, trained_model: TrainedModel, params: dict
+                    ) -> CachePlan:
+    """Every file of the folder, converted exactly as the training images were."""
+    config = _config(params)
+    cache_config = CacheConfig(**{**config.cache.__dict__,
+                                  "image_size": trained_model.config.image_size})
+    return plan(test_dicoms, test_dicoms.patient_ids, cache_config)
+
+
+def predict_test(trained_model: TrainedModel, test_image_cache: ImageCache,
+                 postprocessing: dict, params: dict) -> pd.DataFrame:
+    """Post-processed boxes per test image with its image-level probability and view."""
+    config = _config(params)
+    device = resolve_device(config.device)
+    raw = predict_cache(trained_model.build(device), test_image_cache, device,
+                        config.batch_size, config.hflip_tta, config.progress, desc="test")
+    chosen = from_params(PostprocessConfig, postprocessing, "postprocessing")
+    candidates = postprocess(raw, chosen, apply_threshold=False)
+    final = postprocess(raw, chosen)
+    index = test_image_cache.usable
+    probability = pd.Series(image_probabilities(candidates, index["patientId"].tolist()),
+                            index=index["patientId"])
+    views = index.set_index("patientId")["view_position"]
+    final["image_probability"] = final["patientId"].map(probability)
+    final["view_position"] = final["patientId"].map(views)
+    return final
+
+
+def write_submission(test_predictions: pd.DataFrame, test_image_cache: ImageCache,
+                     test_dicoms: DicomFolder, sample_submission: pd.DataFrame, params: dict
+                     ) -> tuple[pd.DataFrame, dict]:
+    """The Kaggle submission (one row per input file, sorted) and the inference report."""
+    config = _config(params)
+    index = test_image_cache.index
+    patient_ids = sorted(index["patientId"])
+    sizes = {r["patientId"]: (int(r["height"]), int(r["width"]))
+             for r in index.loc[index["status"] == "ok"].to_dict("records")}
+    submission = build_submission(test_predictions, patient_ids, config.no_box, sizes)
+    skipped = index.loc[index["status"] != "ok"]
+    report = {
+        "files": len(index) + len(test_dicoms.rejected),
+        "predicted": int((index["status"] == "ok").sum()),
+        "with_boxes": int(test_predictions["patientId"].nunique()),
+        "boxes": len(test_predictions),
+        "skipped": dict(zip(skipped["patientId"], skipped["reason"], strict=True)),
+        "rejected_files": dict(test_dicoms.rejected),
+        "no_box_convention": config.no_box,
+        **check_against_sample(submission, sample_submission),
+    }
+    if len(skipped):
+        logger.warning("%d file(s) could not be decoded; listed in the inference report and "
+                       "written with an empty PredictionString", len(skipped))
+    return submission, report
+
+
+def draw_overlays(test_predictions: pd.DataFrame, test_image_cache: ImageCache,
+                  params: dict) -> dict[str, plt.Figure]:
+    """One PNG per requested patient: the cached image with its predicted boxes."""
+    config = _config(params)
+    usable = set(test_image_cache.usable["patientId"])
+    figures = {}
+    for patient_id in config.overlay_patients:
+        if patient_id not in usable:
+            logger.warning("overlay_patients: %s is not among the predicted images", patient_id)
+            continue
+        rows = test_predictions.loc[test_predictions["patientId"] == patient_id]
+        figures[f"{patient_id}.png"] = overlay_figure(test_image_cache, patient_id,
+                                                      predicted=rows)
+    return figures

@@ -1,0 +1,35 @@
+"""The inference pipeline."""
+
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import draw_overlays, plan_test_cache, predict_test, write_submission
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline([
+        Node(
+            func=plan_test_cache,
+            inputs=["test_dicoms", "trained_model", "params:inference"],
+            outputs="test_image_cache",
+            name="cache_test_images_node",
+        ),
+        Node(
+            func=predict_test,
+            inputs=["trained_model", "test_image_cache", "postprocessing", "params:inference"],
+            outputs="test_predictions",
+            name="predict_test_node",
+        ),
+        Node(
+            func=write_submission,
+            inputs=["test_predictions", "test_image_cache", "test_dicoms", "sample_submission",
+                    "params:inference"],
+            outputs=["submission", "inference_report"],
+            name="write_submission_node",
+        ),
+        Node(
+            func=draw_overlays,
+            inputs=["test_predictions", "test_image_cache", "params:inference"],
+            outputs="test_overlays",
+            name="draw_test_overlays_node",
+        ),
+    ])

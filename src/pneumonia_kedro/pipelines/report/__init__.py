@@ -1,0 +1,5 @@
+"""Figures and a one-page evaluation report."""
+
+from .pipeline import create_pipeline
+
+__all__ = ["create_pipeline"]

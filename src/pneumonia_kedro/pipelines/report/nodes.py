@@ -1,0 +1,146 @@
+"""Nodes of the report pipeline."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from sklearn.metrics import precision_recall_curve, roc_curve
+
+from pneumonia_kedro.figures import image_grid, line_figure
+from pneumonia_kedro.imagecache import ImageCache
+from pneumonia_kedro.postprocess import image_probabilities
+
+FIGURE_FILES = {
+    "samples": "samples_with_truth.png",
+    "gallery": "prediction_gallery.png",
+    "precision_recall": "precision_recall_curve.png",
+    "roc": "roc_curve.png",
+    "froc": "froc_curve.png",
+    "threshold": "threshold_curve.png",
+    "training": "training_curves.png",
+}
+
+
+def sample_figure(train_image_cache: ImageCache, train_patients: pd.DataFrame) -> plt.Figure:
+    """The notebook's figure: training images with their ground-truth boxes."""
+    positives = train_patients.loc[train_patients["Target"] == 1].head(6)
+    negatives = train_patients.loc[train_patients["Target"] == 0].head(2)
+    chosen = pd.concat([positives, negatives])
+    chosen = chosen.loc[chosen["patientId"].isin(set(train_image_cache.usable["patientId"]))]
+    return image_grid(train_image_cache, chosen, None)
+
+
+def prediction_gallery(validation_image_cache: ImageCache, validation_patients: pd.DataFrame,
+                       validation_predictions: pd.DataFrame) -> plt.Figure:
+    """Predictions (red) against truth (green): hits, false alarms on negatives, misses."""
+    with_boxes = set(validation_predictions["patientId"])
+    usable = set(validation_image_cache.usable["patientId"])
+    patients = validation_patients.loc[validation_patients["patientId"].isin(usable)]
+    positive = patients["Target"] == 1
+    groups = [
+        ("true positive", patients.loc[positive & patients["patientId"].isin(with_boxes)]),
+        ("false positive", patients.loc[~positive & patients["patientId"].isin(with_boxes)]),
+        ("missed", patients.loc[positive & ~patients["patientId"].isin(with_boxes)]),
+    ]
+    chosen, titles = [], []
+    for label, group in groups:
+        for record in group.head(4).to_dict("records"):
+            chosen.append(record)
+            titles.append(f"{label}: {record['patientId'][:8]}")
+    return image_grid(validation_image_cache, pd.DataFrame(chosen, columns=patients.columns),
+                      validation_predictions, titles)
+
+
+def curve_figures(raw_validation_predictions: pd.DataFrame, validation_patients: pd.DataFrame,
+                  evaluation_metrics: dict, threshold_curve: pd.DataFrame,
+                  training_history: pd.DataFrame) -> dict[str, plt.Figure]:
+    """Precision-recall, ROC, FROC, threshold-versus-metric and training curves."""
+    targets = validation_patients["Target"].to_numpy(int)
+    probabilities = image_probabilities(raw_validation_predictions,
+                                        validation_patients["patientId"].tolist())
+    figures = {}
+    if len(np.unique(targets)) == 2:
+        precision, recall, _ = precision_recall_curve(targets, probabilities)
+        figures[FIGURE_FILES["precision_recall"]] = line_figure(
+            recall, {"image level": precision}, "recall", "precision",
+            "Image-level precision-recall")
+        fpr, tpr, _ = roc_curve(targets, probabilities)
+        auc = evaluation_metrics["overall"]["image_level"]["roc_auc"]
+        figures[FIGURE_FILES["roc"]] = line_figure(
+            fpr, {"image level": tpr}, "false positive rate", "true positive rate",
+            f"Image-level ROC (AUC {auc:.3f})", diagonal=True)
+    froc = evaluation_metrics["froc_curve"]
+    figures[FIGURE_FILES["froc"]] = line_figure(
+        froc["fp_per_image"], {"FROC": froc["sensitivity"]}, "false positives per image",
+        "lesion sensitivity", "FROC (IoU > 0.4)")
+    chosen = evaluation_metrics["postprocessing"]["score_threshold"]
+    figures[FIGURE_FILES["threshold"]] = line_figure(
+        threshold_curve["score_threshold"],
+        {"competition metric": threshold_curve["competition_metric"]},
+        "score threshold", "competition metric (validation)",
+        f"Score threshold: {chosen:.2f} chosen", mark_x=chosen)
+    epochs = training_history["epoch"]
+    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    loss_axis.plot(epochs, training_history["train_loss"], label="train")
+    loss_axis.plot(epochs, training_history["validation_loss"], label="validation")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel("loss")
+    loss_axis.legend()
+    metric_axis.plot(epochs, training_history["validation_competition_metric"])
+    metric_axis.set_xlabel("epoch")
+    metric_axis.set_ylabel("competition metric (validation)")
+    figure.tight_layout()
+    figures[FIGURE_FILES["training"]] = figure
+    return figures
+
+
+def _format(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def write_report(evaluation_metrics: dict, split_report: dict, cache_report: dict,
+                 training_history: pd.DataFrame) -> str:
+    """A one-page Markdown report: headline numbers, breakdowns and the figures."""
+    overall = evaluation_metrics["overall"]
+    image = overall["image_level"]
+    best = training_history.loc[training_history["validation_competition_metric"].idxmax()]
+    lines = [
+        "# Evaluation report",
+        "",
+        f"Validation split: {split_report['validation']['patients']} patients "
+        f"({split_report['validation']['positive']} with opacity); training: "
+        f"{split_report['train']['patients']}. Images cached at "
+        f"{cache_report['image_size']} px.",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        f"| competition metric (mean over IoU 0.40-0.75) | {overall['competition_metric']:.4f} |",
+        f"| score threshold (tuned on validation) | "
+        f"{evaluation_metrics['postprocessing']['score_threshold']:.2f} |",
+        f"| COCO AP / AP50 / AP75 | {overall['coco_ap']:.4f} / {overall['coco_ap50']:.4f} / "
+        f"{overall['coco_ap75']:.4f} |",
+        f"| image-level ROC AUC | {_format(image['roc_auc'])} |",
+        f"| sensitivity / specificity | {_format(image['sensitivity'])} / "
+        f"{_format(image['specificity'])} |",
+        f"| F1 | {_format(image['f1'])} |",
+        f"| best epoch | {int(best['epoch'])} of {len(training_history)} |",
+        "",
+        "FROC sensitivity at false positives per image: " + ", ".join(
+            f"{k}: {v:.3f}" for k, v in overall["froc"].items()),
+        "",
+    ]
+    for breakdown in ("by_view_position", "by_detailed_class"):
+        if breakdown not in evaluation_metrics:
+            continue
+        lines += [f"## {breakdown.replace('_', ' ').capitalize()}", "",
+                  "| group | images | competition metric | sensitivity | specificity |",
+                  "| --- | --- | --- | --- | --- |"]
+        for group, values in evaluation_metrics[breakdown].items():
+            lines.append(f"| {group} | {values['images']} | {values['competition_metric']:.4f} "
+                         f"| {_format(values['image_level']['sensitivity'])} "
+                         f"| {_format(values['image_level']['specificity'])} |")
+        lines.append("")
+    lines += ["## Figures", ""]
+    lines += [f"![{name}](figures/{file})" for name, file in FIGURE_FILES.items()]
+    return "\n".join(lines) + "\n"

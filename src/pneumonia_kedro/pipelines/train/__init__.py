@@ -1,0 +1,5 @@
+"""Trains the Faster R-CNN on the cached split and tracks it in MLflow."""
+
+from .pipeline import create_pipeline
+
+__all__ = ["create_pipeline"]
