@@ -35,13 +35,24 @@ def _check_type(value: Any, annotation: Any) -> bool:  # noqa: PLR0911
         return isinstance(value, int | float) and not isinstance(value, bool)
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if origin in (list, tuple):
+    if origin in (list, tuple) or annotation in (list, tuple):
         return isinstance(value, list | tuple)
     if origin is dict:
         return isinstance(value, Mapping)
     if isinstance(annotation, type):
         return isinstance(value, annotation)
     return True
+
+
+def _wants_tuple(annotation: Any) -> bool:
+    if annotation is tuple or typing.get_origin(annotation) is tuple:
+        return True
+    return any(_wants_tuple(arg) for arg in typing.get_args(annotation)
+               if typing.get_origin(annotation) in (typing.Union, types.UnionType))
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
 
 
 def from_params(cls: type[T], params: Mapping[str, Any] | T, group: str) -> T:
@@ -65,8 +76,8 @@ def from_params(cls: type[T], params: Mapping[str, Any] | T, group: str) -> T:
                 f"params:{group}.{name} = {raw!r} does not match the expected type "
                 f"{getattr(annotation, '__name__', annotation)}"
             )
-        elif typing.get_origin(annotation) is tuple and isinstance(raw, list):
-            values[name] = tuple(raw)
+        elif isinstance(raw, list) and _wants_tuple(annotation):
+            values[name] = _as_tuple(raw)
         else:
             values[name] = raw
     return cls(**values)

@@ -193,9 +193,11 @@ def render_chest(patient_id: str, view_position: str, boxes_xywh: object, seed: 
     image += 0.30 * np.clip((yy - 0.80 - 0.05 * np.abs(xx - 0.5)) * 6, 0, 1) * body
     for box in np.asarray(boxes_xywh, dtype=np.float32).reshape(-1, 4) / size:
         x, y, w, h = box
-        cloud = _ellipse(yy, xx, y + h / 2, x + w / 2, h / 2 * 0.95, w / 2 * 0.95, 0.35)
-        texture = 0.6 + 0.4 * _smooth_noise(rng, (size, size), 24)
-        image += (0.20 + 0.05 * rng.random()) * cloud * np.clip(texture, 0, 1.2)
+        # A patchy consolidation that fills its box, with edges soft enough to look real
+        # and sharp enough that the box extent is visible.
+        cloud = _ellipse(yy, xx, y + h / 2, x + w / 2, h / 2, w / 2, 0.15)
+        texture = 0.7 + 0.3 * _smooth_noise(rng, (size, size), 24)
+        image += (0.26 + 0.06 * rng.random()) * cloud * np.clip(texture, 0, 1.2)
     if ap:
         image = 0.9 * image + 0.05  # portable AP films: lower contrast
         image[int(0.05 * size):int(0.09 * size), int(0.85 * size):int(0.92 * size)] = 0.95

@@ -77,6 +77,9 @@ class ModelConfig:
     rpn_post_nms_top_n_test: int = 1000
     box_batch_size_per_image: int = 512
     box_head_size: int = 1024  # width of the two-layer box head (torchvision: 1024)
+    # Pretrained weights already freeze BatchNorm; true also freezes it for `none` or a file,
+    # which makes training independent of the per-device batch (CPU DDP has no SyncBatchNorm).
+    freeze_batchnorm: bool = False
     box_score_thresh: float = 0.01
     box_nms_thresh: float = 0.5
     box_detections_per_img: int = 100
@@ -202,6 +205,8 @@ def build_model(config: ModelConfig) -> FasterRCNN:
     model = _build(config, "none" if is_file else pretrained)
     _set_anchors(model, config)
     _set_box_head(model, config)
+    if config.freeze_batchnorm:
+        _freeze_batchnorm(model)
     predictor = model.roi_heads.box_predictor
     if predictor.cls_score.out_features != NUM_CLASSES:
         model.roi_heads.box_predictor = FastRCNNPredictor(predictor.cls_score.in_features,

@@ -367,6 +367,9 @@ def _train_process(rank: int, model_config: ModelConfig, config: TrainConfig,
                                    shuffle=False, collate_fn=detection_collate)
     warmup, warmup_iterations, main_scheduler = _schedulers(optimizer, config, len(sampler))
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and use_cuda)
+    if distributed and use_cuda:
+        # BatchNorm over the global batch, as one process would compute it (GPU only).
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     trained = DistributedDataParallel(model) if distributed else model
 
     start_epoch, best_metric, best_epoch, history = 0, -1.0, -1, []
@@ -399,10 +402,12 @@ def _train_process(rank: int, model_config: ModelConfig, config: TrainConfig,
             with torch.autocast(device.type, enabled=config.amp and use_cuda):
                 losses = trained(inputs, targets)
                 loss = sum(losses.values())
-            if not math.isfinite(float(loss)):
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
                 raise FloatingPointError(
-                    f"loss is {float(loss)} at epoch {epoch + 1}, step {step + 1}: "
-                    f"{ {k: float(v) for k, v in losses.items()} }; lower the learning rate")
+                    f"loss is {loss_value} at epoch {epoch + 1}, step {step + 1}: "
+                    f"{ {k: float(v.detach()) for k, v in losses.items()} }; lower the "
+                    "learning rate")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if config.grad_clip_norm:
@@ -412,7 +417,7 @@ def _train_process(rank: int, model_config: ModelConfig, config: TrainConfig,
             scaler.update()
             if epoch == 0 and step < warmup_iterations:
                 warmup.step()
-            running += float(loss)
+            running += loss_value
             seen += len(images) * world_size
             elapsed = time.perf_counter() - started
             bar.set_postfix(loss=f"{running / (step + 1):.3f}", img_s=f"{seen / elapsed:.1f}")

@@ -46,7 +46,6 @@ class TrainedModelDataset(AbstractVersionedDataset[TrainedModel, TrainedModel]):
                    "info": data.info}
         with self._fs.open(path, "wb") as handle:
             torch.save(payload, handle)
-        self._invalidate_cache()
 
     def _exists(self) -> bool:
         try:

@@ -88,6 +88,10 @@ def tune_threshold(raw_validation_predictions: pd.DataFrame,
     return chosen, pd.DataFrame(curve, columns=["score_threshold", "competition_metric"])
 
 
+def _any_counted(truth: list[np.ndarray], boxes: list[np.ndarray]) -> bool:
+    return any(len(t) or len(b) for t, b in zip(truth, boxes, strict=True))
+
+
 def _scores(patients: pd.DataFrame, predictions: pd.DataFrame, all_candidates: pd.DataFrame,
             threshold: float, inclusive: bool) -> dict:
     ids, truth = _truth(patients)
@@ -97,7 +101,9 @@ def _scores(patients: pd.DataFrame, predictions: pd.DataFrame, all_candidates: p
     froc_result = froc(truth, candidate_boxes, candidate_scores)
     return {
         "images": len(ids),
-        "competition_metric": competition_metric(truth, boxes, scores, inclusive),
+        # None where no image counts (only negatives, none with a box): the mean is undefined.
+        "competition_metric": competition_metric(truth, boxes, scores, inclusive)
+        if _any_counted(truth, boxes) else None,
         **coco_metrics(truth, candidate_boxes, candidate_scores),
         "image_level": image_level_metrics(patients["Target"].tolist(), probabilities,
                                            threshold),

@@ -96,6 +96,8 @@ def curve_figures(raw_validation_predictions: pd.DataFrame, validation_patients:
 
 
 def _format(value: object) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "n/a"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
@@ -137,7 +139,8 @@ def write_report(evaluation_metrics: dict, split_report: dict, cache_report: dic
                   "| group | images | competition metric | sensitivity | specificity |",
                   "| --- | --- | --- | --- | --- |"]
         for group, values in evaluation_metrics[breakdown].items():
-            lines.append(f"| {group} | {values['images']} | {values['competition_metric']:.4f} "
+            lines.append(f"| {group} | {values['images']} | "
+                         f"{_format(values['competition_metric'])} "
                          f"| {_format(values['image_level']['sensitivity'])} "
                          f"| {_format(values['image_level']['specificity'])} |")
         lines.append("")

@@ -1,0 +1,184 @@
+"""Training: whole-image negatives, resume equals uninterrupted, DDP equals one process,
+offline COCO weights fail clearly, trained models reload without pickle."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pneumonia_kedro.datasets import TrainedModelDataset
+from pneumonia_kedro.demo import DemoConfig, demo_file, sample_demo_patients
+from pneumonia_kedro.dicom import DicomFolder
+from pneumonia_kedro.errors import WeightsUnavailableError
+from pneumonia_kedro.imagecache import CacheConfig, ImageCache, build, plan
+from pneumonia_kedro.models import ModelConfig, TrainedModel, build_model
+from pneumonia_kedro.training import (
+    AugmentConfig,
+    CachedDetectionDataset,
+    CheckpointStore,
+    TrainConfig,
+    predict,
+    train_model,
+)
+
+SIZE = 64
+TINY_MODEL = ModelConfig(
+    architecture="mobilenet_v3_large_fpn", pretrained="none", trainable="all", image_size=SIZE,
+    anchor_sizes=((8, 16, 32, 64),) * 3, anchor_ratios=(1.0, 2.0),
+    rpn_batch_size_per_image=32, rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50,
+    rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20, box_batch_size_per_image=16,
+    box_head_size=32, box_detections_per_img=5,
+)
+TINY_TRAIN = TrainConfig(epochs=2, batch_size=4, validation_batch_size=4, learning_rate=0.005,
+                         warmup_iterations=1, progress=False, num_workers=0, seed=3,
+                         augment=AugmentConfig())
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> tuple[ImageCache, pd.DataFrame]:
+    folder = tmp_path_factory.mktemp("train_dicoms")
+    config = DemoConfig(n_positive=4, n_negative=4, n_test=0, seed=5)
+    _, patients, _ = sample_demo_patients(None, None, config)
+    for row in patients.to_dict("records"):
+        (folder / f"{row['patientId']}.dcm").write_bytes(
+            demo_file(row["patientId"], row, row["boxes"], config))
+    dicoms = DicomFolder.scan(str(folder))
+    cache_path = tmp_path_factory.mktemp("cache") / "all"
+    build(plan(dicoms, dicoms.patient_ids, CacheConfig(image_size=SIZE, workers=0,
+                                                       progress=False)), cache_path)
+    return ImageCache(cache_path), patients
+
+
+def datasets(tiny_data, negative_boxes="empty"):
+    cache, patients = tiny_data
+    return (CachedDetectionDataset(cache, patients, negative_boxes, TINY_TRAIN.augment),
+            CachedDetectionDataset(cache, patients, negative_boxes))
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        torch.testing.assert_close(value, b[key], atol=atol, rtol=0 if atol == 0 else 1e-3,
+                                   msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_negatives_have_empty_targets_or_the_notebook_whole_image_box(tiny_data):
+    cache, patients = tiny_data
+    negative = patients.loc[patients["Target"] == 0, "patientId"].iloc[0]
+    empty = CachedDetectionDataset(cache, patients)
+    whole = CachedDetectionDataset(cache, patients, negative_boxes="whole_image")
+    index = empty.patient_ids.index(negative)
+    image, target = empty[index]
+    assert image.dtype == torch.uint8 and image.shape == (1, SIZE, SIZE)
+    assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
+    _, whole_target = whole[index]
+    torch.testing.assert_close(whole_target["boxes"], torch.tensor([[0.0, 0.0, SIZE, SIZE]]))
+    assert whole_target["labels"].tolist() == [1]
+
+
+def test_augmentation_keeps_boxes_with_the_image(tiny_data):
+    cache, patients = tiny_data
+    flip_only = AugmentConfig(horizontal_flip=1.0, scale=(1.0, 1.0), translate=0.0,
+                              brightness=0.0, contrast=0.0)
+    plain = CachedDetectionDataset(cache, patients)
+    flipped = CachedDetectionDataset(cache, patients, augment=flip_only)
+    index = next(i for i, b in enumerate(plain.boxes) if len(b))
+    image, target = plain[index]
+    flipped_image, flipped_target = flipped[index]
+    torch.testing.assert_close(flipped_image, image.flip(-1))
+    expected = target["boxes"].clone()
+    expected[:, [0, 2]] = SIZE - target["boxes"][:, [2, 0]]
+    torch.testing.assert_close(flipped_target["boxes"], expected)
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_data, tmp_path):
+    train_data, validation_data = datasets(tiny_data)
+    full = train_model(TINY_MODEL, replace(TINY_TRAIN, epochs=3), train_data, validation_data,
+                       CheckpointStore(tmp_path / "full"))
+    store = CheckpointStore(tmp_path / "interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        train_model(TINY_MODEL, replace(TINY_TRAIN, epochs=3), train_data, validation_data,
+                    store, on_epoch_end=_stop_after(2))
+    last = torch.load(store.last_file, weights_only=True)  # checkpoints load without pickle
+    assert last["epoch"] == 1 and len(last["history"]) == 2
+    resumed = train_model(TINY_MODEL, replace(TINY_TRAIN, epochs=3, resume=True), train_data,
+                          validation_data, store)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert_same_weights(full.last_state, resumed.last_state)
+    assert_same_weights(full.best_state, resumed.best_state)
+    assert resumed.best_epoch == full.best_epoch
+
+
+def _stop_after(epochs: int):
+    """An epoch callback that interrupts training like Ctrl-C once ``epochs`` are done."""
+    def callback(metrics: dict, epoch: int) -> None:
+        if epoch == epochs:
+            raise KeyboardInterrupt
+
+    return callback
+
+
+def test_resume_stops_cleanly_on_interrupt(tiny_data, tmp_path):
+    train_data, validation_data = datasets(tiny_data)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(TINY_MODEL, TINY_TRAIN, train_data, validation_data,
+                    CheckpointStore(tmp_path), on_epoch_end=_stop_after(1))
+    assert (tmp_path / "last.pt").is_file() and not list(tmp_path.glob("*.partial"))
+
+
+def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(tiny_data):
+    train_data, validation_data = datasets(tiny_data)
+    config = replace(TINY_TRAIN, epochs=1, batch_size=4, augment=AugmentConfig(
+        horizontal_flip=0.0, scale=(1.0, 1.0), translate=0.0, brightness=0.0, contrast=0.0))
+    # Frozen BatchNorm: on the CPU (gloo) there is no SyncBatchNorm to share batch statistics.
+    model = replace(TINY_MODEL, freeze_batchnorm=True)
+    one = train_model(model, config, train_data, validation_data)
+    two = train_model(model, replace(config, world_size=2), train_data, validation_data)
+    assert_same_weights(one.last_state, two.last_state, atol=5e-3)
+    assert [h["epoch"] for h in two.history] == [1]
+
+
+def test_whole_image_negatives_still_train(tiny_data):
+    train_data, validation_data = datasets(tiny_data, negative_boxes="whole_image")
+    result = train_model(TINY_MODEL, replace(TINY_TRAIN, epochs=1), train_data,
+                         validation_data)
+    assert np.isfinite(result.history[0]["train_loss"])
+
+
+def test_trained_model_round_trips_through_its_dataset(tiny_data, tmp_path):
+    train_data, validation_data = datasets(tiny_data)
+    result = train_model(TINY_MODEL, replace(TINY_TRAIN, epochs=1), train_data,
+                         validation_data)
+    trained = TrainedModel(config=TINY_MODEL, state_dict=result.best_state, info={"x": 1})
+    dataset = TrainedModelDataset(filepath=str(tmp_path / "model.pt"))
+    dataset.save(trained)
+    reloaded = dataset.load()
+    assert reloaded.config == TINY_MODEL and reloaded.info == {"x": 1}
+    before = predict(trained.build(), validation_data, torch.device("cpu"))
+    after = predict(reloaded.build(), validation_data, torch.device("cpu"))
+    for (boxes_a, scores_a), (boxes_b, scores_b) in zip(before, after, strict=True):
+        np.testing.assert_array_equal(boxes_a, boxes_b)
+        np.testing.assert_array_equal(scores_a, scores_b)
+
+
+def test_offline_coco_weights_fail_with_the_file_to_provide(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(WeightsUnavailableError) as info:
+        build_model(ModelConfig(architecture="resnet50_fpn", pretrained="coco"))
+    message = str(info.value)
+    assert "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth" in message
+    assert str(Path(tmp_path / "torch" / "hub" / "checkpoints")) in message
+
+
+def test_local_weights_file_is_loaded_safely(tmp_path):
+    source = build_model(TINY_MODEL)
+    torch.save(source.state_dict(), tmp_path / "weights.pth")
+    loaded = build_model(replace(TINY_MODEL, pretrained=str(tmp_path / "weights.pth")))
+    assert_same_weights(source.state_dict(), loaded.state_dict())
+    with pytest.raises(WeightsUnavailableError, match="weights file not found"):
+        build_model(replace(TINY_MODEL, pretrained=str(tmp_path / "missing.pth")))
