@@ -143,3 +143,15 @@ def test_box_mapping_round_trips_within_half_a_pixel(height, width, size, box):
     np.testing.assert_allclose(xyxy_to_xywh(original), [[x, y, w, h]], atol=1e-9)
     cached = letterbox.to_cache(original)
     assert (cached >= -1e-9).all() and (cached <= size + 1e-9).all()
+
+
+@pytest.mark.parametrize("size", [128, 256, 512, 600])
+def test_reduced_jpeg_decoding_matches_full_decode_and_area_resize(demo_folder, size):
+    from pneumonia_kedro.dicom import decode
+
+    data = sorted(demo_folder.glob("*.dcm"))[0].read_bytes()
+    fast, fast_box = preprocess(decode(data, "x.dcm", target_size=size), size)
+    full, full_box = preprocess(decode(data, "x.dcm"), size)
+    assert fast_box == full_box
+    difference = np.abs(fast.astype(int) - full.astype(int))
+    assert difference.max() <= 3 and difference.mean() < 0.3

@@ -7,49 +7,19 @@ import pytest
 
 from pneumonia_kedro.boxes import xywh_to_xyxy
 from pneumonia_kedro.metrics import (
-    IOU_THRESHOLDS,
     best_threshold,
     coco_metrics,
     competition_metric,
     competition_scores,
     froc,
     image_level_metrics,
+    image_score_reference,
     threshold_curve,
 )
 
 
 def xyxy(*boxes):
     return xywh_to_xyxy(np.array(boxes, dtype=float))
-
-
-def slow_image_score(truth, predictions, scores, inclusive=False):
-    """Obviously correct loops: predictions by descending confidence, best unmatched truth."""
-    if len(truth) == 0 and len(predictions) == 0:
-        return None
-    order = sorted(range(len(predictions)), key=lambda i: -scores[i])
-    values = []
-    for t in IOU_THRESHOLDS:
-        matched = set()
-        tp = 0
-        for i in order:
-            best, best_iou = None, -1.0
-            for j, g in enumerate(truth):
-                if j in matched:
-                    continue
-                p = predictions[i]
-                iw = max(0.0, min(p[2], g[2]) - max(p[0], g[0]))
-                ih = max(0.0, min(p[3], g[3]) - max(p[1], g[1]))
-                inter = iw * ih
-                union = (p[2] - p[0]) * (p[3] - p[1]) + (g[2] - g[0]) * (g[3] - g[1]) - inter
-                iou = inter / union if union > 0 else 0.0
-                if (iou >= t if inclusive else iou > t) and iou > best_iou:
-                    best, best_iou = j, iou
-            if best is not None:
-                matched.add(best)
-                tp += 1
-        fp, fn = len(predictions) - tp, len(truth) - tp
-        values.append(tp / (tp + fp + fn))
-    return float(np.mean(values))
 
 
 def test_published_golden_case_scores_three_quarters():
@@ -105,7 +75,7 @@ def test_vectorised_metric_equals_slow_loops_on_random_images():
     for inclusive in (False, True):
         fast = competition_scores(truth, predictions, scores, inclusive)
         for i in range(300):
-            slow = slow_image_score(truth[i], predictions[i], scores[i], inclusive)
+            slow = image_score_reference(truth[i], predictions[i], scores[i], inclusive)
             if slow is None:
                 assert np.isnan(fast[i])
             else:

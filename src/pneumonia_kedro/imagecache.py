@@ -39,7 +39,7 @@ from pneumonia_kedro.errors import DicomError
 logger = logging.getLogger(__name__)
 
 # Bump when preprocess() changes what it writes, so that old caches are rebuilt.
-PREPROCESSING_VERSION = 1
+PREPROCESSING_VERSION = 2
 INDEX_COLUMNS = ("patientId", "row", "status", "reason", "view_position", "height", "width",
                  "size", "scale_x", "scale_y", "offset_x", "offset_y")
 
@@ -90,9 +90,15 @@ def plan(folder: DicomFolder, patient_ids: Sequence[str], config: CacheConfig) -
 
 
 def preprocess(image: DicomImage | np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
-    """Area-average resize so the longer side is ``size``, then centre on a black square."""
-    pixels = image.pixels if isinstance(image, DicomImage) else image
-    box = Letterbox.fit(pixels.shape[0], pixels.shape[1], size)
+    """Area-average resize so the longer side is ``size``, then centre on a black square.
+
+    The geometry refers to the file's own size, also when the pixels were decoded reduced.
+    """
+    if isinstance(image, DicomImage):
+        pixels, height, width = image.pixels, image.height, image.width
+    else:
+        pixels, (height, width) = image, image.shape
+    box = Letterbox.fit(height, width, size)
     if (box.resized_height, box.resized_width) == pixels.shape:
         resized = pixels
     else:
@@ -132,7 +138,8 @@ def _decode_rows(folder: DicomFolder, rows: list[tuple[int, str]], images_path: 
         try:
             if patient_id not in folder:
                 raise DicomError(f"{folder.display_name(patient_id)}: file not found")
-            image = decode(folder.read_bytes(patient_id), folder.display_name(patient_id))
+            image = decode(folder.read_bytes(patient_id), folder.display_name(patient_id),
+                           target_size=size)
             square, box = preprocess(image, size)
             images[row] = square
             record.update(view_position=image.view_position, **box.as_dict())
@@ -142,7 +149,8 @@ def _decode_rows(folder: DicomFolder, rows: list[tuple[int, str]], images_path: 
             images[row] = 0
             record.update(status="skipped", reason=str(exc))
         results.append(record)
-    images.flush()
+    # No msync per chunk: written pages live in the page cache, which survives the process
+    # being killed; build() flushes the whole array once before marking the cache complete.
     del images
     return results
 
@@ -283,6 +291,9 @@ def build(cache_plan: CachePlan, path: str | Path) -> dict:
                         future.cancel()
                     raise
 
+    images = np.load(images_path, mmap_mode="r+")
+    images.flush()
+    del images
     records = []
     for chunk_file in sorted((path / "records").glob("*.json")):
         records.extend(json.loads(chunk_file.read_text()))

@@ -92,7 +92,7 @@ class OpacityDetector(mlflow.pyfunc.PythonModel):
         images, boxes = [], []
         for row, (name, value) in enumerate(zip(ids, model_input["dicom"], strict=True)):
             try:
-                image = decode(self._file_bytes(value, row), name)
+                image = decode(self._file_bytes(value, row), name, target_size=self.image_size)
             except DicomError as exc:
                 raise _bad_request(f"row {row}: {exc}") from None
             square, letterbox = preprocess(image, self.image_size)

@@ -142,19 +142,19 @@ class CachedDetectionDataset(Dataset):
     def _item(self, index: int, pixels: np.ndarray) -> tuple[torch.Tensor, dict]:
         image = torch.from_numpy(np.array(pixels, copy=True))[None]
         boxes = self.boxes[index]
-        target = {"boxes": boxes, "labels": torch.full((len(boxes),), OPACITY_LABEL,
-                                                       dtype=torch.int64)}
+        labels = torch.full((len(boxes),), OPACITY_LABEL, dtype=torch.int64)
         if self.transform is not None:
             image, target = self.transform(
                 tv_tensors.Image(image),
                 {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY",
                                                    canvas_size=(self.size, self.size)),
-                 "labels": target["labels"]},
+                 "labels": labels},
             )
             image = image.as_subclass(torch.Tensor)
-            target = {"boxes": target["boxes"].as_subclass(torch.Tensor).reshape(-1, 4),
-                      "labels": target["labels"]}
-        return image, target
+            boxes, labels = target["boxes"].as_subclass(torch.Tensor), target["labels"]
+        # Targets travel as small numpy arrays: pickled inline from DataLoader workers,
+        # where every tensor would cost a shared-memory handle per image.
+        return image, {"boxes": boxes.reshape(-1, 4).numpy(), "labels": labels.numpy()}
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         return self._item(index, self.cache.images[self.rows[index]])
@@ -174,6 +174,12 @@ def detection_collate(batch: list[tuple[torch.Tensor, dict]]
     """Images stacked as uint8 (B, 1, S, S) (all the same size); targets stay a list."""
     images, targets = zip(*batch, strict=True)
     return torch.stack(images), list(targets)
+
+
+def targets_to(targets: list[dict], device: torch.device) -> list[dict]:
+    """Detection targets (numpy or tensors) as tensors on ``device``."""
+    return [{k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in t.items()}
+            for t in targets]
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -234,7 +240,7 @@ def validation_metric(predictions: list[tuple[np.ndarray, np.ndarray]],
     With ``threshold`` None the best threshold of a 0.05 grid is used, as evaluation does.
     """
     grid = THRESHOLD_GRID if threshold is None else [threshold]
-    truth = [b.numpy() for b in dataset.boxes]
+    truth = [b.numpy() for b in dataset.boxes]  # dataset.boxes are tensors
     curve = threshold_curve(truth, [p[0] for p in predictions], [p[1] for p in predictions],
                             grid, inclusive)
     threshold, metric = best_threshold(curve)
@@ -249,9 +255,8 @@ def validation_loss(model: torch.nn.Module, loader: DataLoader, device: torch.de
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.eval()
     total, batches = 0.0, 0
-    for images, batch_targets in loader:
-        targets = [{k: v.to(device) for k, v in t.items()} for t in batch_targets]
-        losses = model(to_model_input(images, device), targets)
+    for images, targets in loader:
+        losses = model(to_model_input(images, device), targets_to(targets, device))
         total += float(sum(losses.values()))
         batches += 1
     return total / max(batches, 1)
@@ -362,7 +367,8 @@ def _train_process(rank: int, model_config: ModelConfig, config: TrainConfig,
     sampler = EpochBatchSampler(len(train_data), config.batch_size, config.seed,
                                 rank=rank, world_size=world_size)
     loader = DataLoader(train_data, batch_sampler=sampler, collate_fn=detection_collate,
-                        num_workers=config.num_workers, pin_memory=use_cuda)
+                        num_workers=config.num_workers, pin_memory=use_cuda,
+                        persistent_workers=config.num_workers > 0)
     validation_loader = DataLoader(validation_data, batch_size=config.validation_batch_size,
                                    shuffle=False, collate_fn=detection_collate)
     warmup, warmup_iterations, main_scheduler = _schedulers(optimizer, config, len(sampler))
@@ -397,8 +403,7 @@ def _train_process(rank: int, model_config: ModelConfig, config: TrainConfig,
         for step, (images, batch_targets) in enumerate(loader):
             wait += time.perf_counter() - fetched
             inputs = to_model_input(images, device, channels_last)
-            targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()}
-                       for t in batch_targets]
+            targets = targets_to(batch_targets, device)
             with torch.autocast(device.type, enabled=config.amp and use_cuda):
                 losses = trained(inputs, targets)
                 loss = sum(losses.values())
