@@ -9,7 +9,7 @@ INSTALLED := $(VENV)/.installed
 DEMO_RAW := data/01_raw/rsna-demo
 DEMO_DONE := $(DEMO_RAW)/.complete
 
-.PHONY: demo test install lint demo-data clean-demo
+.PHONY: demo test install lint demo-data clean-demo gpu-wheels
 
 demo: $(INSTALLED) $(DEMO_DONE)  ## create .venv, generate the demo dataset if absent, run every pipeline on it
 	$(BIN)/kedro run --env demo
@@ -37,3 +37,8 @@ lint: $(INSTALLED)
 
 clean-demo:  ## remove the generated demo dataset and every demo output
 	rm -rf $(DEMO_RAW) data/0[2-8]_*/demo
+
+# Wheels that benchmarks/gpu_check.sh installs on a GPU machine that has only PyTorch.
+gpu-wheels: $(INSTALLED)
+	$(BIN)/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux2014_x86_64 -d benchmarks/wheels pydicom==3.0.2

@@ -26,16 +26,39 @@ def _temporary_mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     return store
 
 
-@pytest.fixture
-def kedro_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A copy of the project's conf and pyproject in tmp_path, which becomes the cwd."""
-    project = tmp_path / "project"
+def copy_project(folder: Path) -> Path:
+    """A copy of the project's pyproject and conf (local emptied) in ``folder/project``."""
+    project = folder / "project"
     project.mkdir()
     shutil.copy(PROJECT_ROOT / "pyproject.toml", project / "pyproject.toml")
     shutil.copytree(PROJECT_ROOT / "conf", project / "conf",
                     ignore=shutil.ignore_patterns("local"))
     (project / "conf" / "local").mkdir()
     (project / "src").mkdir()  # the package itself is installed (editable) in .venv
+    return project
+
+
+def run_session(project: Path, env: str = "demo", pipelines: list[str] | None = None,
+                params: dict[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Run pipelines in a real KedroSession of ``project`` (already bootstrapped)."""
+    import mlflow
+    from kedro.framework.session import KedroSession
+
+    try:
+        with KedroSession.create(project_path=project, env=env,
+                                 runtime_params=params or {}) as session:
+            return session.run(pipeline_names=pipelines, **kwargs)
+    finally:
+        # kedro-mlflow reopens its run per node and closes one level at the end; a CLI run
+        # ends with its process, so close what is left before the next session in this one.
+        while mlflow.active_run():
+            mlflow.end_run()
+
+
+@pytest.fixture
+def kedro_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the project's conf and pyproject in tmp_path, which becomes the cwd."""
+    project = copy_project(tmp_path)
     monkeypatch.chdir(project)
     return project
 
@@ -43,23 +66,12 @@ def kedro_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def run_kedro(kedro_project: Path) -> Callable[..., dict[str, Any]]:
     """Run pipelines in a real KedroSession of the copied project."""
-    from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
     bootstrap_project(kedro_project)
 
     def run(env: str = "demo", pipelines: list[str] | None = None,
             params: dict[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
-        import mlflow
-
-        try:
-            with KedroSession.create(project_path=kedro_project, env=env,
-                                     runtime_params=params or {}) as session:
-                return session.run(pipeline_names=pipelines, **kwargs)
-        finally:
-            # kedro-mlflow reopens its run per node and closes one level at the end; a CLI run
-            # ends with its process, so close what is left before the next session in this one.
-            while mlflow.active_run():
-                mlflow.end_run()
+        return run_session(kedro_project, env, pipelines, params, **kwargs)
 
     return run

@@ -25,7 +25,7 @@ class PostprocessConfig:
     """Post-processing of raw predictions; ``score_threshold`` is tuned by evaluation."""
 
     score_threshold: float = 0.5
-    nms_iou: float = 0.3
+    nms_iou: float = 0.1
     max_boxes: int = 4
     shrink: float = 1.0  # 0.875 keeps 87.5 % of each side, about the box centre
 

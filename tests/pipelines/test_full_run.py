@@ -14,7 +14,7 @@ from kedro.framework.session import KedroSession
 from PIL import Image
 
 from pneumonia_kedro.submission import parse_prediction_string
-from tests.conftest import TINY_DEMO
+from tests.conftest import TINY_DEMO, run_session
 
 SIZE = 64
 TINY_RUN = {
@@ -32,16 +32,36 @@ TINY_RUN = {
 }
 
 
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> dict:
+    """demo_data, then the default pipeline, once for this module's tests."""
+    from kedro.framework.startup import bootstrap_project
+
+    from tests.conftest import copy_project
+
+    project = copy_project(tmp_path_factory.mktemp("full_run"))
+    tracking_uri = f"sqlite:///{project / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(project)
+        patch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        bootstrap_project(project)
+        run_session(project, pipelines=["demo_data"], params={"demo_data": TINY_DEMO})
+        test_ids = sorted(p.stem for p in
+                          (project / "data/01_raw/rsna-demo/stage_2_test_images").iterdir())
+        params = {**TINY_RUN, "inference": {"batch_size": 4, "progress": False,
+                                            "cache": {"workers": 0, "progress": False},
+                                            "overlay_patients": test_ids[:1]}}
+        run_session(project, params=params)
+    return {"project": project, "test_ids": test_ids, "tracking_uri": tracking_uri}
+
+
 @pytest.fixture
-def demo_run(run_kedro, kedro_project: Path) -> dict:
-    run_kedro(pipelines=["demo_data"], params={"demo_data": TINY_DEMO})
-    test_ids = sorted(p.stem for p in
-                      (kedro_project / "data/01_raw/rsna-demo/stage_2_test_images").iterdir())
-    params = {**TINY_RUN, "inference": {"batch_size": 4, "progress": False,
-                                        "cache": {"workers": 0, "progress": False},
-                                        "overlay_patients": test_ids[:1]}}
-    run_kedro(params=params)
-    return {"test_ids": test_ids}
+def kedro_project(demo_run, monkeypatch) -> Path:
+    """This module's tests all look at the one demo run's project and MLflow store."""
+    monkeypatch.chdir(demo_run["project"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", demo_run["tracking_uri"])
+    mlflow.set_tracking_uri(demo_run["tracking_uri"])
+    return demo_run["project"]
 
 
 def test_whole_pipeline_on_demo_data(demo_run, kedro_project: Path):
@@ -123,3 +143,121 @@ def test_trained_model_reloads_from_the_catalog_with_equal_predictions(demo_run,
     again = predict_cache(trained.build(), cache, torch.device("cpu"), progress=False)
     pd.testing.assert_frame_equal(raw.reset_index(drop=True), again.reset_index(drop=True),
                                   check_dtype=False)
+
+
+def _monochrome1_16bit(source: Path, target: Path) -> None:
+    """The same chest as a 12-bit MONOCHROME1 uncompressed file (as other hospitals send)."""
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(source)
+    pixels = ds.pixel_array.astype(np.uint16)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelData = ((255 - pixels) * 16).tobytes()
+    ds["PixelData"].VR = "OW"
+    for keyword in ("LossyImageCompression", "LossyImageCompressionMethod"):
+        delattr(ds, keyword)
+    ds.save_as(target, enforce_file_format=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_served_model_answers_like_the_pipeline_and_rejects_bad_requests(
+        demo_run, kedro_project: Path, tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    from pneumonia_kedro.dicom import DicomFolder
+    from pneumonia_kedro.imagecache import build
+    from pneumonia_kedro.pipelines.inference.nodes import (
+        plan_test_cache,
+        predict_test,
+        write_submission,
+    )
+
+    # Two files: a competition file and a 12-bit MONOCHROME1 copy of another.
+    source = kedro_project / "data/01_raw/rsna-demo/stage_2_test_images"
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    first, second = demo_run["test_ids"][:2]
+    (folder / f"{first}.dcm").write_bytes((source / f"{first}.dcm").read_bytes())
+    _monochrome1_16bit(source / f"{second}.dcm", folder / f"{second}.dcm")
+
+    # The pipeline's answer for them, through the inference pipeline's own nodes.
+    with KedroSession.create(project_path=kedro_project, env="demo") as session:
+        catalog = session.load_context().catalog
+        trained = catalog.load("trained_model")
+        postprocessing = catalog.load("postprocessing")
+    params = {"cache": {"workers": 0, "progress": False}, "progress": False}
+    dicoms = DicomFolder.scan(str(folder))
+    build(plan_test_cache(dicoms, trained, params), tmp_path / "cache")
+    from pneumonia_kedro.imagecache import ImageCache
+
+    cache = ImageCache(tmp_path / "cache")
+    predictions = predict_test(trained, cache, postprocessing, params)
+    expected, _ = write_submission(predictions, cache, dicoms, pd.DataFrame(), params)
+
+    run = mlflow.search_runs(experiment_names=["pneumonia-kedro"]).sort_values(
+        "start_time").iloc[-1]
+    port = _free_port()
+    bin_folder = str(Path(sys.executable).parent)  # mlflow starts uvicorn from PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": demo_run["tracking_uri"],
+           "PATH": f"{bin_folder}{os.pathsep}{os.environ.get('PATH', '')}"}
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
+         run["tags.model_uri"], "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def post(rows: list[list[str]]) -> tuple[int, dict]:
+        body = json.dumps({"dataframe_split": {"columns": ["patientId", "dicom"],
+                                               "data": rows}}).encode()
+        request = urllib.request.Request(f"{url}/invocations", body,
+                                         {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"{}")
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise AssertionError("model server did not start: "
+                                         + server.stderr.read().decode()[-2000:]) from None
+                time.sleep(1)
+        rows = [[pid, base64.b64encode((folder / f"{pid}.dcm").read_bytes()).decode()]
+                for pid in (first, second)]
+        status, answer = post(rows)
+        assert status == 200
+        served = pd.DataFrame(answer["predictions"]).set_index("patientId")
+        for row in expected.to_dict("records"):
+            got, _ = parse_prediction_string(served.loc[row["patientId"], "PredictionString"])
+            want, _ = parse_prediction_string(row["PredictionString"])
+            np.testing.assert_allclose(got, want, atol=0.06)
+
+        status, error = post([["junk", base64.b64encode(b"not a dicom at all").decode()]])
+        assert status == 400 and "not a DICOM file" in error["message"]
+        status, error = post(rows * 40)  # 80 files: over max_files_per_request
+        assert status == 400 and "at most 64" in error["message"]
+        assert post(rows)[0] == 200  # still serving
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
