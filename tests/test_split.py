@@ -78,3 +78,10 @@ def test_parameters_are_checked_by_name():
     with pytest.raises(ValueError, match="validation_fraction must be between 0 and 1"):
         split_patients(pd.DataFrame({"patientId": [], "Target": []}),
                        SplitConfig(validation_fraction=1.5))
+
+
+def test_nested_groups_keep_the_enclosing_defaults_for_keys_not_given():
+    from pneumonia_kedro.pipelines.inference.nodes import InferenceConfig
+
+    config = from_params(InferenceConfig, {"cache": {"workers": 0}}, "inference")
+    assert config.cache.workers == 0 and config.cache.on_error == "skip"

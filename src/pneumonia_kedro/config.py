@@ -55,6 +55,12 @@ def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
 
 
+def _default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
+
+
 def from_params(cls: type[T], params: Mapping[str, Any] | T, group: str) -> T:
     """Build dataclass ``cls`` from the parameter group ``group``, naming any bad key."""
     if isinstance(params, cls):
@@ -70,7 +76,11 @@ def from_params(cls: type[T], params: Mapping[str, Any] | T, group: str) -> T:
     for name, raw in params.items():
         annotation = hints[name]
         if dataclasses.is_dataclass(annotation) and isinstance(raw, Mapping):
-            values[name] = from_params(annotation, raw, f"{group}.{name}")
+            nested = from_params(annotation, raw, f"{group}.{name}")
+            default = _default(fields[name])
+            # Keys not given keep the enclosing class's default, not the nested class's own.
+            values[name] = nested if default is None else dataclasses.replace(
+                default, **{k: getattr(nested, k) for k in raw})
         elif not _check_type(raw, annotation):
             raise ConfigError(
                 f"params:{group}.{name} = {raw!r} does not match the expected type "

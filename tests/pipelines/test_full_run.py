@@ -261,3 +261,34 @@ def test_served_model_answers_like_the_pipeline_and_rejects_bad_requests(
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def test_inference_can_use_the_mlflow_model_instead_of_the_catalog(demo_run,
+                                                                   kedro_project: Path,
+                                                                   tmp_path: Path):
+    from pneumonia_kedro.dicom import DicomFolder
+    from pneumonia_kedro.imagecache import ImageCache, build
+    from pneumonia_kedro.models import TrainedModel, build_model
+    from pneumonia_kedro.pipelines.inference.nodes import (
+        plan_test_cache,
+        predict_test,
+        write_submission,
+    )
+
+    run = mlflow.search_runs(experiment_names=["pneumonia-kedro"]).sort_values(
+        "start_time").iloc[-1]
+    params = {"cache": {"workers": 0, "progress": False}, "progress": False,
+              "model_uri": run["tags.model_uri"]}
+    with KedroSession.create(project_path=kedro_project, env="demo") as session:
+        catalog_model = session.load_context().catalog.load("trained_model")
+    # A different catalog model proves the MLflow one is used.
+    other = TrainedModel(config=catalog_model.config,
+                         state_dict=build_model(catalog_model.config).state_dict(), info={})
+    dicoms = DicomFolder.scan(str(kedro_project / "data/01_raw/rsna-demo/stage_2_test_images"))
+    build(plan_test_cache(dicoms, other, params), tmp_path / "cache")
+    cache = ImageCache(tmp_path / "cache")
+    predictions = predict_test(other, cache, {"score_threshold": 1.1}, params)
+    submission, _ = write_submission(predictions, cache, dicoms, pd.DataFrame(), params)
+    expected = pd.read_csv(kedro_project / "data/07_model_output/demo/submission.csv",
+                           keep_default_na=False)
+    pd.testing.assert_frame_equal(submission.reset_index(drop=True), expected)

@@ -51,6 +51,21 @@ def log_detector(model: TrainedModel, settings: dict, name: str = "model",
         )
 
 
+def load_logged_detector(model_uri: str) -> tuple[TrainedModel, dict]:
+    """The weights (tensors only) and settings of a detector logged by ``log_detector``."""
+    from pneumonia_kedro.models import model_config_from_dict
+
+    with tempfile.TemporaryDirectory() as folder:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri,
+                                                         dst_path=folder))
+        payload = torch.load(local / "artifacts" / "weights.pt", map_location="cpu",
+                             weights_only=True)
+        settings = json.loads((local / "artifacts" / "settings.json").read_text())
+    model = TrainedModel(config=model_config_from_dict(payload["model_config"]),
+                         state_dict=payload["state_dict"], info={"model_uri": model_uri})
+    return model, settings
+
+
 class MlflowDetectorDataset(AbstractDataset[dict, None]):
     """Saving ``{"model": TrainedModel, "settings": {...}}`` logs a servable MLflow model in
     the run kedro-mlflow opened (and registers it when ``registered_model_name`` is set)."""

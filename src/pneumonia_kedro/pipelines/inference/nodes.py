@@ -31,6 +31,7 @@ class InferenceConfig:
     device: str = "auto"
     hflip_tta: bool = False
     no_box: Literal["empty", "whole_image"] = "empty"
+    model_uri: str | None = None  # an MLflow model (e.g. models:/m-...) instead of the catalog's
     overlay_patients: tuple = ()
     progress: bool = True
 
@@ -39,12 +40,25 @@ def _config(params: dict) -> InferenceConfig:
     return from_params(InferenceConfig, params, "inference")
 
 
+def _chosen_model(trained_model: TrainedModel, postprocessing: dict, config: InferenceConfig
+                  ) -> tuple[TrainedModel, dict]:
+    """The catalog's model (latest, or --load-versions) unless an MLflow model URI is given;
+    an MLflow model brings the post-processing it was logged with."""
+    if not config.model_uri:
+        return trained_model, postprocessing
+    from pneumonia_kedro.datasets.mlflow_detector import load_logged_detector
+
+    model, settings = load_logged_detector(config.model_uri)
+    logger.info("inference uses the MLflow model %s", config.model_uri)
+    return model, settings["postprocess"]
+
+
 def plan_test_cache(test_dicoms: DicomFolder, trained_model: TrainedModel, params: dict
                     ) -> CachePlan:
     """Every file of the folder, converted exactly as the training images were."""
     config = _config(params)
-    cache_config = CacheConfig(**{**config.cache.__dict__,
-                                  "image_size": trained_model.config.image_size})
+    model, _ = _chosen_model(trained_model, {}, config)
+    cache_config = CacheConfig(**{**config.cache.__dict__, "image_size": model.config.image_size})
     return plan(test_dicoms, test_dicoms.patient_ids, cache_config)
 
 
@@ -52,6 +66,7 @@ def predict_test(trained_model: TrainedModel, test_image_cache: ImageCache,
                  postprocessing: dict, params: dict) -> pd.DataFrame:
     """Post-processed boxes per test image with its image-level probability and view."""
     config = _config(params)
+    trained_model, postprocessing = _chosen_model(trained_model, postprocessing, config)
     device = resolve_device(config.device)
     raw = predict_cache(trained_model.build(device), test_image_cache, device,
                         config.batch_size, config.hflip_tta, config.progress, desc="test")

@@ -1,0 +1,80 @@
+"""Inference on a folder of mixed DICOMs: bad files reported, others predicted in original
+pixel coordinates, and the submission's two no-box conventions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from pydicom.data import get_testdata_file
+
+from pneumonia_kedro.demo import DemoConfig, demo_file, sample_demo_patients
+from pneumonia_kedro.dicom import DicomFolder
+from pneumonia_kedro.imagecache import ImageCache, build
+from pneumonia_kedro.models import TrainedModel, build_model
+from pneumonia_kedro.pipelines.inference.nodes import (
+    plan_test_cache,
+    predict_test,
+    write_submission,
+)
+from pneumonia_kedro.submission import SubmissionError, build_submission, check_against_sample
+from tests.test_training import TINY_MODEL
+
+PARAMS = {"cache": {"workers": 0, "progress": False}, "progress": False}
+# Keep every box an untrained model proposes, so coordinates can be checked.
+POSTPROCESSING = {"score_threshold": 0.0, "nms_iou": 0.5, "max_boxes": 5, "shrink": 1.0}
+
+
+@pytest.fixture(scope="module")
+def incoming(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("incoming")
+    config = DemoConfig(n_positive=1, n_negative=1, n_test=0, seed=9)
+    _, patients, _ = sample_demo_patients(None, None, config)
+    for row in patients.to_dict("records"):
+        (folder / f"{row['patientId']}.dcm").write_bytes(
+            demo_file(row["patientId"], row, row["boxes"], config))
+    # 1024 rows x 256 columns, 12-bit JPEG Extended: non-square, not 8-bit, not 1024 wide.
+    (folder / "narrow.dcm").write_bytes(Path(get_testdata_file("JPGExtended.dcm")).read_bytes())
+    (folder / "corrupt.dcm").write_bytes(np.random.default_rng(1).bytes(3000))
+    return folder
+
+
+def test_bad_file_is_reported_and_the_others_predicted_in_original_pixels(incoming, tmp_path):
+    torch_model = build_model(TINY_MODEL)
+    trained = TrainedModel(config=TINY_MODEL, state_dict=torch_model.state_dict(), info={})
+    dicoms = DicomFolder.scan(str(incoming))
+    build(plan_test_cache(dicoms, trained, PARAMS), tmp_path / "cache")
+    cache = ImageCache(tmp_path / "cache")
+    predictions = predict_test(trained, cache, POSTPROCESSING, PARAMS)
+    submission, report = write_submission(predictions, cache, dicoms, pd.DataFrame(), PARAMS)
+
+    assert submission["patientId"].tolist() == sorted(dicoms.patient_ids)
+    assert list(report["skipped"]) == ["corrupt"]
+    assert "not a DICOM file" in report["skipped"]["corrupt"]
+    assert report["predicted"] == 3 and report["files"] == 4
+    assert submission.set_index("patientId").loc["corrupt", "PredictionString"] == ""
+
+    narrow = predictions.loc[predictions["patientId"] == "narrow"]
+    assert len(narrow), "the untrained model proposes boxes on every image"
+    letterbox = cache.letterbox("narrow")
+    assert (letterbox.offset_x, letterbox.offset_y) == (24, 0)  # 16 px wide image in 64 px
+    assert (narrow["x"] >= 0).all() and (narrow["x"] + narrow["width"] <= 256 + 1e-6).all()
+    assert (narrow["y"] >= 0).all() and (narrow["y"] + narrow["height"] <= 1024 + 1e-6).all()
+    assert set(predictions["view_position"].dropna()) <= {"AP", "PA", ""}
+    assert predictions["image_probability"].between(0, 1).all()
+
+
+def test_no_box_conventions_and_sample_check():
+    predictions = pd.DataFrame({"patientId": ["a"], "x": [10.0], "y": [20.0], "width": [30.0],
+                                "height": [40.0], "score": [0.9]})
+    empty = build_submission(predictions, ["a", "b"])
+    assert empty["PredictionString"].tolist() == ["0.9000 10.0 20.0 30.0 40.0", ""]
+    notebook = build_submission(predictions, ["a", "b"], no_box="whole_image",
+                                image_sizes={"b": (1024, 256)})
+    assert notebook["PredictionString"].tolist()[1] == "0.0000 0.0 0.0 256.0 1024.0"
+    assert check_against_sample(empty, pd.DataFrame({"patientId": ["b", "a"]})) == {
+        "checked_against_sample": True}
+    with pytest.raises(SubmissionError, match="1 missing"):
+        check_against_sample(empty, pd.DataFrame({"patientId": ["a", "b", "c"]}))
