@@ -51,8 +51,9 @@ def train(
         model_config = dataclasses.replace(model_config, image_size=train_image_cache.image_size)
     train_data = CachedDetectionDataset(train_image_cache, train_patients,
                                         config.negative_boxes, config.augment)
-    validation_data = CachedDetectionDataset(validation_image_cache, validation_patients,
-                                             config.negative_boxes)
+    # Validation is always scored against the real truth (negatives have no box), also when
+    # training reproduces the notebook's whole-image boxes: those inflate any score.
+    validation_data = CachedDetectionDataset(validation_image_cache, validation_patients)
     run = mlflow.active_run()
     epoch_logger = MlflowEpochLogger(mlflow.get_tracking_uri(), run.info.run_id) if run else None
     result = train_model(model_config, config, train_data, validation_data,
