@@ -72,7 +72,8 @@ def postprocess(predictions: pd.DataFrame, config: PostprocessConfig,
     kept = []
     for _, rows in predictions.groupby("patientId", sort=True):
         xyxy = torch.as_tensor(xywh_to_xyxy(rows[["x", "y", "width", "height"]].to_numpy(float)))
-        order = nms(xyxy, torch.as_tensor(rows["score"].to_numpy(float)), config.nms_iou)
+        scores = torch.tensor(rows["score"].to_numpy(float))  # a copy: pandas may be read-only
+        order = nms(xyxy, scores, config.nms_iou)
         kept.append(rows.iloc[order.numpy()[: config.max_boxes]])
     result = pd.concat(kept, ignore_index=True)
     if config.shrink != 1.0:
