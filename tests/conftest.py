@@ -26,6 +26,19 @@ def _temporary_mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     return store
 
 
+def write_demo_dicoms(folder: Path, n_positive: int, n_negative: int, seed: int):
+    """Competition-like demo DICOMs (``<patientId>.dcm``) in ``folder``; returns the patients
+    (with their ``xywh`` boxes)."""
+    from pneumonia_kedro.demo import DemoConfig, demo_file, sample_demo_patients
+
+    config = DemoConfig(n_positive=n_positive, n_negative=n_negative, n_test=0, seed=seed)
+    _, patients, _ = sample_demo_patients(None, None, config)
+    for row in patients.to_dict("records"):
+        (folder / f"{row['patientId']}.dcm").write_bytes(
+            demo_file(row["patientId"], row, row["boxes"], config))
+    return patients
+
+
 def copy_project(folder: Path) -> Path:
     """A copy of the project's pyproject and conf (local emptied) in ``folder/project``."""
     project = folder / "project"

@@ -12,20 +12,16 @@ from hypothesis import strategies as st
 
 from pneumonia_kedro import imagecache
 from pneumonia_kedro.boxes import Letterbox, xywh_to_xyxy, xyxy_to_xywh
-from pneumonia_kedro.demo import DemoConfig, demo_file, sample_demo_patients
 from pneumonia_kedro.dicom import DicomFolder
 from pneumonia_kedro.errors import DicomError
 from pneumonia_kedro.imagecache import CacheConfig, ImageCache, build, plan, preprocess
+from tests.conftest import write_demo_dicoms
 
 
 @pytest.fixture(scope="module")
 def demo_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("dicoms")
-    config = DemoConfig(n_positive=3, n_negative=4, n_test=0, seed=11)
-    _, train, _ = sample_demo_patients(None, None, config)
-    for row in train.to_dict("records"):
-        (folder / f"{row['patientId']}.dcm").write_bytes(
-            demo_file(row["patientId"], row, row["boxes"], config))
+    write_demo_dicoms(folder, n_positive=3, n_negative=4, seed=11)
     return folder
 
 

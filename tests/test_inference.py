@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 from pydicom.data import get_testdata_file
 
-from pneumonia_kedro.demo import DemoConfig, demo_file, sample_demo_patients
 from pneumonia_kedro.dicom import DicomFolder
 from pneumonia_kedro.imagecache import ImageCache, build
 from pneumonia_kedro.models import TrainedModel, build_model
@@ -20,6 +19,7 @@ from pneumonia_kedro.pipelines.inference.nodes import (
     write_submission,
 )
 from pneumonia_kedro.submission import SubmissionError, build_submission, check_against_sample
+from tests.conftest import write_demo_dicoms
 from tests.test_training import TINY_MODEL
 
 PARAMS = {"cache": {"workers": 0, "progress": False}, "progress": False}
@@ -30,11 +30,7 @@ POSTPROCESSING = {"score_threshold": 0.0, "nms_iou": 0.5, "max_boxes": 5, "shrin
 @pytest.fixture(scope="module")
 def incoming(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("incoming")
-    config = DemoConfig(n_positive=1, n_negative=1, n_test=0, seed=9)
-    _, patients, _ = sample_demo_patients(None, None, config)
-    for row in patients.to_dict("records"):
-        (folder / f"{row['patientId']}.dcm").write_bytes(
-            demo_file(row["patientId"], row, row["boxes"], config))
+    write_demo_dicoms(folder, n_positive=1, n_negative=1, seed=9)
     # 1024 rows x 256 columns, 12-bit JPEG Extended: non-square, not 8-bit, not 1024 wide.
     (folder / "narrow.dcm").write_bytes(Path(get_testdata_file("JPGExtended.dcm")).read_bytes())
     (folder / "corrupt.dcm").write_bytes(np.random.default_rng(1).bytes(3000))

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from pneumonia_kedro.datasets import TrainedModelDataset
-from pneumonia_kedro.demo import DemoConfig, demo_file, sample_demo_patients
 from pneumonia_kedro.dicom import DicomFolder
 from pneumonia_kedro.errors import WeightsUnavailableError
 from pneumonia_kedro.imagecache import CacheConfig, ImageCache, build, plan
@@ -25,6 +24,7 @@ from pneumonia_kedro.training import (
     predict,
     train_model,
 )
+from tests.conftest import write_demo_dicoms
 
 SIZE = 64
 TINY_MODEL = ModelConfig(
@@ -42,11 +42,7 @@ TINY_TRAIN = TrainConfig(epochs=2, batch_size=4, validation_batch_size=4, learni
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> tuple[ImageCache, pd.DataFrame]:
     folder = tmp_path_factory.mktemp("train_dicoms")
-    config = DemoConfig(n_positive=4, n_negative=4, n_test=0, seed=5)
-    _, patients, _ = sample_demo_patients(None, None, config)
-    for row in patients.to_dict("records"):
-        (folder / f"{row['patientId']}.dcm").write_bytes(
-            demo_file(row["patientId"], row, row["boxes"], config))
+    patients = write_demo_dicoms(folder, n_positive=4, n_negative=4, seed=5)
     dicoms = DicomFolder.scan(str(folder))
     cache_path = tmp_path_factory.mktemp("cache") / "all"
     build(plan(dicoms, dicoms.patient_ids, CacheConfig(image_size=SIZE, workers=0,

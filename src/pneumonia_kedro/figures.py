@@ -1,21 +1,20 @@
-"""Figures (matplotlib, Agg): images with boxes, curves. Each function returns a Figure."""
+"""Figures (matplotlib): images with boxes, curves. Each function returns a Figure.
+
+The backend is left to matplotlib (Agg on a headless machine, inline in a notebook).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-
-from pneumonia_kedro.boxes import xywh_to_xyxy, xyxy_to_xywh  # noqa: E402
-from pneumonia_kedro.imagecache import ImageCache  # noqa: E402
-from pneumonia_kedro.labels import boxes_array  # noqa: E402
+from pneumonia_kedro.boxes import xywh_to_xyxy, xyxy_to_xywh
+from pneumonia_kedro.imagecache import ImageCache
+from pneumonia_kedro.labels import boxes_array
 
 TRUTH_COLOUR = "#2ca02c"
 PREDICTION_COLOUR = "#d62728"

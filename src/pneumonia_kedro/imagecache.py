@@ -100,6 +100,8 @@ def preprocess(image: DicomImage | np.ndarray, size: int) -> tuple[np.ndarray, L
         pixels, (height, width) = image, image.shape
     box = Letterbox.fit(height, width, size)
     if (box.resized_height, box.resized_width) == pixels.shape:
+        if pixels.shape == (size, size):
+            return pixels, box  # already the cache's square size: nothing to pad
         resized = pixels
     else:
         interpolation = cv2.INTER_AREA if box.resized_height < pixels.shape[0] \
@@ -149,8 +151,9 @@ def _decode_rows(folder: DicomFolder, rows: list[tuple[int, str]], images_path: 
             images[row] = 0
             record.update(status="skipped", reason=str(exc))
         results.append(record)
-    # No msync per chunk: written pages live in the page cache, which survives the process
-    # being killed; build() flushes the whole array once before marking the cache complete.
+    # No msync: written pages live in the page cache, which survives the process being
+    # killed (the resume case) and reaches the disk by the kernel's writeback. Only a power
+    # loss during a build could lose rows already marked done: delete the cache after one.
     del images
     return results
 
@@ -291,9 +294,6 @@ def build(cache_plan: CachePlan, path: str | Path) -> dict:
                         future.cancel()
                     raise
 
-    images = np.load(images_path, mmap_mode="r+")
-    images.flush()
-    del images
     records = []
     for chunk_file in sorted((path / "records").glob("*.json")):
         records.extend(json.loads(chunk_file.read_text()))

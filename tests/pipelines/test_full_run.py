@@ -292,3 +292,21 @@ def test_inference_can_use_the_mlflow_model_instead_of_the_catalog(demo_run,
     expected = pd.read_csv(kedro_project / "data/07_model_output/demo/submission.csv",
                            keep_default_na=False)
     pd.testing.assert_frame_equal(submission.reset_index(drop=True), expected)
+
+
+def test_exploration_notebook_runs_against_the_demo_outputs(demo_run, kedro_project: Path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    from tests.conftest import PROJECT_ROOT
+
+    notebook = nbformat.read(PROJECT_ROOT / "notebooks/exploration.ipynb", as_version=4)
+    client = NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(kedro_project)}})
+    client.execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code"
+               for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "competition metric" in text
+    assert any("image/png" in o.get("data", {}) for o in outputs)
