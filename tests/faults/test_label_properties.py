@@ -1,0 +1,39 @@
+"""Property-based tests: no labels table makes validation fail with anything but LabelsError,
+and what passes validation keeps every box inside the image."""
+
+from __future__ import annotations
+
+import pandas as pd
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pneumonia_kedro.errors import LabelsError
+from pneumonia_kedro.labels import LABEL_COLUMNS, build_patient_table, validate_labels
+
+cells = st.one_of(
+    st.just(""), st.sampled_from(["0", "1", "2", "-1", "nan", "inf", "1e3", " 5 ", "x"]),
+    st.floats(allow_nan=True, allow_infinity=True).map(str),
+    st.integers(-2000, 2000).map(str), st.text(max_size=8),
+)
+ids = st.one_of(st.sampled_from(["p1", "p2", "p3"]), st.text(max_size=12))
+rows = st.lists(st.tuples(ids, cells, cells, cells, cells, cells), min_size=0, max_size=12)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=rows)
+def test_validation_raises_only_its_own_error_and_accepted_boxes_lie_inside(rows):
+    table = pd.DataFrame(rows, columns=list(LABEL_COLUMNS))
+    try:
+        labels, _ = validate_labels(table, "fuzz.csv")
+    except LabelsError as error:
+        assert str(error).startswith("fuzz.csv:")
+        return
+    boxes = labels.loc[labels["Target"] == 1]
+    assert (boxes["width"] > 0).all() and (boxes["height"] > 0).all()
+    assert (boxes["x"] >= 0).all() and (boxes["x"] + boxes["width"] <= 1024).all()
+    assert (boxes["y"] >= 0).all() and (boxes["y"] + boxes["height"] <= 1024).all()
+    assert set(labels.loc[labels["Target"] == 0, "x"].dropna()) == set()
+    patients = build_patient_table(labels, pd.Series("Normal", index=labels["patientId"]
+                                                     .unique()))
+    assert patients["patientId"].is_unique
+    assert int(patients["n_boxes"].sum()) == len(boxes)
