@@ -131,3 +131,40 @@ def test_missing_decoder_names_the_package_to_install():
         assert "1.2.840.10008.1.2.4.80" in str(info.value)
     finally:
         JPEGLSLosslessDecoder._available.update(removed)
+
+
+@pytest.fixture(scope="module")
+def competition_file() -> bytes:
+    from pneumonia_kedro.demo import DemoConfig, demo_file, sample_demo_patients
+
+    config = DemoConfig(n_positive=1, n_negative=0, n_test=0, seed=2)
+    _, patients, _ = sample_demo_patients(None, None, config)
+    row = patients.iloc[0].to_dict()
+    return demo_file(row["patientId"], row, row["boxes"], config)
+
+
+def test_competition_files_are_read_without_pydicom_and_agree_with_it(competition_file):
+    from pneumonia_kedro.dicom import _decode_fast
+
+    fast = _decode_fast(competition_file, "c.dcm", None)
+    reference = pydicom.dcmread(io.BytesIO(competition_file))
+    assert (fast.height, fast.width) == (1024, 1024)
+    assert fast.view_position == reference.ViewPosition
+    assert np.abs(fast.pixels.astype(int) - reference.pixel_array.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("cut", [200, 1000, 50_000])
+def test_truncated_competition_file_gets_a_clear_error(competition_file, cut):
+    with pytest.raises(DicomError) as info:
+        decode(competition_file[:cut], "/data/cut.dcm")
+    assert str(info.value).startswith("/data/cut.dcm: ")
+
+
+def test_a_window_sends_a_competition_file_through_pydicom(competition_file):
+    ds = pydicom.dcmread(io.BytesIO(competition_file))
+    ds.WindowCenter, ds.WindowWidth = 100, 50
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    windowed = decode(buffer.getvalue(), "w.dcm").pixels
+    assert windowed.min() == 0 and windowed.max() == 255  # the window stretches mid-greys
+    np.testing.assert_array_equal(windowed, reference_uint8(ds))
