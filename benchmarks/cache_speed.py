@@ -6,7 +6,8 @@
 (b) the notebook's path: dcmread + pixel_array with pydicom's default plugins, then a float
     3-channel tensor per item, through a DataLoader with 2 workers;
 (c) this project's cache build in-process (what one worker does, without the seconds a
-    worker process takes to start) and with two worker processes (start included);
+    worker process takes to start; best of three like (a)) and with two worker processes
+    (start included);
 (d) training batches from the cache through the project's dataset and DataLoader, in-process
     and with 2 workers.
 """
@@ -90,10 +91,13 @@ def main() -> None:
 
         frames = [next(generate_frames(pydicom.dcmread(f).PixelData, number_of_frames=1))
                   for f in files]
-        started = time.perf_counter()
-        for frame in frames:
-            cv2.imdecode(np.frombuffer(frame, np.uint8), cv2.IMREAD_GRAYSCALE)
-        results["a_raw_decode_per_core"] = rate(n, time.perf_counter() - started)
+        best = float("inf")
+        for _ in range(3):  # best of three, like the cache build below: the CPU is noisy
+            started = time.perf_counter()
+            for frame in frames:
+                cv2.imdecode(np.frombuffer(frame, np.uint8), cv2.IMREAD_GRAYSCALE)
+            best = min(best, time.perf_counter() - started)
+        results["a_raw_decode_per_core"] = rate(n, best)
 
         started = time.perf_counter()
         for file in files[: max(n // 4, 16)]:
@@ -106,18 +110,21 @@ def main() -> None:
             pass
         results["b_notebook_dataloader_2_workers"] = rate(n, time.perf_counter() - started)
 
-        for workers in (0, 2):
-            out = subprocess.run(
-                [sys.executable, "-c", BUILD_SCRIPT, str(folder), f"{tmp}/cache{workers}",
-                 str(arguments.size), str(workers)],
-                check=True, capture_output=True, text=True)
-            build = json.loads(out.stdout.strip().splitlines()[-1])
+        for workers, repeats in ((0, 3), (2, 1)):
+            builds = []
+            for repeat in range(repeats):
+                out = subprocess.run(
+                    [sys.executable, "-c", BUILD_SCRIPT, str(folder),
+                     f"{tmp}/cache{workers}_{repeat}", str(arguments.size), str(workers)],
+                    check=True, capture_output=True, text=True)
+                builds.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            build = min(builds, key=lambda b: b["seconds"])
             results[f"c_cache_build_{workers}_workers"] = rate(n, build["seconds"])
             results[f"c_cache_build_{workers}_workers_main_peak_rss_mib"] = build["peak_rss_mib"]
             results[f"c_cache_build_{workers}_workers_worker_peak_rss_mib"] = \
                 build["worker_peak_rss_mib"]
 
-        dataset = CachedDetectionDataset(ImageCache(f"{tmp}/cache2"), patients)
+        dataset = CachedDetectionDataset(ImageCache(f"{tmp}/cache2_0"), patients)
         for workers in (0, 2):
             sampler = EpochBatchSampler(len(dataset), 8, seed=0)
             loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=detection_collate,

@@ -115,11 +115,10 @@ def preprocess(image: DicomImage | np.ndarray, size: int) -> tuple[np.ndarray, L
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    """Write under a temporary name, then rename: a reader never sees half a file. No fsync:
+    the page cache outlives a killed process, which is the interruption resumed from."""
     partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+    partial.write_bytes(data)
     os.replace(partial, path)
 
 
