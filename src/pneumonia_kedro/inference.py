@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from pneumonia_kedro.boxes import xyxy_to_xywh
 from pneumonia_kedro.imagecache import ImageCache
-from pneumonia_kedro.models import OPACITY_LABEL, to_model_input
+from pneumonia_kedro.models import detect
 from pneumonia_kedro.postprocess import predictions_table
 
 
@@ -32,14 +32,6 @@ class CachedImages(Dataset):
         return torch.from_numpy(np.array(self.cache.images[row], copy=True))[None]
 
 
-def _detect(model: torch.nn.Module, images: torch.Tensor, device: torch.device
-            ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    with torch.autocast(device.type, enabled=device.type == "cuda"):
-        outputs = model(to_model_input(images, device))
-    return [(o["boxes"][o["labels"] == OPACITY_LABEL].float().cpu(),
-             o["scores"][o["labels"] == OPACITY_LABEL].float().cpu()) for o in outputs]
-
-
 @torch.inference_mode()
 def predict_cache(model: torch.nn.Module, cache: ImageCache, device: torch.device,
                   batch_size: int = 16, hflip_tta: bool = False, progress: bool = True,
@@ -57,9 +49,9 @@ def predict_cache(model: torch.nn.Module, cache: ImageCache, device: torch.devic
     ids, boxes, scores = [], [], []
     position = 0
     for images in tqdm(loader, desc=desc, unit="batch", disable=not progress):
-        results = _detect(model, images, device)
+        results = detect(model, images, device)
         if hflip_tta:
-            flipped = _detect(model, images.flip(-1), device)
+            flipped = detect(model, images.flip(-1), device)
             merged = []
             for (b, s), (fb, fs) in zip(results, flipped, strict=True):
                 unflipped = fb.clone()

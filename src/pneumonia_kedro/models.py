@@ -258,6 +258,19 @@ def to_model_input(images: torch.Tensor, device: torch.device, channels_last: bo
     return list(batch)
 
 
+@torch.inference_mode()
+def detect(model: nn.Module, images: torch.Tensor, device: torch.device
+           ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Opacity boxes (``xyxy``, input pixels) and scores per uint8 image, on the CPU.
+
+    The model must be in eval mode; mixed precision on CUDA.
+    """
+    with torch.autocast(device.type, enabled=device.type == "cuda"):
+        outputs = model(to_model_input(images, device))
+    return [(o["boxes"][o["labels"] == OPACITY_LABEL].float().cpu(),
+             o["scores"][o["labels"] == OPACITY_LABEL].float().cpu()) for o in outputs]
+
+
 def model_config_from_dict(values: dict) -> ModelConfig:
     """A ModelConfig from its ``to_dict()`` form (lists back to tuples)."""
     sizes = values.get("anchor_sizes")

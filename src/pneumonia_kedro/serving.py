@@ -29,7 +29,7 @@ from pneumonia_kedro.boxes import xyxy_to_xywh
 from pneumonia_kedro.dicom import decode
 from pneumonia_kedro.errors import DicomError
 from pneumonia_kedro.imagecache import preprocess
-from pneumonia_kedro.models import OPACITY_LABEL, model_from_state, to_model_input
+from pneumonia_kedro.models import detect, model_from_state
 from pneumonia_kedro.postprocess import (
     PostprocessConfig,
     image_probabilities,
@@ -99,13 +99,11 @@ class OpacityDetector(mlflow.pyfunc.PythonModel):
             images.append(torch.from_numpy(square)[None])
             boxes.append(letterbox)
         raw_boxes, raw_scores = [], []
-        with torch.inference_mode():
-            for start in range(0, len(images), 8):
-                batch = torch.stack(images[start:start + 8])
-                for output in self.model(to_model_input(batch, torch.device("cpu"))):
-                    keep = output["labels"] == OPACITY_LABEL
-                    raw_boxes.append(output["boxes"][keep].numpy())
-                    raw_scores.append(output["scores"][keep].numpy())
+        for start in range(0, len(images), 8):
+            batch = torch.stack(images[start:start + 8])
+            for boxes_xyxy, scores in detect(self.model, batch, torch.device("cpu")):
+                raw_boxes.append(boxes_xyxy.numpy())
+                raw_scores.append(scores.numpy())
         original = [xyxy_to_xywh(lb.to_original(b)) for lb, b in zip(boxes, raw_boxes,
                                                                       strict=True)]
         raw = predictions_table(ids, original, raw_scores)

@@ -35,7 +35,13 @@ from pneumonia_kedro.boxes import xywh_to_xyxy
 from pneumonia_kedro.imagecache import ImageCache
 from pneumonia_kedro.labels import boxes_array
 from pneumonia_kedro.metrics import best_threshold, threshold_curve
-from pneumonia_kedro.models import OPACITY_LABEL, ModelConfig, build_model, to_model_input
+from pneumonia_kedro.models import (
+    OPACITY_LABEL,
+    ModelConfig,
+    build_model,
+    detect,
+    to_model_input,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -220,12 +226,8 @@ def predict(model: torch.nn.Module, dataset: CachedDetectionDataset, device: tor
                         collate_fn=detection_collate)
     results = []
     for images, _ in tqdm(loader, desc=desc, unit="batch", disable=not progress):
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
-            outputs = model(to_model_input(images, device))
-        for output in outputs:
-            keep = output["labels"] == OPACITY_LABEL
-            results.append((output["boxes"][keep].float().cpu().numpy(),
-                            output["scores"][keep].float().cpu().numpy()))
+        results.extend((boxes.numpy(), scores.numpy())
+                       for boxes, scores in detect(model, images, device))
     return results
 
 
