@@ -29,14 +29,10 @@ def _temporary_mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 def write_demo_dicoms(folder: Path, n_positive: int, n_negative: int, seed: int):
     """Competition-like demo DICOMs (``<patientId>.dcm``) in ``folder``; returns the patients
     (with their ``xywh`` boxes)."""
-    from pneumonia_kedro.demo import DemoConfig, demo_file, sample_demo_patients
+    from pneumonia_kedro.demo import DemoConfig, write_demo_folder
 
     config = DemoConfig(n_positive=n_positive, n_negative=n_negative, n_test=0, seed=seed)
-    _, patients, _ = sample_demo_patients(None, None, config)
-    for row in patients.to_dict("records"):
-        (folder / f"{row['patientId']}.dcm").write_bytes(
-            demo_file(row["patientId"], row, row["boxes"], config))
-    return patients
+    return write_demo_folder(folder, config)
 
 
 def copy_project(folder: Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from pathlib import Path
@@ -51,8 +52,12 @@ def log_detector(model: TrainedModel, settings: dict, name: str = "model",
         )
 
 
+@functools.lru_cache(maxsize=2)
 def load_logged_detector(model_uri: str) -> tuple[TrainedModel, dict]:
-    """The weights (tensors only) and settings of a detector logged by ``log_detector``."""
+    """The weights (tensors only) and settings of a detector logged by ``log_detector``.
+
+    Cached: the inference pipeline asks for the same model in two nodes.
+    """
     from pneumonia_kedro.models import model_config_from_dict
 
     with tempfile.TemporaryDirectory() as folder:
