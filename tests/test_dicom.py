@@ -168,3 +168,67 @@ def test_a_window_sends_a_competition_file_through_pydicom(competition_file):
     windowed = decode(buffer.getvalue(), "w.dcm").pixels
     assert windowed.min() == 0 and windowed.max() == 255  # the window stretches mid-greys
     np.testing.assert_array_equal(windowed, reference_uint8(ds))
+
+
+def test_folder_scan_keeps_links_inside_and_rejects_what_could_leave_it(tmp_path):
+    from pneumonia_kedro.dicom import DicomFolder
+
+    folder, outside = tmp_path / "images", tmp_path / "outside"
+    (folder / "shared").mkdir(parents=True)
+    outside.mkdir()
+    (folder / "p1.dcm").write_bytes(b"1")
+    (folder / "shared" / "p2-real.dcm").write_bytes(b"2")
+    (folder / "p2.dcm").symlink_to(folder / "shared" / "p2-real.dcm")  # stays inside
+    (outside / "secret.dcm").write_bytes(b"3")
+    (folder / "p3.dcm").symlink_to(outside / "secret.dcm")
+    (folder / "p4.dcm").symlink_to("../outside/secret.dcm")  # relative, still outside
+    (folder / "p5.dcm").symlink_to(folder / "missing.dcm")
+    (folder / "p6.dcm").mkdir()
+    (folder / "..hidden.dcm").write_bytes(b"7")
+    (folder / "-rf.dcm").write_bytes(b"8")
+    (folder / "notes.txt").write_bytes(b"9")
+    scanned = DicomFolder.scan(str(folder))
+    assert scanned.patient_ids == ["p1", "p2"]
+    assert scanned.read_bytes("p2") == b"2"
+    assert scanned.rejected == {
+        "-rf.dcm": "file name is not a safe patientId",
+        "..hidden.dcm": "file name is not a safe patientId",
+        "p3.dcm": "symlink pointing outside the data folder",
+        "p4.dcm": "symlink pointing outside the data folder",
+        "p5.dcm": "not a regular file (broken symlink)",
+        "p6.dcm": "not a regular file (directory)",
+    }
+    with pytest.raises(DicomError, match="no file for patientId '../outside/secret'"):
+        scanned.read_bytes("../outside/secret")
+    assert scanned.absence_reason("p3").endswith("p3.dcm: symlink pointing outside the data "
+                                                 "folder")
+
+
+def test_a_jpeg_frame_that_disagrees_with_the_header_is_refused_before_decoding():
+    # A frame height of 0 made a JPEG decoder allocate ~24 GB (found by the fuzz run).
+    data = bytearray(test_file("JPGExtended.dcm"))
+    sof = data.index(b"\xff\xc1", data.index(b"\xe0\x7f\x10\x00"))
+    data[sof + 5:sof + 7] = b"\x00\x00"
+    with pytest.raises(DicomError, match=r"^sof0\.dcm: JPEG frame is \d+x0 but the header says"):
+        decode(bytes(data), "sof0.dcm")
+
+
+def test_an_image_size_no_x_ray_has_is_refused():
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.Rows = ds.Columns = 60000
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    with pytest.raises(DicomError, match="60000x60000 pixels is larger than the 64 megapixels"):
+        decode(buffer.getvalue(), "huge.dcm")
+
+
+def test_deflated_data_is_refused_when_it_inflates_past_the_bound(monkeypatch):
+    from pneumonia_kedro import dicom
+
+    data = test_file("image_dfl.dcm")
+    assert decode(data, "dfl.dcm").pixels.size > 0
+    monkeypatch.setattr(dicom, "MAX_INFLATED_BYTES", 4096)
+    with pytest.raises(DicomError, match="dfl.dcm: deflated data inflates to more than"):
+        decode(data, "dfl.dcm")
+    with pytest.raises(DicomError, match="dfl.dcm: deflated data inflates"):
+        read_header(data, "dfl.dcm")

@@ -11,16 +11,23 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from pneumonia_kedro.errors import BoxError
+
 
 def as_boxes(boxes: object) -> np.ndarray:
     """Return ``boxes`` as a float64 array of shape (N, 4), (0, 4) when empty."""
-    array = np.asarray(boxes, dtype=np.float64)
+    try:
+        array = np.asarray(boxes, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise BoxError(f"boxes must be numbers of shape (N, 4): {exc}") from None
     if array.size == 0:
         return np.zeros((0, 4), dtype=np.float64)
     if array.ndim == 1 and array.shape[0] == 4:
         array = array[None, :]
     if array.ndim != 2 or array.shape[1] != 4:
-        raise ValueError(f"boxes must have shape (N, 4), got {array.shape}")
+        raise BoxError(f"boxes must have shape (N, 4), got {array.shape}")
+    if not np.isfinite(array).all():
+        raise BoxError(f"boxes must be finite, got {array[~np.isfinite(array).all(1)][0]}")
     return array
 
 
@@ -57,8 +64,8 @@ class Letterbox:
     @classmethod
     def fit(cls, height: int, width: int, size: int) -> Letterbox:
         """Scale the longer side to ``size`` and centre the shorter one with padding."""
-        if height <= 0 or width <= 0 or size <= 0:
-            raise ValueError(f"sizes must be positive, got {height}x{width} -> {size}")
+        if min(height, width, size) <= 0:
+            raise BoxError(f"sizes must be positive, got {height}x{width} -> {size}")
         ratio = size / max(height, width)
         resized_h = max(1, round(height * ratio))
         resized_w = max(1, round(width * ratio))

@@ -9,7 +9,10 @@ a linear map to 0..255, and MONOCHROME1 is inverted so that air is dark as in th
 from __future__ import annotations
 
 import io
+import logging
 import os
+import warnings
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,12 +26,15 @@ import pydicom
 import pydicom.config
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
-from pydicom.uid import JPEGBaseline8Bit
+from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit
 from tqdm.auto import tqdm
 
 from pneumonia_kedro.errors import DicomError
 from pneumonia_kedro.labels import is_safe_patient_id
+
+logger = logging.getLogger(__name__)
 
 # Which package decodes which transfer syntax when pydicom finds no plugin.
 DECODER_PACKAGES = {
@@ -53,6 +59,10 @@ HEADER_FIELDS = {
     "modality": "Modality",
     "body_part": "BodyPartExamined",
 }
+
+# Largest image accepted (8192 x 8192): projection X-rays stay far below it, and decoders
+# allocate what a header claims, so a damaged or hostile header must not be believed.
+MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 @dataclass(frozen=True)
@@ -82,15 +92,50 @@ def lenient_values() -> Iterator[None]:
         settings.reading_validation_mode, settings.writing_validation_mode = saved
 
 
+# A deflated file inflates in memory before it is parsed: a few kB can claim gigabytes.
+# Room for a 16-bit image of the largest size and its header.
+MAX_INFLATED_BYTES = 2 * MAX_IMAGE_PIXELS + 64 * 2**20
+
+
+def _check_inflated_size(data: bytes, name: str) -> None:
+    if DeflatedExplicitVRLittleEndian.encode("ascii") not in data[:1024]:
+        return  # not a deflated file (its transfer syntax sits in the first few hundred bytes)
+    stream = io.BytesIO(data)
+    try:
+        read_preamble(stream, False)
+        _read_file_meta_info(stream)
+    except Exception:
+        return  # pydicom's own parse reports the damage
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflater.decompress(data[stream.tell():], MAX_INFLATED_BYTES)
+    except zlib.error as exc:
+        raise DicomError(f"{name}: deflated data is damaged ({exc})") from None
+    if inflater.unconsumed_tail:
+        raise DicomError(f"{name}: deflated data inflates to more than "
+                         f"{MAX_INFLATED_BYTES // 2**20} MiB")
+
+
 def _parse(data: bytes, name: str, stop_before_pixels: bool = False) -> pydicom.Dataset:
     if len(data) == 0:
         raise DicomError(f"{name}: empty file (0 bytes)")
-    try:
-        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
-    except InvalidDicomError as exc:
-        raise DicomError(f"{name}: not a DICOM file ({exc})") from None
-    except Exception as exc:  # pydicom raises many types on damaged files
-        raise DicomError(f"{name}: unreadable DICOM ({type(exc).__name__}: {exc})") from None
+    _check_inflated_size(data, name)
+    # pydicom warns (once per process) instead of failing on some damage; over thousands of
+    # files the warning would name none of them, so it becomes this file's error or a log line.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
+        except InvalidDicomError as exc:
+            raise DicomError(f"{name}: not a DICOM file ({exc})") from None
+        except Exception as exc:  # pydicom raises many types on damaged files
+            raise DicomError(f"{name}: unreadable DICOM ({type(exc).__name__}: {exc})") from None
+    for warning in caught:
+        if "End of file reached" in str(warning.message):
+            raise DicomError(f"{name}: truncated file: it ends inside the pixel data "
+                             f"({len(data)} bytes)")
+        logger.debug("%s: %s", name, warning.message)
+    return ds
 
 
 def _age(value: object) -> float:
@@ -98,8 +143,28 @@ def _age(value: object) -> float:
     return float(digits) if digits else float("nan")
 
 
+@contextmanager
+def _damage_named(name: str) -> Iterator[None]:
+    """Any failure inside pydicom or a decoder becomes a DicomError naming the file.
+
+    pydicom converts values lazily, so a damaged element can raise nearly any exception type
+    (ValueError, NotImplementedError, struct.error, ...) long after the file was parsed.
+    """
+    try:
+        yield
+    except DicomError:
+        raise
+    except Exception as exc:
+        raise DicomError(f"{name}: damaged DICOM ({type(exc).__name__}: {exc})") from None
+
+
 def read_header(data: bytes, name: str) -> dict[str, object]:
     """The non-identifying header values of one DICOM file (no pixel decoding)."""
+    with _damage_named(name):
+        return _read_header(data, name)
+
+
+def _read_header(data: bytes, name: str) -> dict[str, object]:
     ds = _parse(data, name, stop_before_pixels=True)
     with lenient_values():
         header: dict[str, object] = {
@@ -126,6 +191,76 @@ def _check_single_grayscale(ds: pydicom.Dataset, name: str) -> None:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames != 1:
         raise DicomError(f"{name}: multi-frame image ({frames} frames); one image per file needed")
+
+
+# JPEG start-of-frame markers (every process, JPEG-LS's SOF55 included).
+_SOF_MARKERS = {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC),
+                *range(0xCD, 0xD0), 0xF7}
+
+
+def _jpeg_frame_size(frame: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a JPEG or JPEG-LS frame header; None without one."""
+    if frame[:2] != b"\xff\xd8":
+        return None
+    position = 2
+    while position + 4 <= len(frame):
+        if frame[position] != 0xFF:
+            return None
+        marker = frame[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in _SOF_MARKERS:
+            if position + 9 > len(frame):
+                return None
+            height = int.from_bytes(frame[position + 5:position + 7], "big")
+            width = int.from_bytes(frame[position + 7:position + 9], "big")
+            return width, height
+        if marker == 0xDA:  # scan data before any frame header
+            return None
+        position += 2 + int.from_bytes(frame[position + 2:position + 4], "big")
+    return None
+
+
+def _j2k_frame_size(frame: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a JPEG 2000 codestream's SIZ marker; None without one."""
+    start = frame.find(b"\xff\x4f\xff\x51", 0, 4096)
+    if start < 0 or start + 24 > len(frame):
+        return None
+    x_size, y_size, x_offset, y_offset = (
+        int.from_bytes(frame[start + 8 + 4 * i:start + 12 + 4 * i], "big") for i in range(4))
+    return x_size - x_offset, y_size - y_offset
+
+
+def _check_geometry(ds: pydicom.Dataset, name: str) -> None:
+    """Refuse sizes no X-ray has, and compressed frames whose size differs from the header."""
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows <= 0 or columns <= 0:
+        raise DicomError(f"{name}: the header gives no image size ({columns}x{rows})")
+    if rows * columns > MAX_IMAGE_PIXELS:
+        raise DicomError(f"{name}: {columns}x{rows} pixels is larger than the "
+                         f"{MAX_IMAGE_PIXELS // 2**20} megapixels this reader accepts")
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is None or not syntax.is_encapsulated or "PixelData" not in ds:
+        return
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except (StopIteration, ValueError) as exc:
+        raise DicomError(f"{name}: encapsulated pixel data is damaged ({exc})") from None
+    if str(syntax).startswith("1.2.840.10008.1.2.4.") and str(syntax)[-2:] in (
+            "50", "51", "57", "70", "80", "81"):
+        size, kind = _jpeg_frame_size(frame), "JPEG"
+    elif str(syntax) in ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
+                         "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
+                         "1.2.840.10008.1.2.4.203"):
+        size, kind = _j2k_frame_size(frame), "JPEG 2000"
+    else:
+        return  # RLE and others: decoders size their output from Rows and Columns
+    if size is None:
+        raise DicomError(f"{name}: {kind} pixel data has no frame header")
+    if size != (columns, rows):
+        raise DicomError(f"{name}: {kind} frame is {size[0]}x{size[1]} but the header says "
+                         f"{columns}x{rows}")
 
 
 def _is_competition_jpeg(ds: pydicom.Dataset) -> bool:
@@ -317,8 +452,14 @@ def decode(data: bytes, name: str, target_size: int | None = None) -> DicomImage
         return _decode_fast(data, name, target_size)
     except (_NotFastPath, ValueError, UnicodeDecodeError):
         pass
+    with _damage_named(name):
+        return _decode_general(data, name, target_size)
+
+
+def _decode_general(data: bytes, name: str, target_size: int | None) -> DicomImage:
     ds = _parse(data, name)
     _check_single_grayscale(ds, name)
+    _check_geometry(ds, name)
     syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
     if _is_competition_jpeg(ds):
         reduction = _reduction(int(ds.Rows), int(ds.Columns), target_size)
@@ -367,14 +508,19 @@ class DicomFolder:
             if not name.endswith(suffix):
                 continue
             stem = name[: -len(suffix)]
-            if entry.get("type") != "file":
-                folder.rejected[name] = f"not a regular file ({entry.get('type')})"
+            kind = entry.get("type")
+            if local_root is not None and entry.get("islink"):
+                # A link may stay inside the folder (a dataset of links); its target decides.
+                target = os.path.realpath(entry["name"])
+                if not target.startswith(local_root + os.sep):
+                    folder.rejected[name] = "symlink pointing outside the data folder"
+                    continue
+                kind = "file" if os.path.isfile(target) else \
+                    "directory" if os.path.isdir(target) else "broken symlink"
+            if kind != "file":
+                folder.rejected[name] = f"not a regular file ({kind})"
             elif not is_safe_patient_id(stem):
                 folder.rejected[name] = "file name is not a safe patientId"
-            elif local_root is not None and not os.path.realpath(entry["name"]).startswith(
-                local_root + os.sep
-            ):
-                folder.rejected[name] = "symlink pointing outside the data folder"
             else:
                 folder.files[stem] = entry["name"]
         return folder
@@ -407,6 +553,13 @@ class DicomFolder:
 
     def display_name(self, patient_id: str) -> str:
         return self.files.get(patient_id, f"{self.root}/{patient_id}{self.suffix}")
+
+    def absence_reason(self, patient_id: str) -> str:
+        """Why a patient has no usable file: none, or the reason it was rejected."""
+        name = f"{patient_id}{self.suffix}"
+        if name in self.rejected:
+            return f"{self.root}/{name}: {self.rejected[name]}"
+        return f"no file {self.display_name(patient_id)}"
 
 
 def header_table(folder: DicomFolder, patient_ids: list[str], progress: bool = True

@@ -13,6 +13,10 @@ class DicomError(PneumoniaKedroError, ValueError):
     """A file cannot become one grayscale image."""
 
 
+class BoxError(PneumoniaKedroError, ValueError):
+    """Boxes that are not finite numbers of shape (N, 4), or an image size that is not positive."""
+
+
 class MissingDataError(PneumoniaKedroError, FileNotFoundError):
     """Input data is not where the configuration says it is."""
 

@@ -285,7 +285,11 @@ def build(cache_plan: CachePlan, path: str | Path) -> dict:
                                        config.image_size, config.on_error) for chunk in chunks]
                 try:
                     for future in as_completed(futures):
-                        results = future.result()
+                        try:
+                            results = future.result()
+                        except DicomError as exc:
+                            # The worker's traceback would only bury the file's name.
+                            raise DicomError(str(exc)) from None
                         finish(results)
                         bar.update(len(results))
                 except BaseException:

@@ -37,6 +37,8 @@ def parse_prediction_string(text: object, where: str = "PredictionString"
         values = np.asarray(str(text).split(), dtype=float)
     except ValueError:
         raise SubmissionError(f"{where}: {text!r} holds a value that is not a number") from None
+    if not np.isfinite(values).all():
+        raise SubmissionError(f"{where}: {text!r} holds a value that is not a finite number")
     if values.size % 5:
         raise SubmissionError(f"{where}: {values.size} numbers, not groups of 5 "
                               "(confidence x y width height)")

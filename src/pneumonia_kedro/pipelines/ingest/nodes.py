@@ -60,7 +60,7 @@ def attach_images(
     missing = sorted(set(patients["patientId"]) - set(headers.index))
     unreadable = headers.loc[headers["error"] != "", "error"].to_dict()
     if (missing or unreadable) and config.on_missing_image == "error":
-        listed = [f"{pid}: no file {train_dicoms.display_name(pid)}" for pid in missing[:10]]
+        listed = [f"{pid}: {train_dicoms.absence_reason(pid)}" for pid in missing[:10]]
         listed += [reason for reason in list(unreadable.values())[:10]]
         raise MissingDataError(
             f"{len(missing)} patient(s) without a DICOM file and {len(unreadable)} unreadable "

@@ -1,0 +1,178 @@
+"""Every kind of bad DICOM, each among good files, through real ingest, split and cache runs.
+
+For each case: an error of the project's own type that names the file and what is wrong, or a
+row in the ingest/cache report; the good files are cached; the raw folder is left untouched.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from kedro.io import DatasetError
+from pydicom.data import get_testdata_file
+
+from pneumonia_kedro.errors import DicomError, MissingDataError
+from tests.conftest import TINY_DEMO, copy_project, run_session
+
+RAW = "data/01_raw/rsna-demo"
+
+
+def rewritten(good: bytes, change: Callable[[pydicom.Dataset], None]) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(good))
+    change(ds)
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
+
+
+def without_pixel_data(ds: pydicom.Dataset) -> None:
+    del ds.PixelData
+
+
+def wrong_rows(ds: pydicom.Dataset) -> None:
+    ds.Rows = 512
+
+
+def unsupported_syntax(ds: pydicom.Dataset) -> None:
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2: no decoder exists
+
+
+# case -> (file contents from a good competition file, expected reason)
+CONTENT_CASES: dict[str, tuple[Callable[[bytes], bytes], str]] = {
+    "zero_byte": (lambda good: b"", "empty file"),
+    "random_bytes": (lambda good: np.random.default_rng(0).bytes(len(good)), "not a DICOM file"),
+    "truncated": (lambda good: good[: len(good) // 2], "truncated file"),
+    "no_pixel_data": (lambda good: rewritten(good, without_pixel_data), "no pixel data"),
+    "wrong_rows": (lambda good: rewritten(good, wrong_rows),
+                   "JPEG frame is 1024x1024 but the header says 1024x512"),
+    "colour": (lambda good: Path(get_testdata_file("SC_rgb_jpeg.dcm")).read_bytes(),
+               "colour or palette image"),
+    "multi_frame": (lambda good: Path(get_testdata_file("rtdose.dcm")).read_bytes(),
+                    "multi-frame image"),
+    "unsupported_syntax": (lambda good: rewritten(good, unsupported_syntax),
+                           "cannot decode transfer syntax 1.2.840.10008.1.2.4.100"),
+}
+# Not files the folder may read at all: rejected when the folder is scanned.
+ENTRY_CASES = {"symlink_outside": "symlink pointing outside the data folder",
+               "directory": "not a regular file (directory)"}
+HEADER_UNREADABLE = {"zero_byte", "random_bytes"}
+
+
+def snapshot(folder: Path) -> dict[str, object]:
+    """Every entry below ``folder`` with its kind and, for files, its bytes and mtime."""
+    entries: dict[str, object] = {}
+    for path in sorted(folder.rglob("*")):
+        stat = path.lstat()
+        if path.is_symlink():
+            entries[str(path)] = ("link", os.readlink(path))
+        elif path.is_dir():
+            entries[str(path)] = ("dir", stat.st_mtime_ns)
+        else:
+            entries[str(path)] = ("file", path.read_bytes(), stat.st_mtime_ns)
+    return entries
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """The tiny demo data, with one bad file per case added as a labelled negative patient."""
+    from kedro.framework.startup import bootstrap_project
+
+    root = tmp_path_factory.mktemp("bad_dicoms")
+    project = copy_project(root)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(project)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+        bootstrap_project(project)
+        run_session(project, pipelines=["demo_data"], params={"demo_data": TINY_DEMO})
+    images = project / RAW / "stage_2_train_images"
+    good = sorted(images.glob("*.dcm"))[0].read_bytes()
+    for case, (make, _) in CONTENT_CASES.items():
+        (images / f"bad_{case}.dcm").write_bytes(make(good))
+    outside = root / "outside"
+    outside.mkdir()
+    (outside / "elsewhere.dcm").write_bytes(good)
+    (images / "bad_symlink_outside.dcm").symlink_to(outside / "elsewhere.dcm")
+    (images / "bad_directory.dcm").mkdir()
+    bad_ids = [f"bad_{case}" for case in [*CONTENT_CASES, *ENTRY_CASES]]
+    for csv, row in (("stage_2_train_labels.csv", "{},,,,,0"),
+                     ("stage_2_detailed_class_info.csv", "{},Normal")):
+        with open(project / RAW / csv, "a", newline="") as handle:
+            handle.writelines(row.format(pid) + "\n" for pid in bad_ids)
+    return project
+
+
+def run(project: Path, monkeypatch: pytest.MonkeyPatch, **params: dict) -> Path:
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    base = {"split": {"stratify_by_view": False},
+            "cache": {"image_size": 32, "workers": 2, "chunk_size": 2, "progress": False}}
+    before = snapshot(project / RAW)
+    try:
+        run_session(project, pipelines=["ingest", "split", "cache"],
+                    params={**base, **params})
+    finally:
+        assert snapshot(project / RAW) == before, "the raw data folder was changed"
+    return project / "data"
+
+
+def test_strict_ingest_stops_naming_every_unreadable_or_rejected_file(project, monkeypatch):
+    with pytest.raises(MissingDataError) as info:
+        run(project, monkeypatch)
+    message = str(info.value)
+    assert "2 patient(s) without a DICOM file and 2 unreadable" in message
+    for case, reason in ENTRY_CASES.items():
+        assert f"bad_{case}.dcm: {reason}" in message
+    assert "bad_zero_byte.dcm: empty file" in message
+    assert "bad_random_bytes.dcm: not a DICOM file" in message
+    assert "ingest.on_missing_image: exclude" in message  # what to do next
+
+
+def test_strict_cache_stops_at_a_bad_file_with_its_name_and_reason(project, monkeypatch):
+    # The cache is built when its dataset saves, so Kedro wraps the error in a DatasetError.
+    with pytest.raises(DatasetError) as info:
+        run(project, monkeypatch, ingest={"on_missing_image": "exclude"})
+    cause = info.value
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert isinstance(cause, DicomError)
+    message = str(cause)
+    names = [case for case in CONTENT_CASES if case not in HEADER_UNREADABLE
+             and f"bad_{case}.dcm: " in message]
+    assert len(names) == 1, message
+    assert CONTENT_CASES[names[0]][1] in message
+
+
+def test_lenient_run_reports_every_bad_file_and_caches_every_good_one(project, monkeypatch):
+    data = run(project, monkeypatch, ingest={"on_missing_image": "exclude"},
+               cache={"on_error": "skip"})
+    ingest = json.loads((data / "08_reporting/demo/ingest_report.json").read_text())
+    assert sorted(ingest["rejected_files"]) == [f"bad_{case}.dcm" for case in
+                                                 sorted(ENTRY_CASES)]
+    for case, reason in ENTRY_CASES.items():
+        assert ingest["rejected_files"][f"bad_{case}.dcm"] == reason
+    assert sorted(ingest["missing_images"]) == sorted(f"bad_{c}" for c in ENTRY_CASES)
+    for case in HEADER_UNREADABLE:
+        reason = ingest["unreadable_images"][f"bad_{case}"]
+        assert reason.endswith(f"bad_{case}.dcm: {CONTENT_CASES[case][1]}") or \
+            f"bad_{case}.dcm: {CONTENT_CASES[case][1]}" in reason
+    assert ingest["patients"] == 16 + len(CONTENT_CASES) - len(HEADER_UNREADABLE)
+
+    cache = json.loads((data / "08_reporting/demo/cache_report.json").read_text())
+    skipped = {**cache["train"]["skipped"], **cache["validation"]["skipped"]}
+    decodable_header = [c for c in CONTENT_CASES if c not in HEADER_UNREADABLE]
+    assert sorted(skipped) == sorted(f"bad_{case}" for case in decodable_header)
+    for case in decodable_header:
+        assert f"bad_{case}.dcm: {CONTENT_CASES[case][1]}" in skipped[f"bad_{case}"]
+        assert "Traceback" not in skipped[f"bad_{case}"]
+    assert cache["train"]["images"] + cache["validation"]["images"] == 16
+    split = pd.concat([pd.read_parquet(data / f"05_model_input/demo/{name}_patients.parquet")
+                       for name in ("train", "validation")])
+    assert len(split) == 16 + len(decodable_header)
