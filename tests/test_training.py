@@ -94,16 +94,16 @@ def test_augmentation_keeps_boxes_with_the_image(tiny_data):
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_data, tmp_path):
     train_data, validation_data = datasets(tiny_data)
-    full = train_model(TINY_MODEL, replace(TINY_TRAIN, epochs=3), train_data, validation_data,
+    config = replace(TINY_TRAIN, epochs=3, scheduler="cosine")  # the demo's schedule
+    full = train_model(TINY_MODEL, config, train_data, validation_data,
                        CheckpointStore(tmp_path / "full"))
     store = CheckpointStore(tmp_path / "interrupted")
     with pytest.raises(KeyboardInterrupt):
-        train_model(TINY_MODEL, replace(TINY_TRAIN, epochs=3), train_data, validation_data,
-                    store, on_epoch_end=_stop_after(2))
+        train_model(TINY_MODEL, config, train_data, validation_data, store,
+                    on_epoch_end=_stop_after(2))
     last = torch.load(store.last_file, weights_only=True)  # checkpoints load without pickle
     assert last["epoch"] == 1 and len(last["history"]) == 2
-    resumed = train_model(TINY_MODEL, replace(TINY_TRAIN, epochs=3, resume=True), train_data,
-                          validation_data, store)
+    resumed = train_model(TINY_MODEL, config, train_data, validation_data, store)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     assert_same_weights(full.last_state, resumed.last_state)
     assert_same_weights(full.best_state, resumed.best_state)
@@ -125,6 +125,41 @@ def test_resume_stops_cleanly_on_interrupt(tiny_data, tmp_path):
         train_model(TINY_MODEL, TINY_TRAIN, train_data, validation_data,
                     CheckpointStore(tmp_path), on_epoch_end=_stop_after(1))
     assert (tmp_path / "last.pt").is_file() and not list(tmp_path.glob("*.partial"))
+
+
+def test_only_a_checkpoint_of_the_same_settings_and_data_is_resumed(tiny_data, tmp_path, caplog):
+    train_data, validation_data = datasets(tiny_data)
+    config = replace(TINY_TRAIN, epochs=1)
+    store = CheckpointStore(tmp_path, fingerprint="settings-a")
+    first = train_model(TINY_MODEL, config, train_data, validation_data, store)
+    logged: list[int] = []
+    with caplog.at_level("INFO", logger="pneumonia_kedro.training"):
+        again = train_model(TINY_MODEL, config, train_data, validation_data, store,
+                            on_epoch_end=lambda metrics, epoch: logged.append(epoch))
+    assert "resuming after epoch 1 of 1" in caplog.text
+    assert again.history == first.history and logged == [1]  # the curve reaches the new run
+    assert_same_weights(first.best_state, again.best_state)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pneumonia_kedro.training"):
+        train_model(TINY_MODEL, config, train_data, validation_data,
+                    store.bound_to("settings-b"))
+    assert "from other settings or data; training from the first epoch" in caplog.text
+    assert torch.load(store.last_file, weights_only=True)["fingerprint"] == "settings-b"
+
+
+def test_training_fingerprint_follows_what_changes_the_result(tiny_data):
+    from pneumonia_kedro.training import training_fingerprint
+
+    cache, patients = tiny_data
+
+    def digest(model=TINY_MODEL, config=TINY_TRAIN, table=patients):
+        return training_fingerprint(model, config, [cache], [table])
+
+    assert digest() == digest(config=replace(TINY_TRAIN, progress=True, resume=False,
+                                             num_workers=2))
+    assert digest() != digest(config=replace(TINY_TRAIN, learning_rate=0.01))
+    assert digest() != digest(model=replace(TINY_MODEL, box_head_size=64))
+    assert digest() != digest(table=patients.iloc[1:])
 
 
 def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(tiny_data):

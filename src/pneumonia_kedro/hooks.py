@@ -43,7 +43,8 @@ class RawDataPresenceHook:
 
 
 class MlflowRunTagsHook:
-    """Tags the run's MLflow run with the git commit, the Kedro environment and the machine."""
+    """Tags the run's MLflow run with the git commit, the Kedro environment and the machine,
+    and with the error that failed it."""
 
     def __init__(self) -> None:
         self._tagged_run: str | None = None
@@ -57,6 +58,17 @@ class MlflowRunTagsHook:
             return
         self._tagged_run = run.info.run_id
         mlflow.set_tags(environment_tags())
+
+    @hook_impl
+    def on_node_error(self, error: Exception, node: Node) -> None:
+        """Keep the error with the run; kedro-mlflow then ends it with status FAILED."""
+        import mlflow
+
+        if mlflow.active_run() is None:
+            return
+        # MLflow caps tag values; the start of the message names the file and the problem.
+        mlflow.set_tags({"error.node": node.name,
+                         "error.message": f"{type(error).__name__}: {error}"[:4000]})
 
 
 def _git(*args: str) -> str:

@@ -8,6 +8,8 @@ weights as an uninterrupted one (on the CPU, where kernels are deterministic).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -81,7 +83,7 @@ class TrainConfig:
     negative_boxes: Literal["empty", "whole_image"] = "empty"
     score_threshold: float | None = None  # per-epoch metric; None: best of a 0.05 grid
     inclusive_iou: bool = False
-    resume: bool = False
+    resume: bool = True  # from a last checkpoint of the same settings and data
     world_size: int = 1  # DDP processes (GPUs, or CPU processes on gloo)
     progress: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -265,10 +267,18 @@ def validation_loss(model: torch.nn.Module, loader: DataLoader, device: torch.de
 
 
 class CheckpointStore:
-    """The last epoch's training state and the best weights in a folder; tensors only."""
+    """The last epoch's training state and the best weights in a folder; tensors only.
 
-    def __init__(self, path: str | Path) -> None:
+    A store bound to a training ``fingerprint`` (settings and data) only resumes from a last
+    checkpoint written under the same fingerprint.
+    """
+
+    def __init__(self, path: str | Path, fingerprint: str = "") -> None:
         self.path = Path(path)
+        self.fingerprint = fingerprint
+
+    def bound_to(self, fingerprint: str) -> CheckpointStore:
+        return CheckpointStore(self.path, fingerprint)
 
     @property
     def last_file(self) -> Path:
@@ -285,24 +295,42 @@ class CheckpointStore:
         os.replace(tmp.name, target)
 
     def save_last(self, state: dict) -> None:
-        self._save(state, self.last_file)
+        self._save({**state, "fingerprint": self.fingerprint}, self.last_file)
 
     def save_best(self, state_dict: dict) -> None:
-        self._save({"state_dict": state_dict}, self.best_file)
+        self._save({"state_dict": state_dict, "fingerprint": self.fingerprint}, self.best_file)
 
     def load_last(self) -> dict | None:
         if not self.last_file.is_file():
             return None
-        return torch.load(self.last_file, map_location="cpu", weights_only=True)
+        last = torch.load(self.last_file, map_location="cpu", weights_only=True)
+        if last.get("fingerprint", "") != self.fingerprint:
+            logger.info("the checkpoint in %s is from other settings or data; training from the "
+                        "first epoch", self.path)
+            return None
+        return last
 
     def load_best(self) -> dict | None:
         if not self.best_file.is_file():
             return None
-        return torch.load(self.best_file, map_location="cpu", weights_only=True)["state_dict"]
+        best = torch.load(self.best_file, map_location="cpu", weights_only=True)
+        return best["state_dict"] if best.get("fingerprint", "") == self.fingerprint else None
 
-    def clear(self) -> None:
-        for file in (self.last_file, self.best_file):
-            file.unlink(missing_ok=True)
+
+# Settings that change neither the trained weights nor the curves.
+_NOT_FINGERPRINTED = {"resume", "progress", "num_workers", "validation_batch_size"}
+
+
+def training_fingerprint(model_config: ModelConfig, config: TrainConfig,
+                         caches: list[ImageCache], patient_tables: list[pd.DataFrame]) -> str:
+    """A digest of everything a training run's result depends on."""
+    settings = {k: v for k, v in asdict(config).items() if k not in _NOT_FINGERPRINTED}
+    digest = hashlib.sha256(json.dumps(
+        [model_config.to_dict(), settings, [cache.manifest["fingerprint"] for cache in caches]],
+        sort_keys=True, default=str).encode())
+    for table in patient_tables:
+        digest.update(pd.util.hash_pandas_object(table.astype(str), index=False).values.tobytes())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -390,9 +418,12 @@ def _train_process(rank: int, model_config: ModelConfig, config: TrainConfig,
         best_metric, best_epoch = float(last["best_metric"]), int(last["best_epoch"])
         history = list(last["history"])
         best_state = checkpoints.load_best()
-        logger.info("resuming from the checkpoint of epoch %d", start_epoch - 1)
-    elif checkpoints is not None and rank == 0:
-        checkpoints.clear()
+        logger.info("resuming after epoch %d of %d from %s", start_epoch, config.epochs,
+                    checkpoints.last_file)
+        if on_epoch_end is not None and rank == 0:  # a new run gets the whole curve
+            for record in history:
+                on_epoch_end({k: v for k, v in record.items() if k != "epoch"},
+                             int(record["epoch"]))
 
     for epoch in range(start_epoch, config.epochs):
         seed_everything(config.seed + epoch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import resource
 import sys
 import tempfile
@@ -90,11 +91,22 @@ def mutate(data: bytes, rng: np.random.Generator) -> tuple[str, bytes]:
     return str(kind), bytes(buffer)
 
 
+def _peak_rss_mib() -> float:
+    """This process's resident-set high-water mark (VmHWM: unlike getrusage's maxrss it does
+    not inherit the parent's, which a spawned worker would otherwise report)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _worker(connection: Connection) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
     import warnings
 
     warnings.simplefilter("ignore")  # libraries warn about damage; the outcome is what counts
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)  # and libjpeg prints "Corrupt JPEG data" for each damaged frame
     from pneumonia_kedro.dicom import decode, read_header
     from pneumonia_kedro.errors import DicomError
 
@@ -111,8 +123,7 @@ def _worker(connection: Connection) -> None:
                 f"DicomError without the file name: {error}"
         except BaseException as error:  # noqa: BLE001 - anything else is what we hunt
             outcome = f"{type(error).__name__}: {str(error)[:200]}"
-        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        connection.send((outcome, peak_mib))
+        connection.send((outcome, _peak_rss_mib()))
 
 
 @dataclass

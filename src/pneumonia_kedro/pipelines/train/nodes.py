@@ -17,6 +17,7 @@ from pneumonia_kedro.training import (
     CheckpointStore,
     TrainConfig,
     train_model,
+    training_fingerprint,
 )
 
 logger = logging.getLogger(__name__)
@@ -56,8 +57,11 @@ def train(
     validation_data = CachedDetectionDataset(validation_image_cache, validation_patients)
     run = mlflow.active_run()
     epoch_logger = MlflowEpochLogger(mlflow.get_tracking_uri(), run.info.run_id) if run else None
+    fingerprint = training_fingerprint(
+        model_config, config, [train_image_cache, validation_image_cache],
+        [train_patients, validation_patients])
     result = train_model(model_config, config, train_data, validation_data,
-                         training_checkpoints, epoch_logger)
+                         training_checkpoints.bound_to(fingerprint), epoch_logger)
     info = {"best_epoch": result.best_epoch,
             "best_validation_competition_metric": result.best_metric,
             "epochs": config.epochs, "negative_boxes": config.negative_boxes,

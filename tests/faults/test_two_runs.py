@@ -1,0 +1,164 @@
+"""Two full demo runs over DICOMs that carry identifying tags (names, birth dates, other IDs,
+institution): the runs give identical results, and no identifying value reaches any output."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pydicom
+import pytest
+import torch
+
+from tests.conftest import TINY_DEMO, copy_project, run_session
+from tests.pipelines.test_full_run import TINY_RUN
+
+RAW = "data/01_raw/rsna-demo"
+# Values the competition's files never hold; any of them in an output is a leak.
+IDENTIFYING = {
+    "PatientName": "Zyxwa^Quilliam^Marguerite",
+    "PatientBirthDate": "19470312",
+    "OtherPatientIDs": "MRN-5550193",
+    "PatientAddress": "42 Wallaby Way, Quokkaville",
+    "PatientTelephoneNumbers": "555-0199-7321",
+    "InstitutionName": "Saint Vellichor Infirmary",
+    "InstitutionAddress": "7 Orrery Lane, Brindlemoor",
+    "ReferringPhysicianName": "Hobsbawm^Teodora",
+    "AccessionNumber": "ACC80715523",
+    "StudyID": "STU3318842",
+}
+# What a leak could look like after a library reformatted it.
+NEEDLES = [*IDENTIFYING.values(), "Zyxwa", "Quilliam", "Marguerite", "1947-03-12", "Wallaby",
+           "Vellichor", "Orrery", "Hobsbawm", "5550193", "80715523", "3318842"]
+
+
+def add_identifying_tags(folder: Path) -> None:
+    """Rewrite each DICOM with identifying values; the pixel data stays byte-identical."""
+    for path in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        for keyword, value in IDENTIFYING.items():
+            setattr(ds, keyword, value)
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        path.write_bytes(buffer.getvalue())
+
+
+def full_run(root: Path, raw: Path | None, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The default pipeline over the tiny demo data (generated once, then copied)."""
+    from kedro.framework.startup import bootstrap_project
+
+    project = copy_project(root)
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    bootstrap_project(project)
+    if raw is None:
+        run_session(project, pipelines=["demo_data"], params={"demo_data": TINY_DEMO})
+        for images in ("stage_2_train_images", "stage_2_test_images"):
+            add_identifying_tags(project / RAW / images)
+    else:
+        shutil.copytree(raw, project / RAW)
+    params = {**TINY_RUN, "inference": {"batch_size": 4, "progress": False,
+                                        "cache": {"workers": 0, "progress": False}}}
+    run_session(project, params=params)
+    return project
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory) -> tuple[Path, Path]:
+    with pytest.MonkeyPatch.context() as patch:
+        first = full_run(tmp_path_factory.mktemp("first"), None, patch)
+        second = full_run(tmp_path_factory.mktemp("second"), first / RAW, patch)
+    return first, second
+
+
+def latest_model(project: Path) -> dict:
+    versions = project / "data/06_models/demo/trained_model.pt"
+    path = sorted(versions.glob("*/trained_model.pt"))[-1]
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def run_metrics(project: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every metric of the project's MLflow run, with its steps; timings left out."""
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "pneumonia-kedro"]
+    (run,) = client.search_runs([experiment.experiment_id],
+                                "tags.mlflow.runName = '__default__'")
+    timing = ("images_per_second", "data_wait_share", "seconds", "duration")
+    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id,
+                                                                             key))
+            for key in run.data.metrics if not any(word in key for word in timing)}
+
+
+@pytest.mark.slow
+def test_two_runs_with_the_same_seed_give_identical_results(two_runs):
+    first, second = two_runs
+    data = "data/05_model_input/demo"
+    for table in ("train_patients", "validation_patients"):
+        pd.testing.assert_frame_equal(pd.read_parquet(first / data / f"{table}.parquet"),
+                                      pd.read_parquet(second / data / f"{table}.parquet"))
+    for cache in ("train", "validation", "test"):
+        folder = f"data/04_feature/demo/image_cache/{cache}"
+        assert (first / folder / "images.npy").read_bytes() == \
+            (second / folder / "images.npy").read_bytes()
+        pd.testing.assert_frame_equal(pd.read_parquet(first / folder / "index.parquet"),
+                                      pd.read_parquet(second / folder / "index.parquet"))
+    one, two = latest_model(first), latest_model(second)
+    assert one["info"] == two["info"] and one["state_dict"].keys() == two["state_dict"].keys()
+    for key, value in one["state_dict"].items():
+        assert torch.equal(value, two["state_dict"][key]), key
+    metrics = run_metrics(first)
+    assert "validation_competition_metric" in metrics and len(metrics) > 10
+    assert metrics == run_metrics(second)
+    for output in ("08_reporting/demo/evaluation_metrics.json",
+                   "07_model_output/demo/test_predictions.parquet",
+                   "07_model_output/demo/submission.csv"):
+        assert (first / "data" / output).read_bytes() == (second / "data" / output).read_bytes()
+
+
+def strings_in(path: Path) -> list[str]:
+    """The text a file could carry a value in: table cells as well as the raw bytes (a
+    compressed Parquet page would hide a value from a byte search)."""
+    texts = [path.read_bytes().decode("latin-1")]
+    if path.suffix == ".parquet":
+        table = pd.read_parquet(path)
+        texts += [json.dumps(list(table.columns)), table.astype(str).to_csv()]
+    return texts
+
+
+def leaks(texts: list[str]) -> list[str]:
+    return sorted({needle for needle in NEEDLES for text in texts
+                   if needle.lower() in text.lower()})
+
+
+@pytest.mark.slow
+def test_no_identifying_value_reaches_any_output(two_runs):
+    project, _ = two_runs
+    raw = project / RAW
+    assert leaks(strings_in(sorted((raw / "stage_2_train_images").glob("*.dcm"))[0])), \
+        "the inputs must carry the identifying values for this test to mean anything"
+    scanned = 0
+    for path in sorted(project.rglob("*")):
+        if path.is_file() and raw not in path.parents:
+            assert leaks(strings_in(path)) == [], path
+            scanned += 1
+    assert scanned > 30 and (project / "mlflow.db").is_file()
+
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "pneumonia-kedro"]
+    artifacts = 0
+    for run in client.search_runs([experiment.experiment_id]):
+        recorded = [json.dumps(run.data.params), json.dumps(run.data.tags),
+                    json.dumps(run.data.metrics), str(run.info)]
+        assert leaks(recorded) == [], run.info.run_id
+        if not client.list_artifacts(run.info.run_id):
+            continue
+        local = Path(mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, tracking_uri=f"sqlite:///{project / 'mlflow.db'}"))
+        for path in (p for p in local.rglob("*") if p.is_file()):
+            assert leaks(strings_in(path)) == [], path
+            artifacts += 1
+    assert artifacts > 10  # figures, reports, the model and its code
