@@ -9,7 +9,7 @@ INSTALLED := $(VENV)/.installed
 DEMO_RAW := data/01_raw/rsna-demo
 DEMO_DONE := $(DEMO_RAW)/.complete
 
-.PHONY: demo test install lint demo-data clean-demo gpu-wheels
+.PHONY: demo test install lint demo-data clean-demo gpu-wheels mlflow-ui viz screenshots
 
 demo: $(INSTALLED) $(DEMO_DONE)  ## create .venv, generate the demo dataset if absent, run every pipeline on it
 	$(BIN)/kedro run --env demo
@@ -31,6 +31,20 @@ demo-data: $(DEMO_DONE)
 $(DEMO_DONE): | $(INSTALLED)
 	$(BIN)/kedro run --env demo --pipelines demo_data
 	touch $@
+
+mlflow-ui: $(INSTALLED)  ## the MLflow UI on http://127.0.0.1:5000 (PORT=... for another port)
+	$(BIN)/python -m pneumonia_kedro.ui mlflow $(if $(PORT),--port $(PORT))
+
+viz: $(INSTALLED)  ## kedro-viz of the demo environment on http://127.0.0.1:4141 (PORT=...)
+	$(BIN)/python -m pneumonia_kedro.ui viz $(if $(PORT),--port $(PORT))
+
+# README screenshots, regenerated from the local MLflow store and the current pipelines;
+# Debian's chromium is installed first when missing (root, or sudo).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+screenshots: $(INSTALLED)
+	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)
+	$(BIN)/python docs/screenshots.py
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

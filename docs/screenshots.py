@@ -1,0 +1,150 @@
+"""Start the MLflow UI and kedro-viz on 127.0.0.1 and capture them with headless Chromium.
+
+    make screenshots          # installs Debian's chromium when it is missing, then runs this
+
+Writes docs/images/mlflow_comparison.png (the two most recent training runs compared) and
+docs/images/kedro_viz.png (the default pipeline). The MLflow store needs two training runs
+with different parameters first: the README's "Comparing experiments" makes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from pneumonia_kedro.ui import HOST, command, occupied_port_message, port_in_use
+
+ROOT = Path(__file__).resolve().parents[1]
+# Chromium on a machine without a network: no background connections, no first-run UI.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+                  "--force-device-scale-factor=1"]
+
+
+def require_free_port(tool: str, port: int) -> None:
+    if port_in_use(port):
+        sys.exit(f"{occupied_port_message(tool, port)} This script takes --{tool}-port.")
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    sys.exit("Headless Chromium is needed: `sudo apt-get install chromium` (Debian), or run "
+             "`make screenshots`, which installs it.")
+
+
+def training_runs(tracking_uri: str, experiment: str) -> list:
+    """The experiment's finished runs that trained a model, newest first."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    runs = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"])
+    return [run for run in runs if "best_validation_competition_metric" in run.data.metrics]
+
+
+def wait_for(url: str, process: subprocess.Popen, what: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"{what} exited with code {process.returncode}; see its log above.")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(1)
+    sys.exit(f"{what} did not answer at {url} within {timeout:.0f} s.")
+
+
+def capture(browser: str, url: str, target: Path, size: str, wait_ms: int) -> None:
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                        f"--window-size={size}", f"--virtual-time-budget={wait_ms}",
+                        f"--screenshot={target}", url],
+                       check=True, timeout=180, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    if not target.is_file() or target.stat().st_size < 10_000:
+        sys.exit(f"Chromium wrote no usable screenshot of {url}")
+    print(f"wrote {target.relative_to(ROOT)}")
+
+
+def start(command: list[str], log: Path) -> subprocess.Popen:
+    environment = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1"}
+    return subprocess.Popen(command, cwd=ROOT, env=environment, start_new_session=True,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--env", default="demo", help="Kedro environment for kedro-viz")
+    parser.add_argument("--mlflow-port", type=int, default=5000)
+    parser.add_argument("--viz-port", type=int, default=4141)
+    parser.add_argument("--tracking-uri",
+                        default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    parser.add_argument("--experiment", default="pneumonia-kedro")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images")
+    args = parser.parse_args(argv)
+
+    browser = chromium()
+    require_free_port("mlflow", args.mlflow_port)
+    require_free_port("viz", args.viz_port)
+    runs = training_runs(args.tracking_uri, args.experiment)
+    if len(runs) < 2:
+        sys.exit(f"{args.tracking_uri} holds {len(runs)} finished training run(s) in "
+                 f"'{args.experiment}'; the comparison needs two. Run `make demo`, then "
+                 "`kedro run --env demo --pipelines train,evaluate --params "
+                 "train.learning_rate=0.02` (README, Comparing experiments).")
+    args.out.mkdir(parents=True, exist_ok=True)
+    logs = Path(tempfile.mkdtemp(prefix="screenshots-"))
+    servers = []
+    try:
+        mlflow_ui = start(command("mlflow", args.mlflow_port, args.env, args.tracking_uri),
+                          logs / "mlflow.log")
+        servers.append(mlflow_ui)
+        viz = start(command("viz", args.viz_port, args.env, args.tracking_uri),
+                    logs / "viz.log")
+        servers.append(viz)
+        print(f"starting the MLflow UI and kedro-viz (logs in {logs})")
+        mlflow_url = f"http://{HOST}:{args.mlflow_port}"
+        wait_for(mlflow_url, mlflow_ui, "mlflow ui")
+        ids = json.dumps([run.info.run_id for run in runs[:2]])
+        experiment_ids = json.dumps([runs[0].info.experiment_id])
+        compare = f"{mlflow_url}/#/compare-runs?runs={ids}&experiments={experiment_ids}"
+        capture(browser, compare, args.out / "mlflow_comparison.png", "1600,1300", 20000)
+        viz_url = f"http://{HOST}:{args.viz_port}"
+        wait_for(f"{viz_url}/api/main", viz, "kedro viz run")
+        capture(browser, viz_url, args.out / "kedro_viz.png", "1600,1000", 20000)
+    finally:
+        for server in servers:
+            stop(server)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

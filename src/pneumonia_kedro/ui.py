@@ -1,0 +1,64 @@
+"""Open the MLflow UI or kedro-viz on 127.0.0.1, and say what to do when its port is taken.
+
+    python -m pneumonia_kedro.ui mlflow [--port 5000]      # make mlflow-ui
+    python -m pneumonia_kedro.ui viz [--port 4141]         # make viz
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+
+HOST = "127.0.0.1"
+DEFAULT_PORTS = {"mlflow": 5000, "viz": 4141}
+NAMES = {"mlflow": "MLflow UI", "viz": "kedro-viz"}
+
+
+def port_in_use(port: int, host: str = HOST) -> bool:
+    """True when something already listens on ``host:port``."""
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def occupied_port_message(tool: str, port: int) -> str:
+    return (f"Port {port} on {HOST} is already in use, perhaps by another {NAMES[tool]}. "
+            f"If it is this project's, open http://{HOST}:{port}; otherwise stop that process "
+            f"or pick a free port: `python -m pneumonia_kedro.ui {tool} --port {port + 1}` "
+            f"(`make {'mlflow-ui' if tool == 'mlflow' else 'viz'} PORT={port + 1}`).")
+
+
+def command(tool: str, port: int, env: str, tracking_uri: str) -> list[str]:
+    """The command line that starts ``tool`` on ``HOST:port``."""
+    bin_dir = Path(sys.executable).parent
+    if tool == "mlflow":
+        return [str(bin_dir / "mlflow"), "ui", "--backend-store-uri", tracking_uri,
+                "--host", HOST, "--port", str(port)]
+    return [str(bin_dir / "kedro"), "viz", "run", "--env", env, "--host", HOST,
+            "--port", str(port), "--no-browser"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("tool", choices=sorted(DEFAULT_PORTS))
+    parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--env", default="demo", help="Kedro environment shown by kedro-viz")
+    parser.add_argument("--tracking-uri",
+                        default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    args = parser.parse_args(argv)
+    port = args.port or DEFAULT_PORTS[args.tool]
+    if port_in_use(port):
+        print(occupied_port_message(args.tool, port), file=sys.stderr)
+        return 1
+    line = command(args.tool, port, args.env, args.tracking_uri)
+    print(f"{NAMES[args.tool]} on http://{HOST}:{port} (Ctrl-C stops it)", flush=True)
+    os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
+    os.execv(line[0], line)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""The UI launcher: an occupied port gets what to do next; a free one serves the MLflow UI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(("tool", "make_target"), [("mlflow", "mlflow-ui"), ("viz", "viz")])
+def test_an_occupied_port_says_what_to_do_next(tool, make_target):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "pneumonia_kedro.ui", tool,
+                                 "--port", str(port)], capture_output=True, text=True,
+                                timeout=120, check=False)
+    assert result.returncode == 1
+    assert f"Port {port} on 127.0.0.1 is already in use" in result.stderr
+    assert f"open http://127.0.0.1:{port}" in result.stderr
+    assert f"--port {port + 1}" in result.stderr
+    assert f"make {make_target} PORT={port + 1}" in result.stderr
+
+
+def test_the_mlflow_ui_starts_on_a_free_port(tmp_path):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pneumonia_kedro.ui", "mlflow", "--port", str(port),
+         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+        cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"})
+    try:
+        deadline, status = time.monotonic() + 180, None
+        while time.monotonic() < deadline and status != 200:
+            assert process.poll() is None, process.stdout.read().decode()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as page:
+                    status = page.status
+                    body = page.read().decode()
+            except OSError:
+                time.sleep(1)
+        assert status == 200 and "MLflow" in body
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
