@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import platform
 import subprocess
+from pathlib import Path
 
+from kedro.framework.context import KedroContext
 from kedro.framework.hooks import hook_impl
 from kedro.io import DataCatalog
 from kedro.pipeline import Node, Pipeline
@@ -13,6 +15,24 @@ from pneumonia_kedro.datasets import DicomFolderDataset, LabelsCSVDataset
 from pneumonia_kedro.errors import MissingDataError
 
 RAW_DATASET_TYPES = (LabelsCSVDataset, DicomFolderDataset)
+
+
+class EnvironmentHook:
+    """Stops a session whose Kedro environment has no folder, before plugins read it (a
+    typo in ``--env`` would otherwise surface as an MLflow file-store error)."""
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context: KedroContext) -> None:
+        from kedro.framework.project import settings
+
+        conf = Path(context.project_path) / settings.CONF_SOURCE
+        if (conf / context.env).is_dir():
+            return
+        known = sorted(p.name for p in conf.iterdir() if p.is_dir() and p.name != "base")
+        raise MissingDataError(
+            f"Kedro environment '{context.env}' does not exist: there is no {conf / context.env}"
+            f". Environments here: {', '.join(known)}. Use `--env demo` for the demo data, or "
+            "no --env for the Kaggle data (settings from conf/base, overrides in conf/local).")
 
 
 class RawDataPresenceHook:

@@ -76,3 +76,10 @@ def test_default_pipeline_excludes_demo_data(kedro_project: Path, run_kedro):
     assert "sample_demo_patients_node" not in default_nodes
     assert {"validate_labels_node", "split_patients_node"} <= default_nodes
     assert KedroSession is not None
+
+
+def test_a_mistyped_environment_names_the_ones_that_exist(run_kedro):
+    with pytest.raises(MissingDataError, match="Kedro environment 'dmeo' does not exist") as info:
+        run_kedro(env="dmeo", pipelines=["ingest"])
+    assert "Environments here: demo, local" in str(info.value)
+    assert "--env demo" in str(info.value)
