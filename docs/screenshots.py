@@ -10,10 +10,13 @@ with different parameters first: the README's "Comparing experiments" makes them
 from __future__ import annotations
 
 import argparse
+import asyncio
+import base64
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +33,18 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--hide-scrollbars",
                   "--force-device-scale-factor=1"]
+PAGE_SETTLE_SECONDS = 12  # the UIs fetch and lay out after the page has loaded
+# First-visit hints that would cover the pictures.
+CLICK_DISMISS = ("for (const b of document.querySelectorAll('button')) "
+                 "if (b.textContent.trim() === 'Dismiss') b.click();")
+MLFLOW_FOCUS = ("document.querySelector('button[aria-label=\"Close\"]')?.click();"  # assistant
+                # only the parameters that differ, then the metrics side by side
+                "const diff = document.querySelector("
+                "'button[aria-label=\"Parameters - Show diff only\"]');"
+                "diff?.click(); diff?.scrollIntoView({block: 'start'});")
+VIZ_NO_HINTS = ("localStorage.setItem('KedroViz', JSON.stringify(Object.assign("
+                "JSON.parse(localStorage.getItem('KedroViz') || '{}'), "
+                "{showFeatureHints: false}))); location.reload();")
 
 
 def require_free_port(tool: str, port: int) -> None:
@@ -73,16 +88,67 @@ def wait_for(url: str, process: subprocess.Popen, what: str, timeout: float = 18
     sys.exit(f"{what} did not answer at {url} within {timeout:.0f} s.")
 
 
-def capture(browser: str, url: str, target: Path, size: str, wait_ms: int) -> None:
-    with tempfile.TemporaryDirectory() as profile:
-        subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                        f"--window-size={size}", f"--virtual-time-budget={wait_ms}",
-                        f"--screenshot={target}", url],
-                       check=True, timeout=180, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+def capture(browser: str, url: str, target: Path, size: str, scripts: tuple[str, ...] = ()
+            ) -> None:
+    """Load ``url`` in headless Chromium, run each script (JavaScript: dismiss first-visit
+    hints, ...) with a pause after it, and save a PNG of the window."""
+    asyncio.run(_capture(browser, url, target, size, scripts))
     if not target.is_file() or target.stat().st_size < 10_000:
         sys.exit(f"Chromium wrote no usable screenshot of {url}")
     print(f"wrote {target.relative_to(ROOT)}")
+
+
+async def _capture(browser: str, url: str, target: Path, size: str,
+                   scripts: tuple[str, ...]) -> None:
+    import websockets
+
+    port = free_port()
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
+        chrome = subprocess.Popen(
+            [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={size}",
+             f"--remote-debugging-port={port}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            pages = []
+            for _ in range(60):
+                try:
+                    with urllib.request.urlopen(f"http://{HOST}:{port}/json/list") as answer:
+                        pages = [p for p in json.load(answer) if p["type"] == "page"]
+                except OSError:
+                    pass
+                if pages:
+                    break
+                await asyncio.sleep(0.5)
+            async with websockets.connect(pages[0]["webSocketDebuggerUrl"],
+                                          max_size=2**28) as page:
+                calls = 0
+
+                async def call(method: str, **params: object) -> dict:
+                    nonlocal calls
+                    calls += 1
+                    await page.send(json.dumps({"id": calls, "method": method,
+                                                "params": params}))
+                    while True:
+                        message = json.loads(await page.recv())
+                        if message.get("id") == calls:
+                            return message.get("result", {})
+
+                await call("Page.navigate", url=url)
+                await asyncio.sleep(PAGE_SETTLE_SECONDS)
+                for script in scripts:
+                    await call("Runtime.evaluate", expression=script)
+                    await asyncio.sleep(PAGE_SETTLE_SECONDS)
+                shot = await call("Page.captureScreenshot", format="png")
+                target.write_bytes(base64.b64decode(shot["data"]))
+        finally:
+            chrome.kill()
+            chrome.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
 
 
 def start(command: list[str], log: Path) -> subprocess.Popen:
@@ -136,10 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         ids = json.dumps([run.info.run_id for run in runs[:2]])
         experiment_ids = json.dumps([runs[0].info.experiment_id])
         compare = f"{mlflow_url}/#/compare-runs?runs={ids}&experiments={experiment_ids}"
-        capture(browser, compare, args.out / "mlflow_comparison.png", "1600,1300", 20000)
+        capture(browser, compare, args.out / "mlflow_comparison.png", "1500,1250",
+                (MLFLOW_FOCUS,))
         viz_url = f"http://{HOST}:{args.viz_port}"
         wait_for(f"{viz_url}/api/main", viz, "kedro viz run")
-        capture(browser, viz_url, args.out / "kedro_viz.png", "1600,1000", 20000)
+        capture(browser, viz_url, args.out / "kedro_viz.png", "1800,1400",
+                (VIZ_NO_HINTS, CLICK_DISMISS))
     finally:
         for server in servers:
             stop(server)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from kedro.io import AbstractDataset, DatasetError
 
 import pneumonia_kedro
 from pneumonia_kedro.models import TrainedModel
+
+logger = logging.getLogger(__name__)
 
 PACKAGE = Path(pneumonia_kedro.__file__).parent
 SERVING_REQUIREMENTS = (
@@ -87,6 +90,8 @@ class MlflowDetectorDataset(AbstractDataset[dict, None]):
         info = log_detector(data["model"], data["settings"], self._name,
                             self._registered_model_name)
         mlflow.set_tag("model_uri", info.model_uri)
+        logger.info("logged the MLflow model %s; serve it with `mlflow models serve -m %s "
+                    "--env-manager local -h 127.0.0.1 -p 5001`", info.model_uri, info.model_uri)
 
     def load(self) -> None:
         raise DatasetError("load the logged model with mlflow.pyfunc.load_model(<model uri>)")
