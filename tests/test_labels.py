@@ -173,3 +173,22 @@ def test_class_info_problems_are_named(tmp_path, rows, expected):
 )
 def test_safe_patient_ids(patient_id, safe):
     assert is_safe_patient_id(patient_id) is safe
+
+
+def test_a_hundred_thousand_valid_rows(tmp_path):
+    # 60,000 negatives, 20,000 positives with two boxes each: 100,000 rows, 80,000 patients.
+    negatives = [f"n{i:07d},,,,,0" for i in range(60_000)]
+    positives = [f"p{i:07d},{100 + i % 400}.0,200.0,150.0,{200 + i % 300}.0,1"
+                 for i in range(20_000) for _ in range(2)]
+    positives[1::2] = [row.replace(",200.0,150.0,", ",500.0,120.0,") for row in positives[1::2]]
+    table = write_csv(tmp_path, [HEADER, *negatives, *positives])
+    assert len(table) == 100_000
+    labels, duplicates = validate_labels(table, table.attrs["source"])
+    classes = validate_class_info(
+        pd.DataFrame({"patientId": labels["patientId"],
+                      "class": labels["Target"].map({0: "Normal", 1: "Lung Opacity"})}),
+        labels.groupby("patientId")["Target"].first(), "class info")
+    patients = build_patient_table(labels, classes)
+    assert duplicates == 0 and len(patients) == 80_000
+    assert int(patients["n_boxes"].sum()) == 40_000
+    assert patients.loc[patients["Target"] == 1, "n_boxes"].eq(2).all()
