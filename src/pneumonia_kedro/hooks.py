@@ -26,11 +26,13 @@ class EnvironmentHook:
         from kedro.framework.project import settings
 
         conf = Path(context.project_path) / settings.CONF_SOURCE
-        if (conf / context.env).is_dir():
+        # No --env means the config loader's default run environment (conf/local).
+        env = context.env or getattr(context.config_loader, "default_run_env", None) or "local"
+        if (conf / env).is_dir():
             return
         known = sorted(p.name for p in conf.iterdir() if p.is_dir() and p.name != "base")
         raise MissingDataError(
-            f"Kedro environment '{context.env}' does not exist: there is no {conf / context.env}"
+            f"Kedro environment '{env}' does not exist: there is no {conf / env}"
             f". Environments here: {', '.join(known)}. Use `--env demo` for the demo data, or "
             "no --env for the Kaggle data (settings from conf/base, overrides in conf/local).")
 

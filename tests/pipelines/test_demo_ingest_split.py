@@ -78,7 +78,10 @@ def test_default_pipeline_excludes_demo_data(kedro_project: Path, run_kedro):
     assert KedroSession is not None
 
 
-def test_a_mistyped_environment_names_the_ones_that_exist(run_kedro):
+def test_a_mistyped_environment_names_the_ones_that_exist(run_kedro, kedro_project):
+    # Without --env the default run environment (conf/local) is checked, and exists.
+    with KedroSession.create(project_path=kedro_project) as session:
+        assert session.load_context().env is None
     with pytest.raises(MissingDataError, match="Kedro environment 'dmeo' does not exist") as info:
         run_kedro(env="dmeo", pipelines=["ingest"])
     assert "Environments here: demo, local" in str(info.value)
