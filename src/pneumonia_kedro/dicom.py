@@ -28,7 +28,13 @@ from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
-from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
+    JPEGBaseline8Bit,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+)
 from tqdm.auto import tqdm
 
 from pneumonia_kedro.errors import DicomError
@@ -232,27 +238,29 @@ def _j2k_frame_size(frame: bytes) -> tuple[int, int] | None:
     return x_size - x_offset, y_size - y_offset
 
 
-def _check_geometry(ds: pydicom.Dataset, name: str) -> None:
-    """Refuse sizes no X-ray has, and compressed frames whose size differs from the header."""
+def _first_frame(ds: pydicom.Dataset, name: str) -> bytes:
+    """The first frame of encapsulated (compressed) pixel data."""
+    try:
+        return next(generate_frames(ds.PixelData, number_of_frames=1))
+    except (StopIteration, ValueError) as exc:
+        raise DicomError(f"{name}: encapsulated pixel data is damaged ({exc})") from None
+
+
+def _check_geometry(ds: pydicom.Dataset, name: str, frame: bytes | None) -> None:
+    """Refuse sizes no X-ray has, and a compressed ``frame`` whose size differs from the
+    header's."""
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows <= 0 or columns <= 0:
         raise DicomError(f"{name}: the header gives no image size ({columns}x{rows})")
     if rows * columns > MAX_IMAGE_PIXELS:
         raise DicomError(f"{name}: {columns}x{rows} pixels is larger than the "
                          f"{MAX_IMAGE_PIXELS // 2**20} megapixels this reader accepts")
-    syntax = ds.file_meta.get("TransferSyntaxUID")
-    if syntax is None or not syntax.is_encapsulated or "PixelData" not in ds:
+    if frame is None:
         return
-    try:
-        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
-    except (StopIteration, ValueError) as exc:
-        raise DicomError(f"{name}: encapsulated pixel data is damaged ({exc})") from None
-    if str(syntax).startswith("1.2.840.10008.1.2.4.") and str(syntax)[-2:] in (
-            "50", "51", "57", "70", "80", "81"):
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax in JPEGTransferSyntaxes or syntax in JPEGLSTransferSyntaxes:
         size, kind = _jpeg_frame_size(frame), "JPEG"
-    elif str(syntax) in ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
-                         "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
-                         "1.2.840.10008.1.2.4.203"):
+    elif syntax in JPEG2000TransferSyntaxes:
         size, kind = _j2k_frame_size(frame), "JPEG 2000"
     else:
         return  # RLE and others: decoders size their output from Rows and Columns
@@ -289,8 +297,8 @@ def _reduction(rows: int, columns: int, target_size: int | None) -> int:
     return fitting[0] if fitting else 1
 
 
-def _decode_jpeg_frame(ds: pydicom.Dataset, name: str, reduction: int) -> np.ndarray:
-    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+def _decode_jpeg_frame(frame: bytes, ds: pydicom.Dataset, name: str, reduction: int
+                       ) -> np.ndarray:
     pixels = cv2.imdecode(np.frombuffer(frame, dtype=np.uint8), _REDUCED_READS[reduction])
     if pixels is None:
         raise DicomError(f"{name}: corrupt JPEG pixel data")
@@ -459,11 +467,15 @@ def decode(data: bytes, name: str, target_size: int | None = None) -> DicomImage
 def _decode_general(data: bytes, name: str, target_size: int | None) -> DicomImage:
     ds = _parse(data, name)
     _check_single_grayscale(ds, name)
-    _check_geometry(ds, name)
-    syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
-    if _is_competition_jpeg(ds):
+    transfer_syntax = ds.file_meta.get("TransferSyntaxUID")
+    encapsulated = transfer_syntax is not None and transfer_syntax.is_encapsulated \
+        and "PixelData" in ds
+    frame = _first_frame(ds, name) if encapsulated else None
+    _check_geometry(ds, name, frame)
+    syntax = str(transfer_syntax or "")
+    if _is_competition_jpeg(ds):  # JPEG Baseline: encapsulated, so ``frame`` is set
         reduction = _reduction(int(ds.Rows), int(ds.Columns), target_size)
-        pixels = _decode_jpeg_frame(ds, name, reduction)
+        pixels = _decode_jpeg_frame(frame, ds, name, reduction)
     else:
         raw = _pixel_array(ds, name)
         if raw.ndim != 2:
