@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pneumonia_kedro.ui import HOST, command, occupied_port_message, port_in_use
+from pneumonia_kedro.ui import HOST, command, free_port, occupied_port_message, port_in_use
 
 ROOT = Path(__file__).resolve().parents[1]
 # Chromium on a machine without a network: no background connections, no first-run UI.
@@ -77,7 +76,8 @@ def wait_for(url: str, process: subprocess.Popen, what: str, timeout: float = 18
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            sys.exit(f"{what} exited with code {process.returncode}; see its log above.")
+            sys.exit(f"{what} exited with code {process.returncode}; its log is in the folder "
+                     "printed above.")
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
@@ -145,12 +145,6 @@ async def _capture(browser: str, url: str, target: Path, size: str,
             chrome.wait()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
 def start(command: list[str], log: Path) -> subprocess.Popen:
     environment = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1"}
     return subprocess.Popen(command, cwd=ROOT, env=environment, start_new_session=True,
@@ -184,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(runs) < 2:
         sys.exit(f"{args.tracking_uri} holds {len(runs)} finished training run(s) in "
                  f"'{args.experiment}'; the comparison needs two. Run `make demo`, then "
-                 "`kedro run --env demo --pipelines train,evaluate --params "
-                 "train.learning_rate=0.02` (README, Comparing experiments).")
+                 "`kedro run --env demo --params train.learning_rate=0.02` (README, Comparing "
+                 "experiments).")
     args.out.mkdir(parents=True, exist_ok=True)
     logs = Path(tempfile.mkdtemp(prefix="screenshots-"))
     servers = []

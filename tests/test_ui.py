@@ -12,11 +12,7 @@ import urllib.request
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from pneumonia_kedro.ui import free_port
 
 
 @pytest.mark.parametrize(("tool", "make_target"), [("mlflow", "mlflow-ui"), ("viz", "viz")])
