@@ -16,6 +16,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # A demo dataset small enough for unit tests and still stratifiable.
 TINY_DEMO = {"n_positive": 8, "n_negative": 8, "n_test": 3, "seed": 7}
+DEMO_RAW = "data/01_raw/rsna-demo"
 
 
 @pytest.fixture(autouse=True)
@@ -44,6 +45,24 @@ def copy_project(folder: Path) -> Path:
                     ignore=shutil.ignore_patterns("local"))
     (project / "conf" / "local").mkdir()
     (project / "src").mkdir()  # the package itself is installed (editable) in .venv
+    return project
+
+
+def tiny_demo_project(root: Path, monkeypatch: pytest.MonkeyPatch,
+                      raw: Path | None = None) -> Path:
+    """A bootstrapped project copy in ``root`` holding the tiny demo dataset (generated, or
+    copied from ``raw``); ``monkeypatch`` makes it the cwd and its own SQLite store the
+    tracking URI, for this process and the ``kedro run`` processes it starts."""
+    from kedro.framework.startup import bootstrap_project
+
+    project = copy_project(root)
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    bootstrap_project(project)
+    if raw is None:
+        run_session(project, pipelines=["demo_data"], params={"demo_data": TINY_DEMO})
+    else:
+        shutil.copytree(raw, project / DEMO_RAW)
     return project
 
 

@@ -20,9 +20,7 @@ from kedro.io import DatasetError
 from pydicom.data import get_testdata_file
 
 from pneumonia_kedro.errors import DicomError, MissingDataError
-from tests.conftest import TINY_DEMO, copy_project, run_session
-
-RAW = "data/01_raw/rsna-demo"
+from tests.conftest import DEMO_RAW, run_session, tiny_demo_project
 
 
 def rewritten(good: bytes, change: Callable[[pydicom.Dataset], None]) -> bytes:
@@ -83,16 +81,10 @@ def snapshot(folder: Path) -> dict[str, object]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """The tiny demo data, with one bad file per case added as a labelled negative patient."""
-    from kedro.framework.startup import bootstrap_project
-
     root = tmp_path_factory.mktemp("bad_dicoms")
-    project = copy_project(root)
     with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(project)
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
-        bootstrap_project(project)
-        run_session(project, pipelines=["demo_data"], params={"demo_data": TINY_DEMO})
-    images = project / RAW / "stage_2_train_images"
+        project = tiny_demo_project(root, patch)
+    images = project / DEMO_RAW / "stage_2_train_images"
     good = sorted(images.glob("*.dcm"))[0].read_bytes()
     for case, (make, _) in CONTENT_CASES.items():
         (images / f"bad_{case}.dcm").write_bytes(make(good))
@@ -104,7 +96,7 @@ def project(tmp_path_factory) -> Path:
     bad_ids = [f"bad_{case}" for case in [*CONTENT_CASES, *ENTRY_CASES]]
     for csv, row in (("stage_2_train_labels.csv", "{},,,,,0"),
                      ("stage_2_detailed_class_info.csv", "{},Normal")):
-        with open(project / RAW / csv, "a", newline="") as handle:
+        with open(project / DEMO_RAW / csv, "a", newline="") as handle:
             handle.writelines(row.format(pid) + "\n" for pid in bad_ids)
     return project
 
@@ -114,12 +106,12 @@ def run(project: Path, monkeypatch: pytest.MonkeyPatch, **params: dict) -> Path:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
     base = {"split": {"stratify_by_view": False},
             "cache": {"image_size": 32, "workers": 2, "chunk_size": 2, "progress": False}}
-    before = snapshot(project / RAW)
+    before = snapshot(project / DEMO_RAW)
     try:
         run_session(project, pipelines=["ingest", "split", "cache"],
                     params={**base, **params})
     finally:
-        assert snapshot(project / RAW) == before, "the raw data folder was changed"
+        assert snapshot(project / DEMO_RAW) == before, "the raw data folder was changed"
     return project / "data"
 
 

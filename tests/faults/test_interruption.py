@@ -20,9 +20,8 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import TINY_DEMO, copy_project, run_session
+from tests.conftest import DEMO_RAW, run_session, tiny_demo_project
 
-RAW = "data/01_raw/rsna-demo"
 KEDRO = str(Path(sys.executable).with_name("kedro"))
 TINY_TRAINING = {
     "split": {"validation_fraction": 0.25, "stratify_by_view": False, "seed": 1},
@@ -37,13 +36,8 @@ TINY_TRAINING = {
 
 def demo_project(root: Path, params: dict, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A project copy with the tiny demo data and a `kedro run --config` file of ``params``;
-    its runs (and those started as subprocesses) track to the test's own SQLite store."""
-    from kedro.framework.startup import bootstrap_project
-
-    project = copy_project(root)
-    bootstrap_project(project)
-    monkeypatch.chdir(project)
-    run_session(project, pipelines=["demo_data"], params={"demo_data": TINY_DEMO})
+    its runs (and those started as subprocesses) track to its own SQLite store."""
+    project = tiny_demo_project(root, monkeypatch)
     (project / "run.yml").write_text(yaml.safe_dump({"run": {"env": "demo", "params": params}}))
     return project
 
@@ -94,10 +88,10 @@ def kill_when(process: subprocess.Popen, ready, delay: float, project: Path) -> 
 
 def copy_patients(project: Path, copies: int) -> int:
     """Grow the demo's training set with byte copies of its DICOMs under new patientIds."""
-    images = project / RAW / "stage_2_train_images"
+    images = project / DEMO_RAW / "stage_2_train_images"
     originals = sorted(images.glob("*.dcm"))
-    labels = pd.read_csv(project / RAW / "stage_2_train_labels.csv")
-    classes = pd.read_csv(project / RAW / "stage_2_detailed_class_info.csv")
+    labels = pd.read_csv(project / DEMO_RAW / "stage_2_train_labels.csv")
+    classes = pd.read_csv(project / DEMO_RAW / "stage_2_detailed_class_info.csv")
     grown_labels, grown_classes = [labels], [classes]
     for copy in range(copies):
         suffix = f"-copy{copy:03d}"
@@ -105,8 +99,8 @@ def copy_patients(project: Path, copies: int) -> int:
             shutil.copyfile(path, images / f"{path.stem}{suffix}.dcm")
         grown_labels.append(labels.assign(patientId=labels["patientId"] + suffix))
         grown_classes.append(classes.assign(patientId=classes["patientId"] + suffix))
-    pd.concat(grown_labels).to_csv(project / RAW / "stage_2_train_labels.csv", index=False)
-    pd.concat(grown_classes).to_csv(project / RAW / "stage_2_detailed_class_info.csv",
+    pd.concat(grown_labels).to_csv(project / DEMO_RAW / "stage_2_train_labels.csv", index=False)
+    pd.concat(grown_classes).to_csv(project / DEMO_RAW / "stage_2_detailed_class_info.csv",
                                     index=False)
     return len(originals) * (copies + 1)
 

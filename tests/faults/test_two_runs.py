@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from pathlib import Path
 
 import mlflow
@@ -14,10 +13,9 @@ import pydicom
 import pytest
 import torch
 
-from tests.conftest import TINY_DEMO, copy_project, run_session
+from tests.conftest import DEMO_RAW, run_session, tiny_demo_project
 from tests.pipelines.test_full_run import TINY_RUN
 
-RAW = "data/01_raw/rsna-demo"
 # Values the competition's files never hold; any of them in an output is a leak.
 IDENTIFYING = {
     "PatientName": "Zyxwa^Quilliam^Marguerite",
@@ -49,18 +47,10 @@ def add_identifying_tags(folder: Path) -> None:
 
 def full_run(root: Path, raw: Path | None, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The default pipeline over the tiny demo data (generated once, then copied)."""
-    from kedro.framework.startup import bootstrap_project
-
-    project = copy_project(root)
-    monkeypatch.chdir(project)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
-    bootstrap_project(project)
+    project = tiny_demo_project(root, monkeypatch, raw)
     if raw is None:
-        run_session(project, pipelines=["demo_data"], params={"demo_data": TINY_DEMO})
         for images in ("stage_2_train_images", "stage_2_test_images"):
-            add_identifying_tags(project / RAW / images)
-    else:
-        shutil.copytree(raw, project / RAW)
+            add_identifying_tags(project / DEMO_RAW / images)
     params = {**TINY_RUN, "inference": {"batch_size": 4, "progress": False,
                                         "cache": {"workers": 0, "progress": False}}}
     run_session(project, params=params)
@@ -71,7 +61,7 @@ def full_run(root: Path, raw: Path | None, monkeypatch: pytest.MonkeyPatch) -> P
 def two_runs(tmp_path_factory) -> tuple[Path, Path]:
     with pytest.MonkeyPatch.context() as patch:
         first = full_run(tmp_path_factory.mktemp("first"), None, patch)
-        second = full_run(tmp_path_factory.mktemp("second"), first / RAW, patch)
+        second = full_run(tmp_path_factory.mktemp("second"), first / DEMO_RAW, patch)
     return first, second
 
 
@@ -137,7 +127,7 @@ def leaks(texts: list[str]) -> list[str]:
 @pytest.mark.slow
 def test_no_identifying_value_reaches_any_output(two_runs):
     project, _ = two_runs
-    raw = project / RAW
+    raw = project / DEMO_RAW
     assert leaks(strings_in(sorted((raw / "stage_2_train_images").glob("*.dcm"))[0])), \
         "the inputs must carry the identifying values for this test to mean anything"
     scanned = 0

@@ -14,7 +14,7 @@ from kedro.framework.session import KedroSession
 from PIL import Image
 
 from pneumonia_kedro.submission import parse_prediction_string
-from tests.conftest import TINY_DEMO, run_session
+from tests.conftest import run_session, tiny_demo_project
 
 SIZE = 64
 TINY_RUN = {
@@ -35,24 +35,16 @@ TINY_RUN = {
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> dict:
     """demo_data, then the default pipeline, once for this module's tests."""
-    from kedro.framework.startup import bootstrap_project
-
-    from tests.conftest import copy_project
-
-    project = copy_project(tmp_path_factory.mktemp("full_run"))
-    tracking_uri = f"sqlite:///{project / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(project)
-        patch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-        bootstrap_project(project)
-        run_session(project, pipelines=["demo_data"], params={"demo_data": TINY_DEMO})
+        project = tiny_demo_project(tmp_path_factory.mktemp("full_run"), patch)
         test_ids = sorted(p.stem for p in
                           (project / "data/01_raw/rsna-demo/stage_2_test_images").iterdir())
         params = {**TINY_RUN, "inference": {"batch_size": 4, "progress": False,
                                             "cache": {"workers": 0, "progress": False},
                                             "overlay_patients": test_ids[:1]}}
         run_session(project, params=params)
-    return {"project": project, "test_ids": test_ids, "tracking_uri": tracking_uri}
+    return {"project": project, "test_ids": test_ids,
+            "tracking_uri": f"sqlite:///{project / 'mlflow.db'}"}
 
 
 @pytest.fixture
