@@ -78,7 +78,8 @@ def test_monochrome1_is_inverted_so_air_is_dark():
 def test_header_has_no_identifying_values():
     header = read_header(test_file("CT_small.dcm"), "CT_small.dcm")
     assert set(header) == {"view_position", "patient_sex", "patient_age", "modality",
-                           "body_part", "pixel_spacing", "rows", "columns"}
+                           "body_part", "burned_in_annotation", "pixel_spacing", "rows",
+                           "columns"}
     assert header["rows"] == 128 and header["modality"] == "CT"
 
 
@@ -144,7 +145,7 @@ def competition_file() -> bytes:
 
 
 def test_competition_files_are_read_without_pydicom_and_agree_with_it(competition_file):
-    from pneumonia_kedro.dicom import _decode_fast
+    from pneumonia_kedro.dicom.reader import _decode_fast
 
     fast = _decode_fast(competition_file, "c.dcm", None)
     reference = pydicom.dcmread(io.BytesIO(competition_file))
@@ -223,11 +224,11 @@ def test_an_image_size_no_x_ray_has_is_refused():
 
 
 def test_deflated_data_is_refused_when_it_inflates_past_the_bound(monkeypatch):
-    from pneumonia_kedro import dicom
+    from pneumonia_kedro.dicom import reader
 
     data = test_file("image_dfl.dcm")
     assert decode(data, "dfl.dcm").pixels.size > 0
-    monkeypatch.setattr(dicom, "MAX_INFLATED_BYTES", 4096)
+    monkeypatch.setattr(reader, "MAX_INFLATED_BYTES", 4096)
     with pytest.raises(DicomError, match="dfl.dcm: deflated data inflates to more than"):
         decode(data, "dfl.dcm")
     with pytest.raises(DicomError, match="dfl.dcm: deflated data inflates"):

@@ -23,6 +23,8 @@ from tests.conftest import write_demo_dicoms
 from tests.test_training import TINY_MODEL
 
 PARAMS = {"cache": {"workers": 0, "progress": False}, "progress": False}
+# The nuclear-medicine test file says WHOLE BODY: only warn, to check non-square geometry.
+LENIENT = {**PARAMS, "quality": {"not_chest": "warn"}}
 # Keep every box an untrained model proposes, so coordinates can be checked.
 POSTPROCESSING = {"score_threshold": 0.0, "nms_iou": 0.5, "max_boxes": 5, "shrink": 1.0}
 
@@ -41,15 +43,19 @@ def test_bad_file_is_reported_and_the_others_predicted_in_original_pixels(incomi
     torch_model = build_model(TINY_MODEL)
     trained = TrainedModel(config=TINY_MODEL, state_dict=torch_model.state_dict(), info={})
     dicoms = DicomFolder.scan(str(incoming))
-    build(plan_test_cache(dicoms, trained, PARAMS), tmp_path / "cache")
+    build(plan_test_cache(dicoms, trained, LENIENT), tmp_path / "cache")
     cache = ImageCache(tmp_path / "cache")
-    predictions = predict_test(trained, cache, POSTPROCESSING, PARAMS)
-    submission, report = write_submission(predictions, cache, dicoms, pd.DataFrame(), PARAMS)
+    predictions = predict_test(trained, cache, POSTPROCESSING, LENIENT)
+    submission, report = write_submission(predictions, cache, dicoms, pd.DataFrame(), LENIENT)
 
     assert submission["patientId"].tolist() == sorted(dicoms.patient_ids)
     assert list(report["skipped"]) == ["corrupt"]
     assert "not a DICOM file" in report["skipped"]["corrupt"]
     assert report["predicted"] == 3 and report["files"] == 4
+    flags = report["quality_flags"]
+    assert flags["counts"] == {"aspect_ratio": 1, "not_chest": 1, "unknown_view": 1}
+    assert flags["files"]["narrow"].startswith("not_chest: BodyPartExamined is WHOLE BODY")
+    assert "aspect ratio 4.00 above 1.6" in flags["files"]["narrow"]
     assert submission.set_index("patientId").loc["corrupt", "PredictionString"] == ""
 
     narrow = predictions.loc[predictions["patientId"] == "narrow"]
@@ -74,3 +80,19 @@ def test_no_box_conventions_and_sample_check():
         "checked_against_sample": True}
     with pytest.raises(SubmissionError, match="1 missing"):
         check_against_sample(empty, pd.DataFrame({"patientId": ["a", "b", "c"]}))
+
+
+def test_default_gate_skips_what_the_model_was_not_trained_for(incoming, tmp_path):
+    torch_model = build_model(TINY_MODEL)
+    trained = TrainedModel(config=TINY_MODEL, state_dict=torch_model.state_dict(), info={})
+    dicoms = DicomFolder.scan(str(incoming))
+    build(plan_test_cache(dicoms, trained, PARAMS), tmp_path / "cache")
+    cache = ImageCache(tmp_path / "cache")
+    predictions = predict_test(trained, cache, POSTPROCESSING, PARAMS)
+    submission, report = write_submission(predictions, cache, dicoms, pd.DataFrame(), PARAMS)
+    assert sorted(report["skipped"]) == ["corrupt", "narrow"]
+    assert report["skipped"]["narrow"] == (
+        f"{incoming / 'narrow.dcm'}: quality gate not_chest: BodyPartExamined is WHOLE BODY, "
+        "not the chest")
+    assert "narrow" not in set(predictions["patientId"])
+    assert submission.set_index("patientId").loc["narrow", "PredictionString"] == ""

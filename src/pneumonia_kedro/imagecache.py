@@ -22,7 +22,7 @@ import os
 import shutil
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Literal
@@ -33,26 +33,31 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from pneumonia_kedro.boxes import Letterbox
-from pneumonia_kedro.dicom import DicomFolder, DicomImage, decode
+from pneumonia_kedro.dicom import ColourImageError, DicomFolder, DicomImage, decode
+from pneumonia_kedro.dicom.quality import InputQualityError, QualityConfig, colour_result
+from pneumonia_kedro.dicom.quality import check as quality_check
 from pneumonia_kedro.errors import DicomError
 
 logger = logging.getLogger(__name__)
 
-# Bump when preprocess() changes what it writes, so that old caches are rebuilt.
-PREPROCESSING_VERSION = 2
-INDEX_COLUMNS = ("patientId", "row", "status", "reason", "view_position", "height", "width",
-                 "size", "scale_x", "scale_y", "offset_x", "offset_y")
+# Bump when preprocess() or the DICOM conversion changes what it writes, so that old caches
+# are rebuilt (3: VOI LUT output range, pixel padding as air).
+PREPROCESSING_VERSION = 3
+INDEX_COLUMNS = ("patientId", "row", "status", "reason", "flags", "view_position", "height",
+                 "width", "size", "scale_x", "scale_y", "offset_x", "offset_y")
 
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """How images are cached: square size, worker processes, and what to do with bad files."""
+    """How images are cached: square size, worker processes, what to do with files that do
+    not decode (``on_error``) and with files the input quality gate flags (``quality``)."""
 
     image_size: int = 512
     workers: int = 2
     chunk_size: int = 32
     on_error: Literal["error", "skip"] = "error"
     progress: bool = True
+    quality: QualityConfig = field(default_factory=QualityConfig)
 
 
 @dataclass
@@ -68,6 +73,9 @@ class CachePlan:
         payload = json.dumps({
             "version": PREPROCESSING_VERSION,
             "image_size": self.config.image_size,
+            # What is refused or skipped changes what the cache holds.
+            "on_error": self.config.on_error,
+            "quality": asdict(self.config.quality),
             "root": self.folder.root,
             "sources": self.sources,
         }, sort_keys=True)
@@ -128,24 +136,49 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(partial, path)
 
 
+def decode_checked(data: bytes, name: str, size: int, quality: QualityConfig
+                   ) -> tuple[DicomImage | None, str, str]:
+    """Decode one file and pass it through the quality gate.
+
+    Returns the image (None when the gate skips it), the skip reason and the gate's flags;
+    raises ``InputQualityError`` for a check whose policy is ``error``, and ``DicomError``
+    for a file that does not decode.
+    """
+    try:
+        image = decode(data, name, target_size=size)
+    except ColourImageError as exc:
+        result = colour_result(exc, quality, name)
+        return None, result.skip_reason, result.flag_text
+    result = quality_check(image, quality, name)
+    return (None if result.skip_reason else image), result.skip_reason, result.flag_text
+
+
 def _decode_rows(folder: DicomFolder, rows: list[tuple[int, str]], images_path: str,
-                 size: int, on_error: str) -> list[dict]:
+                 config: CacheConfig) -> list[dict]:
     """Worker: decode ``rows`` into the memory map at ``images_path``; return their metadata."""
     images = np.load(images_path, mmap_mode="r+")
     results = []
     for row, patient_id in rows:
         record: dict = {"patientId": patient_id, "row": row, "status": "ok", "reason": "",
-                        "view_position": ""}
+                        "flags": "", "view_position": ""}
+        name = folder.display_name(patient_id)
         try:
             if patient_id not in folder:
-                raise DicomError(f"{folder.display_name(patient_id)}: file not found")
-            image = decode(folder.read_bytes(patient_id), folder.display_name(patient_id),
-                           target_size=size)
-            square, box = preprocess(image, size)
-            images[row] = square
-            record.update(view_position=image.view_position, **box.as_dict())
+                raise DicomError(f"{name}: file not found")
+            image, skip_reason, flags = decode_checked(
+                folder.read_bytes(patient_id), name, config.image_size, config.quality)
+            record["flags"] = flags
+            if image is None:
+                images[row] = 0
+                record.update(status="skipped", reason=skip_reason)
+            else:
+                square, box = preprocess(image, config.image_size)
+                images[row] = square
+                record.update(view_position=image.view_position, **box.as_dict())
+        except InputQualityError:
+            raise  # policy error: stops whatever on_error says
         except DicomError as exc:
-            if on_error == "error":
+            if config.on_error == "error":
                 raise
             images[row] = 0
             record.update(status="skipped", reason=str(exc))
@@ -218,6 +251,20 @@ class ImageCache:
         self.__init__(state["path"])
 
 
+def quality_summary(index: pd.DataFrame, limit: int = 1000) -> dict:
+    """The quality gate's flags of a cache: a count per check and the flags per file (the
+    first ``limit`` files; ``files_left_out`` counts the rest)."""
+    flags = index["flags"].fillna("") if "flags" in index else pd.Series([], dtype=str)
+    flagged = index.loc[flags != "", ["patientId"]].assign(flags=flags[flags != ""])
+    counts: dict[str, int] = {}
+    for text in flagged["flags"]:
+        for check in {item.split(":", 1)[0] for item in text.split("; ")}:
+            counts[check] = counts.get(check, 0) + 1
+    files = dict(zip(flagged["patientId"][:limit], flagged["flags"][:limit], strict=True))
+    return {"counts": dict(sorted(counts.items())), "files": files,
+            "files_left_out": max(0, len(flagged) - limit)}
+
+
 def is_complete(path: Path, fingerprint: str) -> bool:
     manifest = path / "manifest.json"
     if not manifest.is_file():
@@ -274,22 +321,21 @@ def build(cache_plan: CachePlan, path: str | Path) -> dict:
               disable=not config.progress) as bar:
         if config.workers <= 0 or len(chunks) <= 1:
             for chunk in chunks:
-                results = _decode_rows(cache_plan.folder, chunk, images_path,
-                                       config.image_size, config.on_error)
+                results = _decode_rows(cache_plan.folder, chunk, images_path, config)
                 finish(results)
                 bar.update(len(results))
         else:
             with ProcessPoolExecutor(max_workers=config.workers,
                                      mp_context=get_context("spawn")) as pool:
                 futures = [pool.submit(_decode_rows, cache_plan.folder, chunk, images_path,
-                                       config.image_size, config.on_error) for chunk in chunks]
+                                       config) for chunk in chunks]
                 try:
                     for future in as_completed(futures):
                         try:
                             results = future.result()
                         except DicomError as exc:
                             # The worker's traceback would only bury the file's name.
-                            raise DicomError(str(exc)) from None
+                            raise type(exc)(str(exc)) from None
                         finish(results)
                         bar.update(len(results))
                 except BaseException:

@@ -143,7 +143,8 @@ def test_strict_cache_stops_at_a_bad_file_with_its_name_and_reason(project, monk
 
 
 def test_lenient_run_reports_every_bad_file_and_caches_every_good_one(project, monkeypatch):
-    data = run(project, monkeypatch, ingest={"on_missing_image": "exclude"},
+    data = run(project, monkeypatch,
+               ingest={"on_missing_image": "exclude", "quality": {"colour": "skip"}},
                cache={"on_error": "skip"})
     ingest = json.loads((data / "08_reporting/demo/ingest_report.json").read_text())
     assert sorted(ingest["rejected_files"]) == [f"bad_{case}.dcm" for case in
@@ -162,7 +163,9 @@ def test_lenient_run_reports_every_bad_file_and_caches_every_good_one(project, m
     decodable_header = [c for c in CONTENT_CASES if c not in HEADER_UNREADABLE]
     assert sorted(skipped) == sorted(f"bad_{case}" for case in decodable_header)
     for case in decodable_header:
-        assert f"bad_{case}.dcm: {CONTENT_CASES[case][1]}" in skipped[f"bad_{case}"]
+        # The colour image is skipped by the quality gate ("...: quality gate colour: ...").
+        assert f"bad_{case}.dcm: " in skipped[f"bad_{case}"]
+        assert CONTENT_CASES[case][1] in skipped[f"bad_{case}"]
         assert "Traceback" not in skipped[f"bad_{case}"]
     assert cache["train"]["images"] + cache["validation"]["images"] == 16
     split = pd.concat([pd.read_parquet(data / f"05_model_input/demo/{name}_patients.parquet")

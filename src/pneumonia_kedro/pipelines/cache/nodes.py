@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pandas as pd
 
 from pneumonia_kedro.config import from_params
 from pneumonia_kedro.dicom import DicomFolder
-from pneumonia_kedro.imagecache import CacheConfig, CachePlan, ImageCache, plan
+from pneumonia_kedro.imagecache import CacheConfig, CachePlan, ImageCache, plan, quality_summary
+from pneumonia_kedro.pipelines.ingest.nodes import IngestConfig
 
 
-def plan_cache(patients: pd.DataFrame, dicoms: DicomFolder, params: dict) -> CachePlan:
-    """What the split's cache must hold; its dataset builds or resumes it on save."""
-    return plan(dicoms, patients["patientId"].tolist(), from_params(CacheConfig, params, "cache"))
+def plan_cache(patients: pd.DataFrame, dicoms: DicomFolder, params: dict, ingest_params: dict
+               ) -> CachePlan:
+    """What the split's cache must hold, gated by ``ingest.quality``; its dataset builds or
+    resumes it on save."""
+    quality = from_params(IngestConfig, ingest_params, "ingest").quality
+    config = dataclasses.replace(from_params(CacheConfig, params, "cache"), quality=quality)
+    return plan(dicoms, patients["patientId"].tolist(), config)
 
 
 def report_cache(train_image_cache: ImageCache, validation_image_cache: ImageCache) -> dict:
-    """Images cached per split and every skipped file with its reason."""
+    """Images cached per split, every skipped file with its reason, and the quality flags."""
     report: dict = {"image_size": train_image_cache.image_size}
     for name, cache in (("train", train_image_cache), ("validation", validation_image_cache)):
         index = cache.index
@@ -23,5 +30,6 @@ def report_cache(train_image_cache: ImageCache, validation_image_cache: ImageCac
         report[name] = {
             "images": int((index["status"] == "ok").sum()),
             "skipped": dict(zip(skipped["patientId"], skipped["reason"], strict=True)),
+            "quality_flags": quality_summary(index),
         }
     return report

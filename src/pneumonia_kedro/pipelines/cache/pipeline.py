@@ -9,13 +9,15 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
         Node(
             func=plan_cache,
-            inputs=["train_patients", "train_dicoms", "params:cache"],
+            inputs=["train_patients", "train_dicoms", "params:cache",
+                    "params:ingest"],
             outputs="train_image_cache",
             name="cache_train_images_node",
         ),
         Node(
             func=plan_cache,
-            inputs=["validation_patients", "train_dicoms", "params:cache"],
+            inputs=["validation_patients", "train_dicoms", "params:cache",
+                    "params:ingest"],
             outputs="validation_image_cache",
             name="cache_validation_images_node",
         ),

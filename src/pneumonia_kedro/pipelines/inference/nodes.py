@@ -11,8 +11,9 @@ import pandas as pd
 
 from pneumonia_kedro.config import from_params
 from pneumonia_kedro.dicom import DicomFolder
+from pneumonia_kedro.dicom.quality import QualityConfig
 from pneumonia_kedro.figures import overlay_figure
-from pneumonia_kedro.imagecache import CacheConfig, CachePlan, ImageCache, plan
+from pneumonia_kedro.imagecache import CacheConfig, CachePlan, ImageCache, plan, quality_summary
 from pneumonia_kedro.inference import predict_cache
 from pneumonia_kedro.models import TrainedModel
 from pneumonia_kedro.postprocess import PostprocessConfig, image_probabilities, postprocess
@@ -21,12 +22,18 @@ from pneumonia_kedro.training import resolve_device
 
 logger = logging.getLogger(__name__)
 
+# Inference refuses what the model was not trained for; training (ingest.quality) only warns.
+INFERENCE_QUALITY = QualityConfig(not_chest="skip", lateral_view="skip", colour="skip",
+                                  tiny_image="skip", near_constant="skip")
+
 
 @dataclass(frozen=True)
 class InferenceConfig:
     """How a folder of DICOMs becomes predictions and a submission."""
 
     cache: CacheConfig = field(default_factory=lambda: CacheConfig(on_error="skip"))
+    quality: QualityConfig = INFERENCE_QUALITY
+    dicom_sr: bool = False
     batch_size: int = 16
     device: str = "auto"
     hflip_tta: bool = False
@@ -58,7 +65,8 @@ def plan_test_cache(test_dicoms: DicomFolder, trained_model: TrainedModel, param
     """Every file of the folder, converted exactly as the training images were."""
     config = _config(params)
     model, _ = _chosen_model(trained_model, {}, config)
-    cache_config = CacheConfig(**{**config.cache.__dict__, "image_size": model.config.image_size})
+    cache_config = CacheConfig(**{**config.cache.__dict__, "image_size": model.config.image_size,
+                                  "quality": config.quality})
     return plan(test_dicoms, test_dicoms.patient_ids, cache_config)
 
 
@@ -100,6 +108,7 @@ def write_submission(test_predictions: pd.DataFrame, test_image_cache: ImageCach
         "boxes": len(test_predictions),
         "skipped": dict(zip(skipped["patientId"], skipped["reason"], strict=True)),
         "rejected_files": dict(test_dicoms.rejected),
+        "quality_flags": quality_summary(index),
         "no_box_convention": config.no_box,
         **check_against_sample(submission, sample_submission),
     }

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import pandas as pd
 
 from pneumonia_kedro.config import from_params
 from pneumonia_kedro.dicom import DicomFolder, header_table
+from pneumonia_kedro.dicom.quality import QualityConfig
 from pneumonia_kedro.errors import MissingDataError
 from pneumonia_kedro.labels import build_patient_table, validate_class_info, validate_labels
 
@@ -18,10 +19,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class IngestConfig:
-    """Competition image size (for box bounds) and what to do with patients lacking a DICOM."""
+    """Competition image size (for box bounds), what to do with patients lacking a DICOM, and
+    the input quality gate for training images (applied when the cache decodes them)."""
 
     image_size: int = 1024
     on_missing_image: Literal["error", "exclude"] = "error"
+    quality: QualityConfig = field(default_factory=QualityConfig)
 
 
 def validate_patients(

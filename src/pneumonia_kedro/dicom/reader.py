@@ -1,33 +1,28 @@
-"""DICOM files to uint8 grayscale images, and folders of them.
+"""DICOM files to uint8 grayscale images.
 
 Competition files (8-bit MONOCHROME2 JPEG Baseline) take a fast path: the encapsulated JPEG
 frame goes straight to libjpeg-turbo (OpenCV), four times faster than pydicom's default plugins.
-Everything else goes through pydicom: modality LUT (rescale), VOI LUT or the first window, then
-a linear map to 0..255, and MONOCHROME1 is inverted so that air is dark as in the training data.
+Everything else goes through pydicom and ``luts.to_display_uint8``: padding, modality LUT, VOI
+LUT or the first window, and MONOCHROME1 inverted so that air is dark as in the training data.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import os
 import warnings
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from dataclasses import dataclass
 
 import cv2
-import fsspec
 import numpy as np
-import pandas as pd
 import pydicom
 import pydicom.config
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_preamble
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     JPEG2000TransferSyntaxes,
@@ -35,10 +30,9 @@ from pydicom.uid import (
     JPEGLSTransferSyntaxes,
     JPEGTransferSyntaxes,
 )
-from tqdm.auto import tqdm
 
+from pneumonia_kedro.dicom.luts import to_display_uint8
 from pneumonia_kedro.errors import DicomError
-from pneumonia_kedro.labels import is_safe_patient_id
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +58,7 @@ HEADER_FIELDS = {
     "patient_age": "PatientAge",
     "modality": "Modality",
     "body_part": "BodyPartExamined",
+    "burned_in_annotation": "BurnedInAnnotation",
 }
 
 # Largest image accepted (8192 x 8192): projection X-rays stay far below it, and decoders
@@ -76,7 +71,9 @@ class DicomImage:
     """One decoded image: uint8 pixels (air dark) and what it came from.
 
     ``height`` and ``width`` are the file's; ``pixels`` may be smaller when the decoder was
-    allowed to reduce (JPEG DCT scaling), covering the same field of view.
+    allowed to reduce (JPEG DCT scaling), covering the same field of view. ``padding`` marks
+    pixel padding (detector borders, now 0) when the file declares it; the header values are
+    what the input quality gate checks.
     """
 
     pixels: np.ndarray
@@ -84,6 +81,13 @@ class DicomImage:
     transfer_syntax: str
     height: int
     width: int
+    body_part: str = ""
+    burned_in_annotation: str = ""
+    padding: np.ndarray | None = None
+
+
+class ColourImageError(DicomError):
+    """A colour or palette image: the input quality gate decides between skip and error."""
 
 
 @contextmanager
@@ -190,7 +194,7 @@ def _check_single_grayscale(ds: pydicom.Dataset, name: str) -> None:
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise DicomError(
+        raise ColourImageError(
             f"{name}: colour or palette image ({photometric or 'no photometric interpretation'}, "
             f"{samples} samples per pixel); only grayscale X-rays are supported"
         )
@@ -279,6 +283,7 @@ def _is_competition_jpeg(ds: pydicom.Dataset) -> bool:
         and "RescaleSlope" not in ds
         and "WindowCenter" not in ds
         and "VOILUTSequence" not in ds
+        and "PixelPaddingValue" not in ds
     )
 
 
@@ -328,40 +333,18 @@ def _pixel_array(ds: pydicom.Dataset, name: str) -> np.ndarray:
         ) from None
 
 
-def to_display_uint8(raw: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
-    """Modality LUT, then VOI LUT or first window, then 0..255 with air dark."""
-    values = apply_modality_lut(raw, ds)
-    if "VOILUTSequence" in ds or "WindowCenter" in ds:
-        values = apply_voi_lut(values, ds, index=0)
-        # The VOI output range: what the transform gives for far-out inputs.
-        low, high = (float(v) for v in apply_voi_lut(
-            np.array([-1e12, 1e12], dtype=np.float64), ds, index=0
-        ))
-        low, high = min(low, high), max(low, high)
-    else:
-        low, high = float(values.min()), float(values.max())
-    values = np.asarray(values, dtype=np.float64)
-    if high <= low:
-        scaled = np.zeros(values.shape, dtype=np.float64)
-    else:
-        scaled = (values - low) * (255.0 / (high - low))
-    pixels = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        pixels = 255 - pixels
-    return pixels
-
-
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
              b"UT", b"UV"}
 _FAST_TAGS = {
     (0x0028, 0x0002): "SamplesPerPixel", (0x0028, 0x0004): "PhotometricInterpretation",
     (0x0028, 0x0008): "NumberOfFrames", (0x0028, 0x0010): "Rows",
     (0x0028, 0x0011): "Columns", (0x0028, 0x0101): "BitsStored",
-    (0x0018, 0x5101): "ViewPosition",
+    (0x0018, 0x5101): "ViewPosition", (0x0018, 0x0015): "BodyPartExamined",
+    (0x0028, 0x0301): "BurnedInAnnotation",
 }
-# Their presence sends a file to the general path (pydicom's LUT handling).
+# Their presence sends a file to the general path: window, rescale, LUTs, pixel padding.
 _GENERAL_PATH_TAGS = {(0x0028, 0x1050), (0x0028, 0x1052), (0x0028, 0x1053), (0x0028, 0x3000),
-                      (0x0028, 0x3010)}
+                      (0x0028, 0x3010), (0x0028, 0x0120), (0x0028, 0x0121)}
 
 
 class _NotFastPath(Exception):
@@ -447,7 +430,9 @@ def _decode_fast(data: bytes, name: str, target_size: int | None) -> DicomImage:
     if pixels is None or pixels.shape != (rows // reduction, columns // reduction):
         raise _NotFastPath  # let the general path name the problem
     return DicomImage(pixels=pixels, view_position=values.get("ViewPosition", ""),
-                      transfer_syntax=JPEGBaseline8Bit, height=rows, width=columns)
+                      transfer_syntax=JPEGBaseline8Bit, height=rows, width=columns,
+                      body_part=values.get("BodyPartExamined", ""),
+                      burned_in_annotation=values.get("BurnedInAnnotation", ""))
 
 
 def decode(data: bytes, name: str, target_size: int | None = None) -> DicomImage:
@@ -473,6 +458,7 @@ def _decode_general(data: bytes, name: str, target_size: int | None) -> DicomIma
     frame = _first_frame(ds, name) if encapsulated else None
     _check_geometry(ds, name, frame)
     syntax = str(transfer_syntax or "")
+    padding = None
     if _is_competition_jpeg(ds):  # JPEG Baseline: encapsulated, so ``frame`` is set
         reduction = _reduction(int(ds.Rows), int(ds.Columns), target_size)
         pixels = _decode_jpeg_frame(frame, ds, name, reduction)
@@ -480,110 +466,15 @@ def _decode_general(data: bytes, name: str, target_size: int | None) -> DicomIma
         raw = _pixel_array(ds, name)
         if raw.ndim != 2:
             raise DicomError(f"{name}: pixel data has shape {raw.shape}, not one 2-D image")
-        pixels = to_display_uint8(raw, ds)
-    return DicomImage(
-        pixels=np.ascontiguousarray(pixels),
-        view_position=str(ds.get("ViewPosition", "") or ""),
-        transfer_syntax=syntax,
-        height=int(ds.Rows),
-        width=int(ds.Columns),
-    )
-
-
-@dataclass
-class DicomFolder:
-    """A folder of ``<patientId>.dcm`` files on any fsspec filesystem; picklable, read-only.
-
-    Entries that cannot be patients are kept apart in ``rejected`` with the reason:
-    unsafe names, directories named like files, symlinks that leave the folder.
-    """
-
-    root: str
-    protocol: str = "file"
-    storage_options: dict = field(default_factory=dict)
-    suffix: str = ".dcm"
-    files: dict[str, str] = field(default_factory=dict)
-    rejected: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def scan(cls, root: str, suffix: str = ".dcm", storage_options: dict | None = None
-             ) -> DicomFolder:
-        fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        folder = cls(root=path, protocol=protocol, storage_options=storage_options or {},
-                     suffix=suffix)
-        if not fs.exists(path):
-            return folder
-        local_root = os.path.realpath(path) if protocol == "file" else None
-        for entry in sorted(fs.ls(path, detail=True), key=lambda e: e["name"]):
-            name = PurePosixPath(entry["name"]).name
-            if not name.endswith(suffix):
-                continue
-            stem = name[: -len(suffix)]
-            kind = entry.get("type")
-            if local_root is not None and entry.get("islink"):
-                # A link may stay inside the folder (a dataset of links); its target decides.
-                target = os.path.realpath(entry["name"])
-                if not target.startswith(local_root + os.sep):
-                    folder.rejected[name] = "symlink pointing outside the data folder"
-                    continue
-                kind = "file" if os.path.isfile(target) else \
-                    "directory" if os.path.isdir(target) else "broken symlink"
-            if kind != "file":
-                folder.rejected[name] = f"not a regular file ({kind})"
-            elif not is_safe_patient_id(stem):
-                folder.rejected[name] = "file name is not a safe patientId"
-            else:
-                folder.files[stem] = entry["name"]
-        return folder
-
-    @property
-    def filesystem(self) -> fsspec.AbstractFileSystem:
-        return fsspec.filesystem(self.protocol, **self.storage_options)
-
-    @property
-    def patient_ids(self) -> list[str]:
-        return sorted(self.files)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __contains__(self, patient_id: object) -> bool:
-        return patient_id in self.files
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.patient_ids)
-
-    def read_bytes(self, patient_id: str) -> bytes:
-        if patient_id not in self.files:
-            raise DicomError(f"{self.root}: no file for patientId {patient_id!r}")
-        if self.protocol == "file":  # the common case, without fsspec's per-file overhead
-            with open(self.files[patient_id], "rb") as handle:
-                return handle.read()
-        with self.filesystem.open(self.files[patient_id], "rb") as handle:
-            return handle.read()
-
-    def display_name(self, patient_id: str) -> str:
-        return self.files.get(patient_id, f"{self.root}/{patient_id}{self.suffix}")
-
-    def absence_reason(self, patient_id: str) -> str:
-        """Why a patient has no usable file: none, or the reason it was rejected."""
-        name = f"{patient_id}{self.suffix}"
-        if name in self.rejected:
-            return f"{self.root}/{name}: {self.rejected[name]}"
-        return f"no file {self.display_name(patient_id)}"
-
-
-def header_table(folder: DicomFolder, patient_ids: list[str], progress: bool = True
-                 ) -> pd.DataFrame:
-    """Header values of each patient's file; unreadable files get their reason in ``error``."""
-    rows = []
-    for patient_id in tqdm(patient_ids, desc="DICOM headers", unit="file", disable=not progress):
-        row: dict[str, object] = {"patientId": patient_id, "error": ""}
-        try:
-            row.update(read_header(folder.read_bytes(patient_id), folder.display_name(patient_id)))
-        except DicomError as exc:
-            row["error"] = str(exc)
-        rows.append(row)
-    columns = ["patientId", *HEADER_FIELDS, "pixel_spacing", "rows", "columns", "error"]
-    return pd.DataFrame(rows).reindex(columns=columns)
+        pixels, padding = to_display_uint8(raw, ds, name)
+    with lenient_values():
+        return DicomImage(
+            pixels=np.ascontiguousarray(pixels),
+            view_position=str(ds.get("ViewPosition", "") or ""),
+            transfer_syntax=syntax,
+            height=int(ds.Rows),
+            width=int(ds.Columns),
+            body_part=str(ds.get("BodyPartExamined", "") or ""),
+            burned_in_annotation=str(ds.get("BurnedInAnnotation", "") or ""),
+            padding=padding,
+        )

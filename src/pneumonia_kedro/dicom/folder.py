@@ -1,0 +1,115 @@
+"""A folder of ``<patientId>.dcm`` files on any fsspec filesystem, and its header table."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+import fsspec
+import pandas as pd
+from tqdm.auto import tqdm
+
+from pneumonia_kedro.dicom.reader import HEADER_FIELDS, read_header
+from pneumonia_kedro.errors import DicomError
+from pneumonia_kedro.labels import is_safe_patient_id
+
+
+@dataclass
+class DicomFolder:
+    """A folder of ``<patientId>.dcm`` files on any fsspec filesystem; picklable, read-only.
+
+    Entries that cannot be patients are kept apart in ``rejected`` with the reason:
+    unsafe names, directories named like files, symlinks that leave the folder.
+    """
+
+    root: str
+    protocol: str = "file"
+    storage_options: dict = field(default_factory=dict)
+    suffix: str = ".dcm"
+    files: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def scan(cls, root: str, suffix: str = ".dcm", storage_options: dict | None = None
+             ) -> DicomFolder:
+        fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        folder = cls(root=path, protocol=protocol, storage_options=storage_options or {},
+                     suffix=suffix)
+        if not fs.exists(path):
+            return folder
+        local_root = os.path.realpath(path) if protocol == "file" else None
+        for entry in sorted(fs.ls(path, detail=True), key=lambda e: e["name"]):
+            name = PurePosixPath(entry["name"]).name
+            if not name.endswith(suffix):
+                continue
+            stem = name[: -len(suffix)]
+            kind = entry.get("type")
+            if local_root is not None and entry.get("islink"):
+                # A link may stay inside the folder (a dataset of links); its target decides.
+                target = os.path.realpath(entry["name"])
+                if not target.startswith(local_root + os.sep):
+                    folder.rejected[name] = "symlink pointing outside the data folder"
+                    continue
+                kind = "file" if os.path.isfile(target) else \
+                    "directory" if os.path.isdir(target) else "broken symlink"
+            if kind != "file":
+                folder.rejected[name] = f"not a regular file ({kind})"
+            elif not is_safe_patient_id(stem):
+                folder.rejected[name] = "file name is not a safe patientId"
+            else:
+                folder.files[stem] = entry["name"]
+        return folder
+
+    @property
+    def filesystem(self) -> fsspec.AbstractFileSystem:
+        return fsspec.filesystem(self.protocol, **self.storage_options)
+
+    @property
+    def patient_ids(self) -> list[str]:
+        return sorted(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __contains__(self, patient_id: object) -> bool:
+        return patient_id in self.files
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.patient_ids)
+
+    def read_bytes(self, patient_id: str) -> bytes:
+        if patient_id not in self.files:
+            raise DicomError(f"{self.root}: no file for patientId {patient_id!r}")
+        if self.protocol == "file":  # the common case, without fsspec's per-file overhead
+            with open(self.files[patient_id], "rb") as handle:
+                return handle.read()
+        with self.filesystem.open(self.files[patient_id], "rb") as handle:
+            return handle.read()
+
+    def display_name(self, patient_id: str) -> str:
+        return self.files.get(patient_id, f"{self.root}/{patient_id}{self.suffix}")
+
+    def absence_reason(self, patient_id: str) -> str:
+        """Why a patient has no usable file: none, or the reason it was rejected."""
+        name = f"{patient_id}{self.suffix}"
+        if name in self.rejected:
+            return f"{self.root}/{name}: {self.rejected[name]}"
+        return f"no file {self.display_name(patient_id)}"
+
+
+def header_table(folder: DicomFolder, patient_ids: list[str], progress: bool = True
+                 ) -> pd.DataFrame:
+    """Header values of each patient's file; unreadable files get their reason in ``error``."""
+    rows = []
+    for patient_id in tqdm(patient_ids, desc="DICOM headers", unit="file", disable=not progress):
+        row: dict[str, object] = {"patientId": patient_id, "error": ""}
+        try:
+            row.update(read_header(folder.read_bytes(patient_id), folder.display_name(patient_id)))
+        except DicomError as exc:
+            row["error"] = str(exc)
+        rows.append(row)
+    columns = ["patientId", *HEADER_FIELDS, "pixel_spacing", "rows", "columns", "error"]
+    return pd.DataFrame(rows).reindex(columns=columns)

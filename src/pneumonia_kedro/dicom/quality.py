@@ -1,0 +1,180 @@
+"""The input quality gate: is a file what the model was trained for (frontal chest X-rays)?
+
+Each check gives a flag with a reason; a policy per check decides what a flag does:
+``warn`` keeps the image and records the flag, ``skip`` leaves the image out (listed with the
+reason), ``error`` stops the run naming the file. Header checks read values the decoder has
+anyway; the two pixel checks are cheap statistics of the converted image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import numpy as np
+
+from pneumonia_kedro.config import ConfigError
+from pneumonia_kedro.dicom.reader import DicomImage
+from pneumonia_kedro.errors import DicomError
+
+Policy = Literal["warn", "skip", "error"]
+
+CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "PORT CHEST", "CHEST_LAT", "TORSO"}
+FRONTAL_VIEWS = {"AP", "PA"}
+LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "LLD", "RLD", "LATERAL LEFT", "LATERAL RIGHT"}
+
+
+class InputQualityError(DicomError):
+    """A file failed a quality check whose policy is ``error``: the run stops."""
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """A policy per check and the thresholds of the checks that have one."""
+
+    not_chest: Policy = "warn"              # BodyPartExamined present and not the chest
+    lateral_view: Policy = "warn"           # ViewPosition lateral (LL, RL, ...)
+    unknown_view: Policy = "warn"           # ViewPosition empty or neither AP/PA nor lateral
+    colour: Literal["skip", "error"] = "error"  # colour or palette: the model needs grayscale
+    tiny_image: Policy = "warn"             # shorter side below min_side pixels
+    burned_in_annotation: Policy = "warn"   # BurnedInAnnotation == YES
+    looks_inverted: Policy = "warn"         # lungs brighter than the mediastinum
+    aspect_ratio: Policy = "warn"           # longer/shorter side above max_aspect_ratio
+    near_constant: Policy = "warn"          # converted pixels (almost) all one grey level
+    min_side: int = 256
+    max_aspect_ratio: float = 1.6
+    near_constant_levels: int = 8           # 1st..99th percentile spans fewer grey levels
+
+    def __post_init__(self) -> None:
+        if self.min_side < 1:
+            raise ConfigError(f"quality.min_side = {self.min_side} must be at least 1")
+        if self.max_aspect_ratio < 1:
+            raise ConfigError(f"quality.max_aspect_ratio = {self.max_aspect_ratio} must be at "
+                              "least 1")
+        if not 0 <= self.near_constant_levels <= 255:
+            raise ConfigError(f"quality.near_constant_levels = {self.near_constant_levels} "
+                              "must be within 0..255")
+
+    @property
+    def policies(self) -> dict[str, str]:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if isinstance(getattr(self, f.name), str)}
+
+
+@dataclass(frozen=True)
+class Flag:
+    check: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.check}: {self.reason}"
+
+
+def header_flags(image: DicomImage, config: QualityConfig) -> list[Flag]:
+    """Flags from the header values and the image's size."""
+    flags = []
+    body_part = image.body_part.strip().upper()
+    if body_part and body_part not in CHEST_BODY_PARTS:
+        flags.append(Flag("not_chest", f"BodyPartExamined is {body_part}, not the chest"))
+    view = image.view_position.strip().upper()
+    if view in LATERAL_VIEWS:
+        flags.append(Flag("lateral_view", f"ViewPosition {view}: the model knows AP and PA"))
+    elif view not in FRONTAL_VIEWS:
+        flags.append(Flag("unknown_view", f"ViewPosition {view or '(empty)'} is neither AP "
+                                          "nor PA"))
+    if image.burned_in_annotation.strip().upper() == "YES":
+        flags.append(Flag("burned_in_annotation", "BurnedInAnnotation is YES: text in the "
+                                                  "pixels"))
+    shorter, longer = sorted((image.height, image.width))
+    if shorter < config.min_side:
+        flags.append(Flag("tiny_image", f"{image.width}x{image.height} pixels, shorter side "
+                                        f"below {config.min_side}"))
+    if longer > config.max_aspect_ratio * shorter:
+        flags.append(Flag("aspect_ratio", f"{image.width}x{image.height}: aspect ratio "
+                                          f"{longer / shorter:.2f} above "
+                                          f"{config.max_aspect_ratio}"))
+    return flags
+
+
+def grey_level_span(image: DicomImage) -> int:
+    """Grey levels between the 1st and 99th percentile of the non-padding pixels."""
+    pixels = image.pixels
+    if image.padding is not None and image.padding.shape == pixels.shape:
+        pixels = pixels[~image.padding]
+    if pixels.size == 0:
+        return 0
+    low, high = np.percentile(pixels, [1, 99])
+    return int(round(float(high - low)))
+
+
+def inversion_contrast(pixels: np.ndarray) -> float:
+    """Mean grey level of the mediastinum minus that of the two lung fields.
+
+    On a frontal chest X-ray with air dark, the central column (mediastinum, spine) is
+    brighter than the mid-lateral fields (lungs), so the value is positive; an image whose
+    photometric interpretation is wrong gives a clearly negative one.
+    """
+    height, width = pixels.shape
+    rows = slice(int(0.30 * height), int(0.65 * height))
+    centre = pixels[rows, int(0.44 * width):int(0.56 * width)]
+    lungs = np.concatenate([
+        pixels[rows, int(0.18 * width):int(0.35 * width)].ravel(),
+        pixels[rows, int(0.65 * width):int(0.82 * width)].ravel(),
+    ])
+    if centre.size == 0 or lungs.size == 0:
+        return 0.0
+    return float(centre.mean()) - float(lungs.mean())
+
+
+# Lungs must be this many grey levels brighter than the mediastinum to call an image inverted:
+# a white-out (both lungs opaque) brings them close, but not above.
+INVERSION_MARGIN = 10.0
+
+
+def pixel_flags(image: DicomImage, config: QualityConfig) -> list[Flag]:
+    """Flags from the converted pixels: near-constant, or looking inverted."""
+    span = grey_level_span(image)
+    if span < config.near_constant_levels:
+        return [Flag("near_constant", f"converted image is nearly constant (1st..99th "
+                                      f"percentile span {span} grey levels)")]
+    contrast = inversion_contrast(image.pixels)
+    if contrast < -INVERSION_MARGIN:
+        return [Flag("looks_inverted", f"lung fields {-contrast:.0f} grey levels brighter "
+                                       "than the mediastinum: photometric interpretation "
+                                       "may be wrong")]
+    return []
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """What the gate decided: ``skip_reason`` is set when the image must be left out."""
+
+    flags: tuple[Flag, ...]
+    skip_reason: str = ""
+
+    @property
+    def flag_text(self) -> str:
+        return "; ".join(str(flag) for flag in self.flags)
+
+
+def apply_policies(flags: list[Flag], config: QualityConfig, name: str) -> GateResult:
+    """Raise for an ``error`` flag; otherwise say whether the image is skipped."""
+    policies = config.policies
+    for flag in flags:
+        if policies[flag.check] == "error":
+            raise InputQualityError(f"{name}: quality gate {flag} (policy error)")
+    skipped = [flag for flag in flags if policies[flag.check] == "skip"]
+    reason = f"{name}: " + "; ".join(f"quality gate {flag}" for flag in skipped) \
+        if skipped else ""
+    return GateResult(flags=tuple(flags), skip_reason=reason)
+
+
+def check(image: DicomImage, config: QualityConfig, name: str) -> GateResult:
+    """Every check on one decoded image, with the policies applied."""
+    return apply_policies(header_flags(image, config) + pixel_flags(image, config), config,
+                          name)
+
+
+def colour_result(error: DicomError, config: QualityConfig, name: str) -> GateResult:
+    """A colour image the decoder refused: skipped, or the run stops (policy error)."""
+    return apply_policies([Flag("colour", str(error).removeprefix(f"{name}: "))], config, name)
