@@ -8,16 +8,25 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 DEMO_RAW := data/01_raw/rsna-demo
 DEMO_DONE := $(DEMO_RAW)/.complete
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install lint demo-data clean-demo gpu-wheels mlflow-ui viz screenshots
+.PHONY: demo test install dicom-tools lint demo-data clean-demo gpu-wheels mlflow-ui viz screenshots
 
 demo: $(INSTALLED) $(DEMO_DONE)  ## create .venv, generate the demo dataset if absent, run every pipeline on it
 	$(BIN)/kedro run --env demo
 
-test: $(INSTALLED)  ## create/update .venv and run the test suite
+test: $(INSTALLED) dicom-tools  ## create/update .venv and run the test suite
 	$(BIN)/pytest
 
 install: $(INSTALLED)
+
+# Debian's dicom3tools: its dciodvfy validates the DICOM Structured Reports in the tests.
+# Installed with apt-get where it may be (root, or sudo); elsewhere the tests say what is missing.
+dicom-tools:
+	@command -v dciodvfy >/dev/null || command -v apt-get >/dev/null || exit 0; \
+	command -v dciodvfy >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dicom3tools >/dev/null; } || \
+		echo "warning: could not install dicom3tools (dciodvfy); its SR validation test is skipped"
 
 # Reinstalls only when pyproject.toml changes (torch is never downloaded again).
 $(INSTALLED): pyproject.toml
@@ -40,7 +49,6 @@ viz: $(INSTALLED)  ## kedro-viz of the demo environment on http://127.0.0.1:4141
 
 # README screenshots, regenerated from the local MLflow store and the current pipelines;
 # Debian's chromium is installed first when missing (root, or sudo).
-SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 screenshots: $(INSTALLED)
 	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
 		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)

@@ -16,9 +16,15 @@ from pneumonia_kedro.models import TrainedModel, build_model
 from pneumonia_kedro.pipelines.inference.nodes import (
     plan_test_cache,
     predict_test,
+    write_structured_reports,
     write_submission,
 )
-from pneumonia_kedro.submission import SubmissionError, build_submission, check_against_sample
+from pneumonia_kedro.submission import (
+    SubmissionError,
+    build_submission,
+    check_against_sample,
+    parse_prediction_string,
+)
 from tests.conftest import write_demo_dicoms
 from tests.test_training import TINY_MODEL
 
@@ -66,6 +72,40 @@ def test_bad_file_is_reported_and_the_others_predicted_in_original_pixels(incomi
     assert (narrow["y"] >= 0).all() and (narrow["y"] + narrow["height"] <= 1024 + 1e-6).all()
     assert set(predictions["view_position"].dropna()) <= {"AP", "PA", ""}
     assert predictions["image_probability"].between(0, 1).all()
+
+    assert write_structured_reports(predictions, cache, dicoms, trained, LENIENT) == {}
+    reports = write_structured_reports(predictions, cache, dicoms, trained,
+                                       {**LENIENT, "dicom_sr": True})
+    assert sorted(reports) == sorted(cache.usable["patientId"])  # not the corrupt file
+    strings = submission.set_index("patientId")["PredictionString"]
+    for patient_id, make_report in reports.items():
+        check_report_against_submission(make_report(), dicoms.read_bytes(patient_id),
+                                        strings[patient_id])
+
+
+def check_report_against_submission(report: bytes, source: bytes, prediction_string: str
+                                    ) -> None:
+    """The SR's polylines lie within 0.5 px of the submission's boxes, on the source's
+    geometry (square or not), and reference the source image."""
+    import io
+
+    import highdicom as hd
+    import pydicom
+
+    sr = hd.sr.srread(io.BytesIO(report))
+    original = pydicom.dcmread(io.BytesIO(source), stop_before_pixels=True)
+    assert sr.StudyInstanceUID == original.StudyInstanceUID
+    boxes, scores = parse_prediction_string(prediction_string)
+    groups = sr.content.get_planar_roi_measurement_groups()
+    assert len(groups) == len(boxes)
+    for group, (x, y, width, height) in zip(groups, boxes, strict=True):
+        points = np.asarray(group.roi.value)
+        np.testing.assert_allclose(points[[0, 2]], [[x, y], [x + width, y + height]],
+                                   atol=0.5)
+        assert (points[:, 0] <= original.Columns + 0.5).all()
+        assert (points[:, 1] <= original.Rows + 0.5).all()
+        reference = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
+        assert reference.ReferencedSOPInstanceUID == original.SOPInstanceUID
 
 
 def test_no_box_conventions_and_sample_check():

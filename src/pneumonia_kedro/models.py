@@ -9,6 +9,7 @@ and normalised by the model's transform.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -247,6 +248,19 @@ class TrainedModel:
     def build(self, device: torch.device | str = "cpu") -> FasterRCNN:
         model = model_from_state(self.config, self.state_dict).to(device)
         return model.eval()
+
+    @property
+    def version(self) -> str:
+        """Architecture and a digest of the weights: names the model in DICOM SRs."""
+        return weights_version(self.config.architecture, self.state_dict)
+
+
+def weights_version(architecture: str, state_dict: dict) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        digest.update(key.encode())
+        digest.update(state_dict[key].detach().cpu().contiguous().numpy().tobytes())
+    return f"{architecture}-{digest.hexdigest()[:12]}"
 
 
 def to_model_input(images: torch.Tensor, device: torch.device, channels_last: bool = False

@@ -8,7 +8,11 @@ pipelines are used, with the settings saved beside the weights.
 
 Input: a DataFrame with a ``dicom`` column holding, per row, the file's bytes, its base64 text,
 or (only when the model was logged with ``allow_paths``) a path; an optional ``patientId``
-column names the rows. Output: ``patientId, PredictionString, image_probability``.
+column names the rows. Output, one row per input row (in order, also when two rows share a
+``patientId``): ``patientId, PredictionString, image_probability, quality_flags,
+skip_reason`` and, when the model was logged with ``dicom_sr``, ``dicom_sr`` (the base64 DICOM
+Structured Report). Files the input quality gate skips get an empty PredictionString, no
+probability and the reason; a gate policy ``error`` answers HTTP 400.
 """
 
 from __future__ import annotations
@@ -26,16 +30,17 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pneumonia_kedro.boxes import xyxy_to_xywh
-from pneumonia_kedro.dicom import decode
+from pneumonia_kedro.dicom.quality import INFERENCE_QUALITY, QualityConfig
 from pneumonia_kedro.errors import DicomError
-from pneumonia_kedro.imagecache import preprocess
-from pneumonia_kedro.models import detect, model_from_state
+from pneumonia_kedro.imagecache import decode_checked, preprocess
+from pneumonia_kedro.models import detect, model_from_state, weights_version
 from pneumonia_kedro.postprocess import (
     PostprocessConfig,
     image_probabilities,
     postprocess,
     predictions_table,
 )
+from pneumonia_kedro.structured_report import report_bytes
 from pneumonia_kedro.submission import build_submission
 
 
@@ -50,6 +55,8 @@ class OpacityDetector(mlflow.pyfunc.PythonModel):
         payload = torch.load(context.artifacts["weights"], map_location="cpu",
                              weights_only=True)
         self.model = model_from_state(payload["model_config"], payload["state_dict"]).eval()
+        self.version = weights_version(payload["model_config"]["architecture"],
+                                       payload["state_dict"])
         settings = json.loads(Path(context.artifacts["settings"]).read_text())
         self.image_size = int(settings["image_size"])
         self.postprocess = PostprocessConfig(**settings["postprocess"])
@@ -57,6 +64,9 @@ class OpacityDetector(mlflow.pyfunc.PythonModel):
         self.max_file_bytes = int(settings.get("max_file_bytes", 64 * 2**20))
         self.allow_paths = bool(settings.get("allow_paths", False))
         self.no_box = settings.get("no_box", "empty")
+        self.quality = QualityConfig(**settings["quality"]) if "quality" in settings \
+            else INFERENCE_QUALITY
+        self.dicom_sr = bool(settings.get("dicom_sr", False))
 
     def _file_bytes(self, value: object, row: int) -> bytes:
         if isinstance(value, bytes | bytearray | memoryview):
@@ -89,30 +99,56 @@ class OpacityDetector(mlflow.pyfunc.PythonModel):
                                f"{self.max_files} are accepted")
         ids = (model_input["patientId"].astype(str).tolist() if "patientId" in model_input
                else [f"row{i}" for i in range(len(model_input))])
-        images, boxes = [], []
-        for row, (name, value) in enumerate(zip(ids, model_input["dicom"], strict=True)):
+        # Rows are keyed by position: two rows may share a patientId and still be two images.
+        keys = [str(row) for row in range(len(ids))]
+        files, images, letterboxes, flags, skips = {}, {}, {}, [], []
+        for row, (key, name, value) in enumerate(zip(keys, ids, model_input["dicom"],
+                                                     strict=True)):
+            files[key] = self._file_bytes(value, row)
             try:
-                image = decode(self._file_bytes(value, row), name, target_size=self.image_size)
+                image, skip_reason, flag_text = decode_checked(
+                    files[key], name, self.image_size, self.quality)
             except DicomError as exc:
                 raise _bad_request(f"row {row}: {exc}") from None
-            square, letterbox = preprocess(image, self.image_size)
-            images.append(torch.from_numpy(square)[None])
-            boxes.append(letterbox)
+            flags.append(flag_text)
+            skips.append(skip_reason)
+            if image is not None:
+                square, letterboxes[key] = preprocess(image, self.image_size)
+                images[key] = torch.from_numpy(square)[None]
+        predicted = list(images)
         raw_boxes, raw_scores = [], []
-        for start in range(0, len(images), 8):
-            batch = torch.stack(images[start:start + 8])
+        for start in range(0, len(predicted), 8):
+            batch = torch.stack([images[key] for key in predicted[start:start + 8]])
             for boxes_xyxy, scores in detect(self.model, batch, torch.device("cpu")):
                 raw_boxes.append(boxes_xyxy.numpy())
                 raw_scores.append(scores.numpy())
-        original = [xyxy_to_xywh(lb.to_original(b)) for lb, b in zip(boxes, raw_boxes,
-                                                                      strict=True)]
-        raw = predictions_table(ids, original, raw_scores)
+        original = [xyxy_to_xywh(letterboxes[key].to_original(b))
+                    for key, b in zip(predicted, raw_boxes, strict=True)]
+        raw = predictions_table(predicted, original, raw_scores)
         candidates = postprocess(raw, self.postprocess, apply_threshold=False)
         final = postprocess(raw, self.postprocess)
-        sizes = {pid: (lb.height, lb.width) for pid, lb in zip(ids, boxes, strict=True)}
-        result = build_submission(final, ids, self.no_box, sizes)
-        result["image_probability"] = np.round(image_probabilities(candidates, ids), 6)
+        sizes = {key: (lb.height, lb.width) for key, lb in letterboxes.items()}
+        result = build_submission(final, keys, self.no_box, sizes)
+        for key in keys:
+            if key not in images:  # skipped by the gate: no prediction, not even no_box's
+                result.loc[int(key), "PredictionString"] = ""
+        probabilities = pd.Series(image_probabilities(candidates, predicted), index=predicted)
+        result["image_probability"] = np.round(probabilities.reindex(keys).to_numpy(float), 6)
+        result["patientId"] = ids
+        result["quality_flags"] = flags
+        result["skip_reason"] = skips
+        if self.dicom_sr:
+            result["dicom_sr"] = [
+                "" if key not in images else base64.b64encode(report_bytes(
+                    files[key], name, *_boxes_and_scores(final, key),
+                    float(probabilities[key]), self.version)).decode("ascii")
+                for key, name in zip(keys, ids, strict=True)]
         return result
+
+
+def _boxes_and_scores(predictions: pd.DataFrame, key: str) -> tuple[list, list]:
+    rows = predictions.loc[predictions["patientId"] == key]
+    return rows[["x", "y", "width", "height"]].to_numpy().tolist(), rows["score"].tolist()
 
 
 mlflow.models.set_model(OpacityDetector())

@@ -130,6 +130,7 @@ def test_no_identifying_value_reaches_any_output(two_runs):
     raw = project / DEMO_RAW
     assert leaks(strings_in(sorted((raw / "stage_2_train_images").glob("*.dcm"))[0])), \
         "the inputs must carry the identifying values for this test to mean anything"
+    assert not list(project.rglob("structured_reports/*.dcm")), "SR output must be off by default"
     scanned = 0
     for path in sorted(project.rglob("*")):
         if path.is_file() and raw not in path.parents:
@@ -152,3 +153,27 @@ def test_no_identifying_value_reaches_any_output(two_runs):
             assert leaks(strings_in(path)) == [], path
             artifacts += 1
     assert artifacts > 10  # figures, reports, the model and its code
+
+
+@pytest.mark.slow
+def test_structured_reports_are_the_one_output_that_identifies_the_patient(two_runs,
+                                                                            monkeypatch):
+    """With ``inference.dicom_sr`` on, the SRs carry the source's patient and study
+    identification (so a PACS files them with the study); every other output still none."""
+    _, project = two_runs
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    params = {**TINY_RUN, "inference": {"batch_size": 4, "progress": False, "dicom_sr": True,
+                                        "cache": {"workers": 0, "progress": False}}}
+    run_session(project, pipelines=["inference"], params=params)
+    reports = sorted((project / "data/07_model_output/demo/structured_reports").glob("*.dcm"))
+    assert len(reports) == 3
+    for report in reports:
+        ds = pydicom.dcmread(report)
+        assert str(ds.PatientName) == IDENTIFYING["PatientName"]
+        assert ds.AccessionNumber == IDENTIFYING["AccessionNumber"]
+    raw = project / DEMO_RAW
+    for path in sorted(project.rglob("*")):
+        if path.is_file() and raw not in path.parents and \
+                "structured_reports" not in path.parts:
+            assert leaks(strings_in(path)) == [], path

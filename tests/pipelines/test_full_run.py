@@ -302,3 +302,83 @@ def test_exploration_notebook_runs_against_the_demo_outputs(demo_run, kedro_proj
     text = "".join(o.get("text", "") for o in outputs)
     assert "competition metric" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)
+
+
+def _with_header(data: bytes, **values: str) -> bytes:
+    import io
+
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
+
+
+def test_served_model_answers_per_row_with_gate_flags_and_reports(demo_run,
+                                                                   kedro_project: Path):
+    from tests.test_inference import check_report_against_submission
+
+    run = mlflow.search_runs(experiment_names=["pneumonia-kedro"]).sort_values(
+        "start_time").iloc[-1]
+    model = mlflow.pyfunc.load_model(run["tags.model_uri"])
+    from pneumonia_kedro.dicom import decode
+    from tests.dicom_files import native_dicom
+
+    folder = kedro_project / "data/01_raw/rsna-demo/stage_2_test_images"
+    first = (folder / f"{demo_run['test_ids'][0]}.dcm").read_bytes()
+    # The same picture at half the size: the boxes, in its own pixels, differ.
+    second = native_dicom(decode(first, "first").pixels[::2, ::2])
+    alone = [model.predict(pd.DataFrame({"dicom": [data]})).iloc[0]
+             for data in (first, second)]
+    assert alone[0]["PredictionString"] != alone[1]["PredictionString"]
+
+    # Two images under one patientId are two answers, each its own image's.
+    lateral = _with_header(first, ViewPosition="LL")
+    answer = model.predict(pd.DataFrame({"patientId": ["same", "same", "lat"],
+                                         "dicom": [first, second, lateral]}))
+    assert answer["patientId"].tolist() == ["same", "same", "lat"]
+    for row, expected in zip(answer.to_dict("records")[:2], alone, strict=True):
+        assert row["PredictionString"] == expected["PredictionString"]
+        assert row["image_probability"] == expected["image_probability"]
+        assert row["skip_reason"] == "" and row["quality_flags"] == ""
+    assert answer.iloc[2]["PredictionString"] == ""
+    assert np.isnan(answer.iloc[2]["image_probability"])
+    assert answer.iloc[2]["skip_reason"] == ("lat: quality gate lateral_view: ViewPosition "
+                                             "LL: the model knows AP and PA")
+
+    # Reports on request: the same boxes, in the source's pixels.
+    assert "dicom_sr" not in answer
+    model.unwrap_python_model().dicom_sr = True
+    with_reports = model.predict(pd.DataFrame({"dicom": [first, lateral]}))
+    check_report_against_submission(base64.b64decode(with_reports.iloc[0]["dicom_sr"]), first,
+                                    with_reports.iloc[0]["PredictionString"])
+    assert with_reports.iloc[1]["dicom_sr"] == ""  # skipped: nothing to report
+
+
+def test_structured_reports_are_off_by_default_and_written_on_request(demo_run,
+                                                                      kedro_project: Path):
+    """Runs the inference pipeline again: keep this test last in the module."""
+    from tests.test_inference import check_report_against_submission
+
+    data = kedro_project / "data"
+    reports = data / "07_model_output/demo/structured_reports"
+    assert not list(reports.glob("*.dcm"))  # the default run wrote none
+    params = {**TINY_RUN, "inference": {"batch_size": 4, "progress": False, "dicom_sr": True,
+                                        "cache": {"workers": 0, "progress": False}}}
+    run_session(kedro_project, pipelines=["inference"], params=params)
+    written = sorted(p.stem for p in reports.glob("*.dcm"))
+    assert written == demo_run["test_ids"]
+    submission = pd.read_csv(data / "07_model_output/demo/submission.csv",
+                             keep_default_na=False).set_index("patientId")
+    source = data / "01_raw/rsna-demo/stage_2_test_images"
+    for patient_id in written:
+        check_report_against_submission((reports / f"{patient_id}.dcm").read_bytes(),
+                                        (source / f"{patient_id}.dcm").read_bytes(),
+                                        submission.loc[patient_id, "PredictionString"])
+    run = mlflow.search_runs(experiment_names=["pneumonia-kedro"]).sort_values(
+        "start_time").iloc[-1]
+    logged = mlflow.MlflowClient().list_artifacts(run["run_id"], "structured_reports")
+    assert sorted(Path(a.path).stem for a in logged) == written

@@ -18,7 +18,9 @@ class DicomFolderDataset(AbstractDataset[Mapping[str, "bytes | Callable[[], byte
 
     Saving takes a mapping of patientId to file bytes, or to a callable returning them (so a
     generator writes one file at a time), and writes each file atomically (temporary name, then
-    rename), so an interrupted save never leaves a half-written ``.dcm``.
+    rename), so an interrupted save never leaves a half-written ``.dcm``. With
+    ``overwrite: true`` (outputs such as structured reports, never raw data) the folder's
+    earlier ``.dcm`` files are removed first, so it holds exactly what the last run wrote.
 
     Example catalog entry::
 
@@ -32,12 +34,14 @@ class DicomFolderDataset(AbstractDataset[Mapping[str, "bytes | Callable[[], byte
         *,
         path: str,
         suffix: str = ".dcm",
+        overwrite: bool = False,
         credentials: dict[str, Any] | None = None,
         fs_args: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         self._path = str(path)
         self._suffix = suffix
+        self._overwrite = overwrite
         self._storage_options = {**(credentials or {}), **(fs_args or {})}
         self.metadata = metadata
 
@@ -47,6 +51,9 @@ class DicomFolderDataset(AbstractDataset[Mapping[str, "bytes | Callable[[], byte
     def save(self, data: Mapping[str, bytes | Callable[[], bytes]]) -> None:
         fs, root = fsspec.core.url_to_fs(self._path, **self._storage_options)
         fs.makedirs(root, exist_ok=True)
+        if self._overwrite:
+            for stale in fs.glob(f"{root}/*{self._suffix}"):
+                fs.rm(stale)
         for patient_id, content in data.items():
             if not is_safe_patient_id(patient_id):
                 raise DatasetError(f"{self._path}: refusing to write unsafe patientId "
@@ -63,4 +70,4 @@ class DicomFolderDataset(AbstractDataset[Mapping[str, "bytes | Callable[[], byte
         return bool(fs.exists(root) and fs.glob(f"{root}/*{self._suffix}"))
 
     def _describe(self) -> dict[str, Any]:
-        return {"path": self._path, "suffix": self._suffix}
+        return {"path": self._path, "suffix": self._suffix, "overwrite": self._overwrite}

@@ -23,6 +23,7 @@ SERVING_REQUIREMENTS = (
     f"torch=={torch.__version__.split('+')[0]}",
     "torchvision==0.29.1",
     "pydicom~=3.0.2",
+    "highdicom~=0.28",
     "pylibjpeg>=2.0",
     "pylibjpeg-libjpeg>=2.3",
     "pylibjpeg-openjpeg>=2.4",

@@ -61,6 +61,12 @@ class QualityConfig:
                 if isinstance(getattr(self, f.name), str)}
 
 
+# Inference (and the served model) refuse what the model was not trained for; training
+# (ingest.quality) only warns, except for colour images.
+INFERENCE_QUALITY = QualityConfig(not_chest="skip", lateral_view="skip", colour="skip",
+                                  tiny_image="skip", near_constant="skip")
+
+
 @dataclass(frozen=True)
 class Flag:
     check: str

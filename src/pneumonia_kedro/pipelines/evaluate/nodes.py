@@ -11,6 +11,7 @@ import pandas as pd
 
 from pneumonia_kedro.boxes import xywh_to_xyxy
 from pneumonia_kedro.config import from_params
+from pneumonia_kedro.dicom.quality import INFERENCE_QUALITY, QualityConfig
 from pneumonia_kedro.imagecache import ImageCache
 from pneumonia_kedro.inference import predict_cache
 from pneumonia_kedro.labels import boxes_array
@@ -164,6 +165,8 @@ class ServingConfig:
     max_file_bytes: int = 64 * 2**20
     allow_paths: bool = False  # paths let a caller read any file the server can: off
     no_box: str = "empty"
+    quality: QualityConfig = INFERENCE_QUALITY
+    dicom_sr: bool = False  # answer with a base64 DICOM SR per file (carries patient identity)
 
 
 def package_model(trained_model: TrainedModel, postprocessing: dict, params: dict) -> dict:

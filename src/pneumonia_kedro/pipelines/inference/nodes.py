@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -11,20 +12,17 @@ import pandas as pd
 
 from pneumonia_kedro.config import from_params
 from pneumonia_kedro.dicom import DicomFolder
-from pneumonia_kedro.dicom.quality import QualityConfig
+from pneumonia_kedro.dicom.quality import INFERENCE_QUALITY, QualityConfig
 from pneumonia_kedro.figures import overlay_figure
 from pneumonia_kedro.imagecache import CacheConfig, CachePlan, ImageCache, plan, quality_summary
 from pneumonia_kedro.inference import predict_cache
 from pneumonia_kedro.models import TrainedModel
 from pneumonia_kedro.postprocess import PostprocessConfig, image_probabilities, postprocess
+from pneumonia_kedro.structured_report import report_bytes
 from pneumonia_kedro.submission import build_submission, check_against_sample
 from pneumonia_kedro.training import resolve_device
 
 logger = logging.getLogger(__name__)
-
-# Inference refuses what the model was not trained for; training (ingest.quality) only warns.
-INFERENCE_QUALITY = QualityConfig(not_chest="skip", lateral_view="skip", colour="skip",
-                                  tiny_image="skip", near_constant="skip")
 
 
 @dataclass(frozen=True)
@@ -116,6 +114,32 @@ def write_submission(test_predictions: pd.DataFrame, test_image_cache: ImageCach
         logger.warning("%d file(s) could not be decoded; listed in the inference report and "
                        "written with an empty PredictionString", len(skipped))
     return submission, report
+
+
+def write_structured_reports(test_predictions: pd.DataFrame, test_image_cache: ImageCache,
+                             test_dicoms: DicomFolder, trained_model: TrainedModel,
+                             params: dict) -> dict[str, Callable[[], bytes]]:
+    """With ``inference.dicom_sr``, one DICOM SR per predicted image (boxes in the source's
+    pixels), made one at a time as the dataset writes them; nothing otherwise."""
+    config = _config(params)
+    if not config.dicom_sr:
+        return {}
+    model, _ = _chosen_model(trained_model, {}, config)
+    version = model.version
+    by_patient = {pid: rows for pid, rows in test_predictions.groupby("patientId", sort=False)}
+    columns = ["x", "y", "width", "height"]
+
+    def report(patient_id: str) -> Callable[[], bytes]:
+        rows = by_patient.get(patient_id)
+        boxes = [] if rows is None else rows[columns].to_numpy().tolist()
+        scores = [] if rows is None else rows["score"].tolist()
+        # Images without boxes carry no probability in test_predictions.
+        probability = None if rows is None else float(rows["image_probability"].iloc[0])
+        return lambda: report_bytes(test_dicoms.read_bytes(patient_id),
+                                    test_dicoms.display_name(patient_id), boxes, scores,
+                                    probability, version)
+
+    return {pid: report(pid) for pid in test_image_cache.usable["patientId"]}
 
 
 def draw_overlays(test_predictions: pd.DataFrame, test_image_cache: ImageCache,

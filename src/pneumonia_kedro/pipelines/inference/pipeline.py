@@ -2,7 +2,13 @@
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import draw_overlays, plan_test_cache, predict_test, write_submission
+from .nodes import (
+    draw_overlays,
+    plan_test_cache,
+    predict_test,
+    write_structured_reports,
+    write_submission,
+)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -25,6 +31,13 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:inference"],
             outputs=["submission", "inference_report"],
             name="write_submission_node",
+        ),
+        Node(
+            func=write_structured_reports,
+            inputs=["test_predictions", "test_image_cache", "test_dicoms", "trained_model",
+                    "params:inference"],
+            outputs="structured_reports",
+            name="write_structured_reports_node",
         ),
         Node(
             func=draw_overlays,

@@ -1,0 +1,135 @@
+"""DICOM Structured Reports: read back with highdicom and pydicom, coordinates, references,
+identity, and Debian's dciodvfy."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+
+from pneumonia_kedro.errors import DicomError
+from pneumonia_kedro.structured_report import report_bytes
+from tests.dicom_files import native_dicom
+
+BOXES = [[100.25, 200.5, 300.0, 400.75], [600.0, 150.0, 220.5, 310.0]]
+SCORES = [0.91, 0.42]
+
+
+@pytest.fixture(scope="module")
+def source() -> bytes:
+    from pneumonia_kedro.demo import DemoConfig, demo_file, sample_demo_patients
+
+    config = DemoConfig(n_positive=1, n_negative=0, n_test=0, seed=4)
+    _, patients, _ = sample_demo_patients(None, None, config)
+    row = patients.iloc[0].to_dict()
+    return demo_file(row["patientId"], row, row["boxes"], config)
+
+
+def dciodvfy_errors(data: bytes, tmp_path: Path) -> list[str]:
+    """Error lines of dciodvfy (dicom3tools, installed by `make test`)."""
+    if shutil.which("dciodvfy") is None:
+        if os.environ.get("CI"):
+            pytest.fail("dciodvfy is missing: `make test` installs Debian's dicom3tools")
+        pytest.skip("dciodvfy not installed (Debian package dicom3tools; `make test` "
+                    "installs it when it may use apt-get)")
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(data)
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True,
+                            check=False, timeout=60)
+    output = result.stdout + result.stderr
+    assert "Comprehensive3DSR" in output, output
+    return [line for line in output.splitlines() if line.startswith("Error")]
+
+
+def text_values(group: pydicom.Dataset | pydicom.Sequence, code: str) -> list[str]:
+    """TEXT items under ``group`` with the DCM concept name ``code`` (at any depth)."""
+    found = []
+    for item in group if isinstance(group, pydicom.Sequence) else group.ContentSequence:
+        if item.ConceptNameCodeSequence[0].CodeValue == code and item.ValueType == "TEXT":
+            found.append(item.TextValue)
+        if "ContentSequence" in item:
+            found += text_values(item, code)
+    return found
+
+
+def read_back(data: bytes) -> tuple[pydicom.Dataset, hd.sr.Comprehensive3DSR]:
+    return pydicom.dcmread(io.BytesIO(data)), hd.sr.srread(io.BytesIO(data))
+
+
+def test_boxes_round_trip_with_references_identity_and_codes(source, tmp_path):
+    data = report_bytes(source, "s.dcm", BOXES, SCORES, 0.93, "mobilenet-abc")
+    ds, sr = read_back(data)
+    original = pydicom.dcmread(io.BytesIO(source), stop_before_pixels=True)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert ds.StudyInstanceUID == original.StudyInstanceUID
+    assert ds.SeriesInstanceUID != original.SeriesInstanceUID
+    assert (ds.PatientID, str(ds.PatientName)) == (original.PatientID,
+                                                    str(original.PatientName))
+    assert ds.PatientAge == f"{int(original.PatientAge):03d}Y"  # made conformant
+    evidence = ds.CurrentRequestedProcedureEvidenceSequence[0]
+    assert evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
+        .ReferencedSOPInstanceUID == original.SOPInstanceUID
+
+    groups = sr.content.get_planar_roi_measurement_groups()
+    assert len(groups) == 2
+    for group, box, score in zip(groups, BOXES, SCORES, strict=True):
+        x, y, width, height = box
+        points = np.asarray(group.roi.value)
+        expected = [[x, y], [x + width, y], [x + width, y + height], [x, y + height], [x, y]]
+        np.testing.assert_allclose(points, expected, atol=0.5)
+        assert group.roi.GraphicType == "POLYLINE"
+        source_image = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
+        assert source_image.ReferencedSOPInstanceUID == original.SOPInstanceUID
+        assert group.finding_type == codes.DCM.Opacity
+        assert group.finding_sites[0].value == codes.SCT.Lung
+        (certainty,) = group.get_measurements(name=codes.DCM.CertaintyOfFinding)
+        assert certainty.value == pytest.approx(score)
+        assert text_values(group, "111001")[0].startswith("pneumonia-kedro")  # name
+        assert set(text_values(group, "111003")) == {"mobilenet-abc"}  # version
+    (image_level,) = sr.content.get_image_measurement_groups()
+    (presence,) = image_level.get_qualitative_evaluations(name=codes.DCM.PresenceOfProperty)
+    assert presence.value == codes.SCT.Present
+    (probability,) = image_level.get_measurements(name=codes.DCM.Probability)
+    assert probability.value == pytest.approx(0.93)
+    assert dciodvfy_errors(data, tmp_path) == []
+
+
+def test_an_image_without_boxes_says_no_opacity_was_found(source, tmp_path):
+    data = report_bytes(source, "s.dcm", [], [], None, "v")
+    _, sr = read_back(data)
+    assert sr.content.get_planar_roi_measurement_groups() == []
+    (image_level,) = sr.content.get_image_measurement_groups()
+    (presence,) = image_level.get_qualitative_evaluations(name=codes.DCM.PresenceOfProperty)
+    assert presence.value == codes.SCT.Absent
+    assert image_level.get_measurements(name=codes.DCM.Probability) == []
+    assert dciodvfy_errors(data, tmp_path) == []
+
+
+def test_a_rerun_keeps_the_uids_and_another_model_gets_new_ones(source):
+    def uids(version: str) -> tuple[str, str]:
+        ds = pydicom.dcmread(io.BytesIO(report_bytes(source, "s.dcm", BOXES, SCORES, 0.9,
+                                                     version)))
+        return ds.SOPInstanceUID, ds.SeriesInstanceUID
+
+    first = uids("v1")
+    assert uids("v1") == first
+    assert set(uids("v2")).isdisjoint(first)
+
+
+def test_a_source_without_uids_gets_a_clear_error():
+    data = native_dicom(np.zeros((8, 8), np.uint8))
+    ds = pydicom.dcmread(io.BytesIO(data))
+    del ds.StudyInstanceUID
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    with pytest.raises(DicomError, match=r"^/in/x\.dcm: no StudyInstanceUID: a structured "
+                                         "report cannot reference this image"):
+        report_bytes(buffer.getvalue(), "/in/x.dcm", [], [], None, "v")
