@@ -102,15 +102,24 @@ def header_flags(image: DicomImage, config: QualityConfig) -> list[Flag]:
     return flags
 
 
+def _thumbnail(pixels: np.ndarray) -> np.ndarray:
+    """Every n-th pixel, about 256 on the longer side: statistics of the whole image at a
+    sixteenth of the cost (the gate runs on every cached image)."""
+    step = max(1, max(pixels.shape) // 256)
+    return pixels[::step, ::step]
+
+
 def grey_level_span(image: DicomImage) -> int:
     """Grey levels between the 1st and 99th percentile of the non-padding pixels."""
-    pixels = image.pixels
-    if image.padding is not None and image.padding.shape == pixels.shape:
-        pixels = pixels[~image.padding]
+    pixels = _thumbnail(image.pixels)
+    if image.padding is not None and image.padding.shape == image.pixels.shape:
+        pixels = pixels[~_thumbnail(image.padding)]
     if pixels.size == 0:
         return 0
-    low, high = np.percentile(pixels, [1, 99])
-    return int(round(float(high - low)))
+    # A histogram of 256 grey levels instead of a sort.
+    cumulative = np.cumsum(np.bincount(pixels.ravel(), minlength=256))
+    low, high = np.searchsorted(cumulative, [0.01 * pixels.size, 0.99 * pixels.size])
+    return int(high - low)
 
 
 def inversion_contrast(pixels: np.ndarray) -> float:
@@ -143,7 +152,7 @@ def pixel_flags(image: DicomImage, config: QualityConfig) -> list[Flag]:
     if span < config.near_constant_levels:
         return [Flag("near_constant", f"converted image is nearly constant (1st..99th "
                                       f"percentile span {span} grey levels)")]
-    contrast = inversion_contrast(image.pixels)
+    contrast = inversion_contrast(_thumbnail(image.pixels))
     if contrast < -INVERSION_MARGIN:
         return [Flag("looks_inverted", f"lung fields {-contrast:.0f} grey levels brighter "
                                        "than the mediastinum: photometric interpretation "
