@@ -116,3 +116,26 @@ def test_image_level_metrics_from_top_box_scores():
     assert result["confusion_matrix"] == {"tn": 1, "fp": 1, "fn": 1, "tp": 1}
     assert result["sensitivity"] == 0.5 and result["specificity"] == 0.5
     assert result["roc_auc"] == pytest.approx(0.75)
+
+
+def test_validation_without_truth_boxes_or_predictions_reports_an_undefined_metric():
+    """Only negatives and no box anywhere: no image counts, the metric is undefined (None),
+    and neither the evaluation nor the report fails on it."""
+    import pandas as pd
+
+    from pneumonia_kedro.pipelines.evaluate.nodes import evaluate
+    from pneumonia_kedro.pipelines.report.nodes import write_report
+
+    patients = pd.DataFrame({"patientId": ["a", "b"], "Target": [0, 0], "boxes": [[], []],
+                             "view_position": ["AP", "PA"],
+                             "detailed_class": ["Normal", "Normal"]})
+    no_boxes = pd.DataFrame(columns=["patientId", "x", "y", "width", "height", "score"])
+    postprocessing = {"score_threshold": 0.5, "nms_iou": 0.1, "max_boxes": 4, "shrink": 1.0}
+    metrics, headline, _ = evaluate(no_boxes, patients, postprocessing, {"progress": False})
+    assert metrics["overall"]["competition_metric"] is None
+    assert "competition_metric" not in headline and headline["specificity"]["value"] == 1.0
+    report = write_report(
+        metrics, {"validation": {"patients": 2, "positive": 0}, "train": {"patients": 8}},
+        {"image_size": 64},
+        pd.DataFrame({"epoch": [1], "validation_competition_metric": [0.0]}))
+    assert "| competition metric (mean over IoU 0.40-0.75) | n/a |" in report

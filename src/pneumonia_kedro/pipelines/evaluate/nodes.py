@@ -149,11 +149,13 @@ def evaluate(raw_validation_predictions: pd.DataFrame, validation_patients: pd.D
         "score_threshold": threshold,
         **{f"froc_sensitivity_at_{k}_fp": v for k, v in overall["froc"].items()},
     }
-    # kedro-mlflow's metrics format; NaN (e.g. AUC with one class) is left out.
+    # kedro-mlflow's metrics format; undefined values (None: no image counts; NaN: e.g. AUC
+    # with one class) are left out.
     headline = {k: {"value": float(v), "step": 0} for k, v in headline.items()
-                if not np.isnan(v)}
-    logger.info("validation competition metric %.4f at score threshold %.2f",
-                overall["competition_metric"], threshold)
+                if v is not None and not np.isnan(v)}
+    logger.info("validation competition metric %s at score threshold %.2f",
+                "undefined (no image counts)" if overall["competition_metric"] is None
+                else f"{overall['competition_metric']:.4f}", threshold)
     return metrics, headline, final
 
 

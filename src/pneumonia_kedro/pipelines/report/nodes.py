@@ -117,7 +117,8 @@ def write_report(evaluation_metrics: dict, split_report: dict, cache_report: dic
         "",
         "| metric | value |",
         "| --- | --- |",
-        f"| competition metric (mean over IoU 0.40-0.75) | {overall['competition_metric']:.4f} |",
+        f"| competition metric (mean over IoU 0.40-0.75) | "
+        f"{_format(overall['competition_metric'])} |",
         f"| score threshold (tuned on validation) | "
         f"{evaluation_metrics['postprocessing']['score_threshold']:.2f} |",
         f"| COCO AP / AP50 / AP75 | {overall['coco_ap']:.4f} / {overall['coco_ap50']:.4f} / "
