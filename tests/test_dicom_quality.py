@@ -98,9 +98,11 @@ def test_policies_warn_skip_and_error():
 @pytest.mark.parametrize(("params", "message"), [
     ({"lateral_view": "ignore"}, r"params:ingest.quality.lateral_view = 'ignore'"),
     ({"colour": "warn"}, r"params:ingest.quality.colour = 'warn'"),
-    ({"min_side": 0}, "quality.min_side = 0 must be at least 1"),
-    ({"max_aspect_ratio": 0.5}, "quality.max_aspect_ratio = 0.5 must be at least 1"),
-    ({"near_constant_levels": 300}, "quality.near_constant_levels = 300 must be within"),
+    ({"min_side": 0}, "params:ingest.quality.min_side = 0 is out of range: it must be >= 1"),
+    ({"max_aspect_ratio": 0.5}, "quality.max_aspect_ratio = 0.5 is out of range: it must be "
+                                ">= 1"),
+    ({"near_constant_levels": 300}, "quality.near_constant_levels = 300 is out of range: it "
+                                    "must be >= 0 and <= 255"),
 ])
 def test_bad_gate_settings_name_the_key(params, message):
     with pytest.raises(ConfigError, match=message):

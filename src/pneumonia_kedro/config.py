@@ -1,7 +1,9 @@
 """Typed configuration: parameter dictionaries become dataclasses at the node boundary.
 
 Nodes take the raw ``params:<group>`` dictionary (so kedro-mlflow logs it flattened, one MLflow
-param per key) and convert it here; domain code only ever sees the dataclass.
+param per key) and convert it here; domain code only ever sees the dataclass. A class may
+declare ``RANGES = {"key": Range(...)}``: numbers outside are refused here, naming the key,
+before any node touches data.
 """
 
 from __future__ import annotations
@@ -19,6 +21,35 @@ T = TypeVar("T")
 
 class ConfigError(PneumoniaKedroError, ValueError):
     """A parameter group does not match the dataclass it configures."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Allowed values of a number: ``low``/``high`` bounds, open (excluded) when asked."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        return " and ".join(parts)
+
+
+AT_LEAST_ONE = Range(1)
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, low_open=True)
+PROBABILITY = Range(0, 1)
 
 
 def _check_type(value: Any, annotation: Any) -> bool:  # noqa: PLR0911
@@ -82,12 +113,29 @@ def from_params(cls: type[T], params: Mapping[str, Any] | T, group: str) -> T:
             values[name] = nested if default is None else dataclasses.replace(
                 default, **{k: getattr(nested, k) for k in raw})
         elif not _check_type(raw, annotation):
+            allowed = _allowed(annotation)
             raise ConfigError(
                 f"params:{group}.{name} = {raw!r} does not match the expected type "
                 f"{getattr(annotation, '__name__', annotation)}"
+                + (f"; allowed values: {', '.join(map(repr, allowed))}" if allowed else "")
             )
         elif isinstance(raw, list) and _wants_tuple(annotation):
             values[name] = _as_tuple(raw)
         else:
             values[name] = raw
+    for name, allowed in getattr(cls, "RANGES", {}).items():
+        value = values.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool) \
+                and not allowed.contains(value):
+            raise ConfigError(f"params:{group}.{name} = {value!r} is out of range: it must be "
+                              f"{allowed}")
     return cls(**values)
+
+
+def _allowed(annotation: Any) -> list:
+    """The values a Literal (or an optional Literal) allows, else none."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return list(typing.get_args(annotation))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [value for arg in typing.get_args(annotation) for value in _allowed(arg)]
+    return []

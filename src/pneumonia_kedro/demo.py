@@ -25,6 +25,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, JPEGBaseline8Bit, generate_uid
 
+from pneumonia_kedro.config import NON_NEGATIVE, Range
 from pneumonia_kedro.dicom import lenient_values
 from pneumonia_kedro.labels import NEGATIVE_CLASSES, OPACITY_CLASS
 
@@ -41,6 +42,9 @@ HEADER_COLUMNS = ("patientId", "view_position", "patient_sex", "patient_age", "p
 @dataclass(frozen=True)
 class DemoConfig:
     """Size and seed of the demo dataset."""
+
+    RANGES = {"n_positive": NON_NEGATIVE, "n_negative": NON_NEGATIVE, "n_test": NON_NEGATIVE,
+              "jpeg_quality": Range(1, 100)}
 
     n_positive: int = 100
     n_negative: int = 100

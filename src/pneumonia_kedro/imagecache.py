@@ -33,6 +33,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from pneumonia_kedro.boxes import Letterbox
+from pneumonia_kedro.config import AT_LEAST_ONE, NON_NEGATIVE, Range
 from pneumonia_kedro.dicom import ColourImageError, DicomFolder, DicomImage, decode
 from pneumonia_kedro.dicom.quality import InputQualityError, QualityConfig, colour_result
 from pneumonia_kedro.dicom.quality import check as quality_check
@@ -51,6 +52,8 @@ INDEX_COLUMNS = ("patientId", "row", "status", "reason", "flags", "view_position
 class CacheConfig:
     """How images are cached: square size, worker processes, what to do with files that do
     not decode (``on_error``) and with files the input quality gate flags (``quality``)."""
+
+    RANGES = {"image_size": Range(16), "workers": NON_NEGATIVE, "chunk_size": AT_LEAST_ONE}
 
     image_size: int = 512
     workers: int = 2

@@ -34,6 +34,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import misc as misc_nn_ops
 
+from pneumonia_kedro.config import AT_LEAST_ONE, PROBABILITY, Range
 from pneumonia_kedro.errors import PneumoniaKedroError, WeightsUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,14 @@ _BUILDERS = {
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild the detector (saved beside its weights)."""
+
+    RANGES = {"image_size": Range(16), "rpn_batch_size_per_image": AT_LEAST_ONE,
+              "rpn_pre_nms_top_n_train": AT_LEAST_ONE,
+              "rpn_post_nms_top_n_train": AT_LEAST_ONE, "rpn_pre_nms_top_n_test": AT_LEAST_ONE,
+              "rpn_post_nms_top_n_test": AT_LEAST_ONE,
+              "box_batch_size_per_image": AT_LEAST_ONE, "box_head_size": AT_LEAST_ONE,
+              "box_score_thresh": PROBABILITY, "box_nms_thresh": PROBABILITY,
+              "box_detections_per_img": AT_LEAST_ONE}
 
     architecture: Architecture = "resnet50_fpn"
     pretrained: str = "coco"  # coco | imagenet | none | path to a local weights file

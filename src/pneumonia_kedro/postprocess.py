@@ -16,6 +16,7 @@ import torch
 from torchvision.ops import nms
 
 from pneumonia_kedro.boxes import xywh_to_xyxy
+from pneumonia_kedro.config import AT_LEAST_ONE, PROBABILITY, Range
 
 PREDICTION_COLUMNS = ("patientId", "x", "y", "width", "height", "score")
 
@@ -23,6 +24,9 @@ PREDICTION_COLUMNS = ("patientId", "x", "y", "width", "height", "score")
 @dataclass(frozen=True)
 class PostprocessConfig:
     """Post-processing of raw predictions; ``score_threshold`` is tuned by evaluation."""
+
+    RANGES = {"score_threshold": PROBABILITY, "nms_iou": PROBABILITY,
+              "max_boxes": AT_LEAST_ONE, "shrink": Range(0, 2, low_open=True)}
 
     score_threshold: float = 0.5
     nms_iou: float = 0.1

@@ -13,12 +13,17 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 from sklearn.utils import shuffle
 
+from pneumonia_kedro.config import AT_LEAST_ONE, Range
+
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SplitConfig:
     """How many patients to keep per Target and how to split them."""
+
+    RANGES = {"n_per_class": AT_LEAST_ONE,
+              "validation_fraction": Range(0, 1, low_open=True, high_open=True)}
 
     n_per_class: int | None = 500
     validation_fraction: float = 0.2

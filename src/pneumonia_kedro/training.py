@@ -34,6 +34,7 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from pneumonia_kedro.boxes import xywh_to_xyxy
+from pneumonia_kedro.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, PROBABILITY, Range
 from pneumonia_kedro.imagecache import ImageCache
 from pneumonia_kedro.labels import boxes_array
 from pneumonia_kedro.metrics import best_threshold, threshold_curve
@@ -52,6 +53,9 @@ logger = logging.getLogger(__name__)
 class AugmentConfig:
     """Box-aware augmentation at training time (none at validation)."""
 
+    RANGES = {"horizontal_flip": PROBABILITY, "translate": Range(0, 0.5),
+              "brightness": Range(0, 1), "contrast": Range(0, 1)}
+
     horizontal_flip: float = 0.5
     scale: tuple = (0.9, 1.1)
     translate: float = 0.05
@@ -62,6 +66,14 @@ class AugmentConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """The notebook's knobs (batch 8, SGD 0.005/0.9/0.0005, StepLR 3/0.1, 5 epochs) and more."""
+
+    RANGES = {"epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE,
+              "validation_batch_size": AT_LEAST_ONE, "learning_rate": POSITIVE,
+              "momentum": Range(0, 1, high_open=True), "weight_decay": NON_NEGATIVE,
+              "step_size": AT_LEAST_ONE, "gamma": Range(0, 1, low_open=True),
+              "warmup_iterations": NON_NEGATIVE, "warmup_factor": Range(0, 1, low_open=True),
+              "grad_clip_norm": POSITIVE, "num_workers": NON_NEGATIVE,
+              "score_threshold": PROBABILITY, "world_size": AT_LEAST_ONE}
 
     epochs: int = 5
     batch_size: int = 8

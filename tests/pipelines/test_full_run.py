@@ -382,3 +382,35 @@ def test_structured_reports_are_off_by_default_and_written_on_request(demo_run,
         "start_time").iloc[-1]
     logged = mlflow.MlflowClient().list_artifacts(run["run_id"], "structured_reports")
     assert sorted(Path(a.path).stem for a in logged) == written
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(("params", "key"), [
+    ({"cache": {"image_size": -1}}, "params:cache.image_size = -1"),
+    ({"train": {"epochs": 0}}, "params:train.epochs = 0"),
+    ({"train": {"batch_size": 0}}, "params:train.batch_size = 0"),
+])
+def test_bad_parameters_stop_before_anything_is_removed_or_published(demo_run,
+                                                                    kedro_project: Path,
+                                                                    params, key):
+    """A cache of real data is ~26,000 decoded DICOMs, and the newest model version is what
+    evaluation and inference load: a bad number must leave both as they were."""
+    from pneumonia_kedro.config import ConfigError
+
+    data = kedro_project / "data"
+    cache, models = data / "04_feature/demo/image_cache", data / "06_models/demo"
+    history = data / "08_reporting/demo/training_history.csv"
+    before = (_snapshot(cache), _snapshot(models), history.read_bytes())
+    with pytest.raises(Exception) as info:  # Kedro wraps it in its own types
+        run_session(kedro_project, pipelines=["cache", "train"],
+                    params={**TINY_RUN, **{k: {**TINY_RUN.get(k, {}), **v}
+                                           for k, v in params.items()}})
+    cause = info.value
+    while cause.__cause__ is not None and not isinstance(cause, ConfigError):
+        cause = cause.__cause__
+    assert isinstance(cause, ConfigError) and key in str(cause)
+    assert (_snapshot(cache), _snapshot(models), history.read_bytes()) == before

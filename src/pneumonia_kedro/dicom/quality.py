@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-from pneumonia_kedro.config import ConfigError
+from pneumonia_kedro.config import AT_LEAST_ONE, Range
 from pneumonia_kedro.dicom.reader import DicomImage
 from pneumonia_kedro.errors import DicomError
 
@@ -32,6 +32,9 @@ class InputQualityError(DicomError):
 class QualityConfig:
     """A policy per check and the thresholds of the checks that have one."""
 
+    RANGES = {"min_side": AT_LEAST_ONE, "max_aspect_ratio": Range(1),
+              "near_constant_levels": Range(0, 255)}
+
     not_chest: Policy = "warn"              # BodyPartExamined present and not the chest
     lateral_view: Policy = "warn"           # ViewPosition lateral (LL, RL, ...)
     unknown_view: Policy = "warn"           # ViewPosition empty or neither AP/PA nor lateral
@@ -44,16 +47,6 @@ class QualityConfig:
     min_side: int = 256
     max_aspect_ratio: float = 1.6
     near_constant_levels: int = 8           # 1st..99th percentile spans fewer grey levels
-
-    def __post_init__(self) -> None:
-        if self.min_side < 1:
-            raise ConfigError(f"quality.min_side = {self.min_side} must be at least 1")
-        if self.max_aspect_ratio < 1:
-            raise ConfigError(f"quality.max_aspect_ratio = {self.max_aspect_ratio} must be at "
-                              "least 1")
-        if not 0 <= self.near_constant_levels <= 255:
-            raise ConfigError(f"quality.near_constant_levels = {self.near_constant_levels} "
-                              "must be within 0..255")
 
     @property
     def policies(self) -> dict[str, str]:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from pneumonia_kedro.boxes import xywh_to_xyxy
-from pneumonia_kedro.config import from_params
+from pneumonia_kedro.config import AT_LEAST_ONE, from_params
 from pneumonia_kedro.dicom.quality import INFERENCE_QUALITY, QualityConfig
 from pneumonia_kedro.imagecache import ImageCache
 from pneumonia_kedro.inference import predict_cache
@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class EvaluateConfig:
     """Prediction, post-processing and the grid the score threshold is tuned over."""
+
+    RANGES = {"batch_size": AT_LEAST_ONE}
 
     batch_size: int = 16
     device: str = "auto"
@@ -162,6 +164,8 @@ def evaluate(raw_validation_predictions: pd.DataFrame, validation_patients: pd.D
 @dataclass(frozen=True)
 class ServingConfig:
     """What the served MLflow model accepts."""
+
+    RANGES = {"max_files_per_request": AT_LEAST_ONE, "max_file_bytes": AT_LEAST_ONE}
 
     max_files_per_request: int = 64
     max_file_bytes: int = 64 * 2**20

@@ -10,7 +10,7 @@ from typing import Literal
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from pneumonia_kedro.config import from_params
+from pneumonia_kedro.config import AT_LEAST_ONE, from_params
 from pneumonia_kedro.dicom import DicomFolder
 from pneumonia_kedro.dicom.quality import INFERENCE_QUALITY, QualityConfig
 from pneumonia_kedro.figures import overlay_figure
@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class InferenceConfig:
     """How a folder of DICOMs becomes predictions and a submission."""
+
+    RANGES = {"batch_size": AT_LEAST_ONE}
 
     cache: CacheConfig = field(default_factory=lambda: CacheConfig(on_error="skip"))
     quality: QualityConfig = INFERENCE_QUALITY

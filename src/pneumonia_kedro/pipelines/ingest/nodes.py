@@ -8,7 +8,7 @@ from typing import Literal
 
 import pandas as pd
 
-from pneumonia_kedro.config import from_params
+from pneumonia_kedro.config import AT_LEAST_ONE, from_params
 from pneumonia_kedro.dicom import DicomFolder, header_table
 from pneumonia_kedro.dicom.quality import QualityConfig
 from pneumonia_kedro.errors import MissingDataError
@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 class IngestConfig:
     """Competition image size (for box bounds), what to do with patients lacking a DICOM, and
     the input quality gate for training images (applied when the cache decodes them)."""
+
+    RANGES = {"image_size": AT_LEAST_ONE}
 
     image_size: int = 1024
     on_missing_image: Literal["error", "exclude"] = "error"
