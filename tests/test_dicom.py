@@ -188,10 +188,15 @@ def test_folder_scan_keeps_links_inside_and_rejects_what_could_leave_it(tmp_path
     (folder / "..hidden.dcm").write_bytes(b"7")
     (folder / "-rf.dcm").write_bytes(b"8")
     (folder / "notes.txt").write_bytes(b"9")
+    (folder / "p7.DCM").write_bytes(b"10")
+    (folder / "p8").mkdir()
     scanned = DicomFolder.scan(str(folder))
     assert scanned.patient_ids == ["p1", "p2"]
     assert scanned.read_bytes("p2") == b"2"
     assert scanned.rejected == {
+        "p7.DCM": "file name ends in '.DCM', not '.dcm' (names are case-sensitive)",
+        "p8": "a subfolder: images must lie directly in the folder",
+        "shared": "a subfolder: images must lie directly in the folder",
         "-rf.dcm": "file name is not a safe patientId",
         "..hidden.dcm": "file name is not a safe patientId",
         "p3.dcm": "symlink pointing outside the data folder",
@@ -203,6 +208,11 @@ def test_folder_scan_keeps_links_inside_and_rejects_what_could_leave_it(tmp_path
         scanned.read_bytes("../outside/secret")
     assert scanned.absence_reason("p3").endswith("p3.dcm: symlink pointing outside the data "
                                                  "folder")
+    assert scanned.absence_reason("p7").endswith("p7.DCM: file name ends in '.DCM', not "
+                                                 "'.dcm' (names are case-sensitive)")
+    assert scanned.absence_reason("p8").endswith("/p8: a subfolder: images must lie directly "
+                                                 "in the folder")
+    assert scanned.absence_reason("p9") == f"no file {folder}/p9.dcm"
 
 
 def test_a_jpeg_frame_that_disagrees_with_the_header_is_refused_before_decoding():

@@ -51,13 +51,17 @@ def test_missing_image_stops_or_is_excluded(run_kedro, kedro_project: Path):
     run_kedro(pipelines=["demo_data"], params={"demo_data": TINY_DEMO})
     images = sorted((kedro_project / "data/01_raw/rsna-demo/stage_2_train_images").glob("*.dcm"))
     images[0].unlink()
-    with pytest.raises(MissingDataError, match=f"(?s)1 patient.*{images[0].stem}"):
+    images[1].rename(images[1].with_suffix(".DCM"))  # near misses are named with the reason
+    (images[0].parent / "unlabelled-1.dcm").write_bytes(images[2].read_bytes())
+    with pytest.raises(MissingDataError, match=f"(?s)2 patient.*{images[0].stem}") as info:
         run_kedro(pipelines=["ingest"])
+    assert f"{images[1].stem}.DCM: file name ends in '.DCM', not '.dcm'" in str(info.value)
     run_kedro(pipelines=["ingest"], params={"ingest": {"on_missing_image": "exclude"}})
     report = json.loads(
         (kedro_project / "data/08_reporting/demo/ingest_report.json").read_text())
-    assert report["missing_images"] == [images[0].stem]
-    assert report["patients"] == 15
+    assert report["missing_images"] == sorted([images[0].stem, images[1].stem])
+    assert report["patients"] == 14
+    assert report["unlabelled_dicoms"] == {"count": 1, "first": ["unlabelled-1"]}
 
 
 def test_run_without_data_says_where_to_put_it(kedro_project: Path, run_kedro):

@@ -43,10 +43,18 @@ class DicomFolder:
         local_root = os.path.realpath(path) if protocol == "file" else None
         for entry in sorted(fs.ls(path, detail=True), key=lambda e: e["name"]):
             name = PurePosixPath(entry["name"]).name
+            kind = entry.get("type")
             if not name.endswith(suffix):
+                # Say why near misses are not read: a user looking for a patient's image
+                # would otherwise only hear "no file".
+                if name.lower().endswith(suffix.lower()):
+                    folder.rejected[name] = (f"file name ends in {name[-len(suffix):]!r}, not "
+                                             f"{suffix!r} (names are case-sensitive)")
+                elif kind == "directory":
+                    folder.rejected[name] = ("a subfolder: images must lie directly in the "
+                                             "folder")
                 continue
             stem = name[: -len(suffix)]
-            kind = entry.get("type")
             if local_root is not None and entry.get("islink"):
                 # A link may stay inside the folder (a dataset of links); its target decides.
                 target = os.path.realpath(entry["name"])
@@ -95,8 +103,9 @@ class DicomFolder:
     def absence_reason(self, patient_id: str) -> str:
         """Why a patient has no usable file: none, or the reason it was rejected."""
         name = f"{patient_id}{self.suffix}"
-        if name in self.rejected:
-            return f"{self.root}/{name}: {self.rejected[name]}"
+        near = [n for n in self.rejected if n.lower() in (name.lower(), patient_id.lower())]
+        for found in ([name] if name in self.rejected else []) + near:
+            return f"{self.root}/{found}: {self.rejected[found]}"
         return f"no file {self.display_name(patient_id)}"
 
 

@@ -29,6 +29,11 @@ class IngestConfig:
     quality: QualityConfig = field(default_factory=QualityConfig)
 
 
+def capped(items: list[str], limit: int = 100) -> dict:
+    """A count and the first ``limit`` items: reports stay small on 26,000-file folders."""
+    return {"count": len(items), "first": items[:limit]}
+
+
 def validate_patients(
     train_labels: pd.DataFrame, class_info: pd.DataFrame, params: dict
 ) -> tuple[pd.DataFrame, dict]:
@@ -91,6 +96,9 @@ def attach_images(
                            table["detailed_class"].value_counts().sort_index().items()},
         "view_position": {str(k): int(v) for k, v in
                           table["view_position"].value_counts().sort_index().items()},
+        # Files without a label row are not used; count them so that none goes unnoticed.
+        "unlabelled_dicoms": capped(sorted(set(train_dicoms.patient_ids)
+                                           - set(patients["patientId"]))),
         "missing_images": missing,
         "unreadable_images": unreadable,
         "rejected_files": dict(train_dicoms.rejected),
