@@ -172,6 +172,64 @@ def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(tiny_data
     two = train_model(model, replace(config, world_size=2), train_data, validation_data)
     assert_same_weights(one.last_state, two.last_state, atol=5e-3)
     assert [h["epoch"] for h in two.history] == [1]
+    assert two.history[0]["train_loss"] == pytest.approx(one.history[0]["train_loss"],
+                                                         rel=1e-2)
+
+
+def _rank_mean(rank: int, port: int, results: str) -> None:
+    import torch.distributed as dist
+
+    from pneumonia_kedro.training.fit import _mean_over_ranks
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    mean = _mean_over_ranks([1.0, 3.0][rank], torch.device("cpu"), distributed=True)
+    torch.save(mean, f"{results}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_train_loss_is_the_mean_over_ranks(tmp_path):
+    """Each DDP rank sees its share of the batch: the logged loss averages them (it was rank
+    0's share alone)."""
+    from pneumonia_kedro.training.fit import _free_port
+
+    torch.multiprocessing.spawn(_rank_mean, nprocs=2, join=True,
+                                args=(_free_port(), str(tmp_path / "mean")))
+    assert [torch.load(tmp_path / f"mean.{rank}") for rank in (0, 1)] == [2.0, 2.0]
+
+
+def test_grad_scaler_state_round_trips_through_a_checkpoint(tmp_path):
+    """The CPU side of an exact AMP resume: the loss scale and its growth tracker are saved
+    with the last checkpoint and restored (the GPU check covers the CUDA side)."""
+    from pneumonia_kedro.training.checkpoints import restore, resume_state
+
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    for _ in range(2):  # two good steps: the growth tracker counts them
+        optimizer.zero_grad()
+        scaler.scale(model(torch.ones(2, 3)).sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    scaler.update(new_scale=256.0)
+    store = CheckpointStore(tmp_path, "fp")
+    store.save_last(resume_state(model, optimizer, scheduler, scaler, epoch=0))
+
+    fresh = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+    fresh_model = torch.nn.Linear(3, 1)
+    fresh_optimizer = torch.optim.SGD(fresh_model.parameters(), lr=0.1)
+    restore(store.load_last(), fresh_model, fresh_optimizer,
+            torch.optim.lr_scheduler.StepLR(fresh_optimizer, step_size=1), fresh)
+    assert fresh.get_scale() == 256.0
+    assert fresh.state_dict() == scaler.state_dict()
+    assert "rng" not in store.load_last()  # epochs reseed from seed + epoch: nothing to keep
+    # A checkpoint of a run without AMP restores into an enabled scaler without complaint.
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    store.save_last(resume_state(model, optimizer, scheduler, disabled, epoch=0))
+    restore(store.load_last(), fresh_model, fresh_optimizer,
+            torch.optim.lr_scheduler.StepLR(fresh_optimizer, step_size=1), fresh)
+    assert fresh.get_scale() == 256.0
 
 
 def test_whole_image_negatives_still_train(tiny_data):

@@ -1,0 +1,115 @@
+"""Checkpoints (the last epoch's state, the best weights) and the fingerprint that decides
+whether a checkpoint may be resumed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from pneumonia_kedro.imagecache import ImageCache
+from pneumonia_kedro.models import ModelConfig
+from pneumonia_kedro.training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointStore:
+    """The last epoch's training state and the best weights in a folder; tensors only.
+
+    A store bound to a training ``fingerprint`` (settings and data) only resumes from a last
+    checkpoint written under the same fingerprint.
+    """
+
+    def __init__(self, path: str | Path, fingerprint: str = "") -> None:
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+
+    def bound_to(self, fingerprint: str) -> CheckpointStore:
+        return CheckpointStore(self.path, fingerprint)
+
+    @property
+    def last_file(self) -> Path:
+        return self.path / "last.pt"
+
+    @property
+    def best_file(self) -> Path:
+        return self.path / "best.pt"
+
+    def _save(self, obj: dict, target: Path) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=self.path, suffix=".partial", delete=False) as tmp:
+            torch.save(obj, tmp.name)
+        os.replace(tmp.name, target)
+
+    def save_last(self, state: dict) -> None:
+        self._save({**state, "fingerprint": self.fingerprint}, self.last_file)
+
+    def save_best(self, state_dict: dict) -> None:
+        self._save({"state_dict": state_dict, "fingerprint": self.fingerprint}, self.best_file)
+
+    def load_last(self) -> dict | None:
+        if not self.last_file.is_file():
+            return None
+        last = torch.load(self.last_file, map_location="cpu", weights_only=True)
+        if last.get("fingerprint", "") != self.fingerprint:
+            logger.info("the checkpoint in %s is from other settings or data; training from the "
+                        "first epoch", self.path)
+            return None
+        return last
+
+    def load_best(self) -> dict | None:
+        if not self.best_file.is_file():
+            return None
+        best = torch.load(self.best_file, map_location="cpu", weights_only=True)
+        return best["state_dict"] if best.get("fingerprint", "") == self.fingerprint else None
+
+
+# Settings that change neither the trained weights nor the curves.
+_NOT_FINGERPRINTED = {"resume", "progress", "num_workers", "validation_batch_size"}
+
+
+def training_fingerprint(model_config: ModelConfig, config: TrainConfig,
+                         caches: list[ImageCache], patient_tables: list[pd.DataFrame]) -> str:
+    """A digest of everything a training run's result depends on."""
+    settings = {k: v for k, v in asdict(config).items() if k not in _NOT_FINGERPRINTED}
+    digest = hashlib.sha256(json.dumps(
+        [model_config.to_dict(), settings, [cache.manifest["fingerprint"] for cache in caches]],
+        sort_keys=True, default=str).encode())
+    for table in patient_tables:
+        digest.update(pd.util.hash_pandas_object(table.astype(str), index=False).values.tobytes())
+    return digest.hexdigest()
+
+
+
+
+def resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                 **progress: object) -> dict:
+    """What ``restore`` needs to continue after this epoch exactly as if never stopped.
+
+    No RNG state: every epoch reseeds from ``seed + epoch``. The GradScaler's scale and growth
+    tracker are kept, so an interrupted AMP run resumes with the same loss scaling.
+    """
+    return {"model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), **progress}
+
+
+def restore(last: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler
+            ) -> None:
+    """Load a ``resume_state`` into freshly built training objects."""
+    model.load_state_dict(last["model"])
+    optimizer.load_state_dict(last["optimizer"])
+    scheduler.load_state_dict(last["scheduler"])
+    # A disabled scaler (CPU, or AMP off) saves {}; one that was enabled saves its scale.
+    if last.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(last["scaler"])
