@@ -389,14 +389,21 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize(("params", "key"), [
-    ({"cache": {"image_size": -1}}, "params:cache.image_size = -1"),
-    ({"train": {"epochs": 0}}, "params:train.epochs = 0"),
-    ({"train": {"batch_size": 0}}, "params:train.batch_size = 0"),
+@pytest.mark.parametrize(("pipelines", "params", "key"), [
+    (["cache", "train"], {"cache": {"image_size": -1}}, "params:cache.image_size = -1"),
+    (["cache", "train"], {"train": {"epochs": 0}}, "params:train.epochs = 0"),
+    (["cache", "train"], {"train": {"batch_size": 0}}, "params:train.batch_size = 0"),
+    # Settings that used to be replaced in silence now say so.
+    (["cache", "train"], {"model": {"image_size": 32}},
+     "params:model.image_size = 32 differs from the image cache's 64 px"),
+    (["inference"], {"inference": {"cache": {"image_size": 32}}},
+     "params:inference.cache.image_size = 32 differs from the model's 64 px"),
+    (["evaluate"], {"evaluate": {"postprocess": {"score_threshold": 0.3}}},
+     "params:evaluate.postprocess.score_threshold is tuned on the validation split"),
 ])
 def test_bad_parameters_stop_before_anything_is_removed_or_published(demo_run,
                                                                     kedro_project: Path,
-                                                                    params, key):
+                                                                    pipelines, params, key):
     """A cache of real data is ~26,000 decoded DICOMs, and the newest model version is what
     evaluation and inference load: a bad number must leave both as they were."""
     from pneumonia_kedro.config import ConfigError
@@ -406,7 +413,7 @@ def test_bad_parameters_stop_before_anything_is_removed_or_published(demo_run,
     history = data / "08_reporting/demo/training_history.csv"
     before = (_snapshot(cache), _snapshot(models), history.read_bytes())
     with pytest.raises(Exception) as info:  # Kedro wraps it in its own types
-        run_session(kedro_project, pipelines=["cache", "train"],
+        run_session(kedro_project, pipelines=pipelines,
                     params={**TINY_RUN, **{k: {**TINY_RUN.get(k, {}), **v}
                                            for k, v in params.items()}})
     cause = info.value

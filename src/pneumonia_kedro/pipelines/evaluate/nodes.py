@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from pneumonia_kedro.boxes import xywh_to_xyxy
-from pneumonia_kedro.config import AT_LEAST_ONE, from_params
+from pneumonia_kedro.config import AT_LEAST_ONE, ConfigError, from_params
 from pneumonia_kedro.dicom.quality import INFERENCE_QUALITY, QualityConfig
 from pneumonia_kedro.imagecache import ImageCache
 from pneumonia_kedro.inference import predict_cache
@@ -78,6 +78,10 @@ def tune_threshold(raw_validation_predictions: pd.DataFrame,
                    ) -> tuple[dict, pd.DataFrame]:
     """The score threshold that maximises the competition metric on the validation split."""
     config = _config(params)
+    if "score_threshold" in params.get("postprocess", {}):
+        raise ConfigError(
+            "params:evaluate.postprocess.score_threshold is tuned on the validation split: "
+            "leave it out; to fix it at t, set evaluate.threshold_grid: [t, t, 1]")
     candidates = postprocess(raw_validation_predictions, config.postprocess,
                              apply_threshold=False)
     ids, truth = _truth(validation_patients)

@@ -10,7 +10,7 @@ from typing import Literal
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from pneumonia_kedro.config import AT_LEAST_ONE, from_params
+from pneumonia_kedro.config import AT_LEAST_ONE, ConfigError, from_params
 from pneumonia_kedro.dicom import DicomFolder
 from pneumonia_kedro.dicom.quality import INFERENCE_QUALITY, QualityConfig
 from pneumonia_kedro.figures import overlay_figure
@@ -65,6 +65,12 @@ def plan_test_cache(test_dicoms: DicomFolder, trained_model: TrainedModel, param
     """Every file of the folder, converted exactly as the training images were."""
     config = _config(params)
     model, _ = _chosen_model(trained_model, {}, config)
+    asked = params.get("cache", {}).get("image_size")
+    if asked is not None and asked != model.config.image_size:
+        raise ConfigError(
+            f"params:inference.cache.image_size = {asked} differs from the model's "
+            f"{model.config.image_size} px: test images are cached at the size the model was "
+            "trained on; leave inference.cache.image_size out")
     cache_config = CacheConfig(**{**config.cache.__dict__, "image_size": model.config.image_size,
                                   "quality": config.quality})
     return plan(test_dicoms, test_dicoms.patient_ids, cache_config)

@@ -9,7 +9,7 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from pneumonia_kedro.config import from_params
+from pneumonia_kedro.config import ConfigError, from_params
 from pneumonia_kedro.imagecache import ImageCache
 from pneumonia_kedro.models import ModelConfig, TrainedModel
 from pneumonia_kedro.training import (
@@ -47,9 +47,12 @@ def train(
     """Train the detector; return the best epoch's model and the per-epoch history."""
     model_config = from_params(ModelConfig, model_params, "model")
     config = from_params(TrainConfig, train_params, "train")
-    if model_config.image_size != train_image_cache.image_size:
-        logger.info("model.image_size follows the cache: %d", train_image_cache.image_size)
-        model_config = dataclasses.replace(model_config, image_size=train_image_cache.image_size)
+    if "image_size" in model_params and model_config.image_size != train_image_cache.image_size:
+        raise ConfigError(
+            f"params:model.image_size = {model_config.image_size} differs from the image "
+            f"cache's {train_image_cache.image_size} px: the model follows the cache; set "
+            "cache.image_size instead, and leave model.image_size out")
+    model_config = dataclasses.replace(model_config, image_size=train_image_cache.image_size)
     train_data = CachedDetectionDataset(train_image_cache, train_patients,
                                         config.negative_boxes, config.augment)
     # Validation is always scored against the real truth (negatives have no box), also when
