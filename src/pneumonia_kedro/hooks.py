@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import platform
+import signal
 import subprocess
+import threading
 from pathlib import Path
 
 from kedro.framework.context import KedroContext
@@ -91,6 +94,59 @@ class MlflowRunTagsHook:
         # MLflow caps tag values; the start of the message names the file and the problem.
         mlflow.set_tags({"error.node": node.name,
                          "error.message": f"{type(error).__name__}: {error}"[:4000]})
+
+
+class InterruptedRunHook:
+    """Marks the MLflow run KILLED when ``kedro run`` is stopped with Ctrl-C or SIGTERM.
+
+    Kedro hands only ``Exception`` to ``on_pipeline_error``; a KeyboardInterrupt passes it, and
+    MLflow's exit handler then closed the run as FINISHED, with a partial curve that looked
+    complete. The signal handler only notes the signal and stops the run; the MLflow run is
+    ended at exit, once the stack has unwound (the signal may arrive inside an SQLite write,
+    whose lock a write from the handler would wait for). The next ``kedro run`` resumes from
+    the last checkpoint (``train.resume``).
+    """
+
+    def __init__(self) -> None:
+        self._previous: dict[int, object] = {}
+        self.signal_name: str | None = None
+
+    @hook_impl
+    def before_pipeline_run(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._interrupted)
+
+    def _interrupted(self, signum: int, frame: object) -> None:
+        if self.signal_name is None:
+            # Runs before MLflow's own exit handler (atexit runs the last registered first).
+            atexit.register(self.end_runs_killed)
+        self.signal_name = signal.Signals(signum).name
+        self._restore()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+    def end_runs_killed(self) -> None:
+        import mlflow
+
+        while mlflow.active_run() is not None:
+            mlflow.set_tag("interrupted", self.signal_name)
+            mlflow.end_run(status="KILLED")
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    @hook_impl
+    def after_pipeline_run(self) -> None:
+        self._restore()
+
+    @hook_impl
+    def on_pipeline_error(self) -> None:
+        self._restore()
 
 
 def _git(*args: str) -> str:

@@ -4,13 +4,18 @@ import os
 
 from omegaconf.resolvers import oc
 
-from pneumonia_kedro.hooks import EnvironmentHook, MlflowRunTagsHook, RawDataPresenceHook
+from pneumonia_kedro.hooks import (
+    EnvironmentHook,
+    InterruptedRunHook,
+    MlflowRunTagsHook,
+    RawDataPresenceHook,
+)
 
 # Telemetry is opt-out in Kedro; this project never sends it (the Makefile, CI and tests set
 # it too, since kedro-telemetry can run before this file is imported).
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 
-HOOKS = (EnvironmentHook(), RawDataPresenceHook(), MlflowRunTagsHook())
+HOOKS = (EnvironmentHook(), RawDataPresenceHook(), MlflowRunTagsHook(), InterruptedRunHook())
 
 CONFIG_LOADER_ARGS = {
     "base_env": "base",

@@ -48,6 +48,7 @@ class TrainingResult:
     best_epoch: int
     best_metric: float
     history: list[dict]
+    resumed_after_epoch: int = 0  # epochs taken from a checkpoint (0: trained from scratch)
 
 
 def _cpu_state(model: torch.nn.Module) -> dict:
@@ -176,7 +177,8 @@ def _train_process(rank: int, model_config: ModelConfig, config: TrainConfig,
     if best_state is None:  # no epoch ran (all were done before a resume)
         best_state = _cpu_state(model)
     result = TrainingResult(best_state=best_state, last_state=_cpu_state(model),
-                            best_epoch=best_epoch, best_metric=best_metric, history=history)
+                            best_epoch=best_epoch, best_metric=best_metric, history=history,
+                            resumed_after_epoch=start_epoch)
     if distributed:
         torch.save(asdict(result), result_file)
         dist.barrier()

@@ -72,5 +72,9 @@ def train(
     if run:
         mlflow.log_metrics({"best_epoch": result.best_epoch,
                             "best_validation_competition_metric": result.best_metric})
+        mlflow.set_tag("resumed_after_epoch", str(result.resumed_after_epoch))
+    history = pd.DataFrame(result.history)
+    # Epochs trained by an earlier, interrupted run and replayed from its checkpoint.
+    history["resumed_from_checkpoint"] = history["epoch"] <= result.resumed_after_epoch
     return (TrainedModel(config=model_config, state_dict=result.best_state, info=info),
-            pd.DataFrame(result.history))
+            history)
