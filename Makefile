@@ -10,13 +10,16 @@ DEMO_RAW := data/01_raw/rsna-demo
 DEMO_DONE := $(DEMO_RAW)/.complete
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install dicom-tools lint demo-data clean-demo gpu-wheels mlflow-ui viz screenshots
+.PHONY: demo test test-fast install dicom-tools lint demo-data clean-demo gpu-wheels mlflow-ui viz screenshots
 
 demo: $(INSTALLED) $(DEMO_DONE)  ## create .venv, generate the demo dataset if absent, run every pipeline on it
 	$(BIN)/kedro run --env demo
 
 test: $(INSTALLED) dicom-tools  ## create/update .venv and run the test suite
 	$(BIN)/pytest
+
+test-fast: $(INSTALLED)  ## the quick loop: everything but the tests marked slow (under a minute)
+	$(BIN)/pytest -m "not slow" -q
 
 install: $(INSTALLED)
 

@@ -162,6 +162,7 @@ def test_training_fingerprint_follows_what_changes_the_result(tiny_data):
     assert digest() != digest(table=patients.iloc[1:])
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(tiny_data):
     train_data, validation_data = datasets(tiny_data)
     config = replace(TINY_TRAIN, epochs=1, batch_size=4, augment=AugmentConfig(
@@ -188,6 +189,7 @@ def _rank_mean(rank: int, port: int, results: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_train_loss_is_the_mean_over_ranks(tmp_path):
     """Each DDP rank sees its share of the batch: the logged loss averages them (it was rank
     0's share alone)."""

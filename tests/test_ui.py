@@ -14,6 +14,9 @@ import pytest
 
 from pneumonia_kedro.ui import free_port
 
+# Real Kedro sessions, servers or subprocesses: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize(("tool", "make_target"), [("mlflow", "mlflow-ui"), ("viz", "viz")])
 def test_an_occupied_port_says_what_to_do_next(tool, make_target):

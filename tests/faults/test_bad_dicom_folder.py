@@ -22,6 +22,9 @@ from pydicom.data import get_testdata_file
 from pneumonia_kedro.errors import DicomError, MissingDataError
 from tests.conftest import DEMO_RAW, run_session, tiny_demo_project
 
+# Real Kedro sessions, servers or subprocesses: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 
 def rewritten(good: bytes, change: Callable[[pydicom.Dataset], None]) -> bytes:
     ds = pydicom.dcmread(io.BytesIO(good))

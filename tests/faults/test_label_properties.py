@@ -4,6 +4,7 @@ and what passes validation keeps every box inside the image."""
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +20,7 @@ ids = st.one_of(st.sampled_from(["p1", "p2", "p3"]), st.text(max_size=12))
 rows = st.lists(st.tuples(ids, cells, cells, cells, cells, cells), min_size=0, max_size=12)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=rows)
 def test_validation_raises_only_its_own_error_and_accepted_boxes_lie_inside(rows):

@@ -13,6 +13,9 @@ from kedro.framework.session import KedroSession
 from pneumonia_kedro.errors import MissingDataError
 from tests.conftest import TINY_DEMO
 
+# Real Kedro sessions, servers or subprocesses: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 
 def test_demo_data_then_ingest_and_split(run_kedro, kedro_project: Path):
     run_kedro(pipelines=["demo_data"], params={"demo_data": TINY_DEMO})

@@ -16,6 +16,9 @@ from PIL import Image
 from pneumonia_kedro.submission import parse_prediction_string
 from tests.conftest import run_session, tiny_demo_project
 
+# Real Kedro sessions, servers or subprocesses: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 SIZE = 64
 TINY_RUN = {
     "split": {"n_per_class": None, "validation_fraction": 0.25, "stratify_by_view": False,

@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import PROJECT_ROOT, copy_project
+
+# Real Kedro sessions, servers or subprocesses: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
 
 
 def test_viz_build_shows_every_pipeline_and_dataset_with_layers(tmp_path: Path):
