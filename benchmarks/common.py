@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pandas as pd
 
-from pneumonia_kedro.demo import DemoConfig, write_demo_folder
+from pneumonia_kedro.demo import DemoConfig
+
+# The demo-folder writer lives with the tests; benchmarks run from the project root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.demo_folder import write_demo_folder  # noqa: E402
 
 
 def write_dicoms(folder: Path, n: int, workers: int = 2, seed: int = 42) -> pd.DataFrame:

@@ -7,12 +7,17 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from pneumonia_kedro.boxes import xywh_to_xyxy
-from pneumonia_kedro.metrics import competition_scores, image_score_reference
+from pneumonia_kedro.metrics import competition_scores
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.metric_reference import image_score_reference  # noqa: E402
 
 
 def _boxes_near(rng: np.random.Generator, centre: np.ndarray, k: int) -> np.ndarray:

@@ -30,7 +30,8 @@ def _temporary_mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 def write_demo_dicoms(folder: Path, n_positive: int, n_negative: int, seed: int):
     """Competition-like demo DICOMs (``<patientId>.dcm``) in ``folder``; returns the patients
     (with their ``xywh`` boxes)."""
-    from pneumonia_kedro.demo import DemoConfig, write_demo_folder
+    from pneumonia_kedro.demo import DemoConfig
+    from tests.demo_folder import write_demo_folder
 
     config = DemoConfig(n_positive=n_positive, n_negative=n_negative, n_test=0, seed=seed)
     return write_demo_folder(folder, config)

@@ -13,9 +13,9 @@ from pneumonia_kedro.metrics import (
     competition_scores,
     froc,
     image_level_metrics,
-    image_score_reference,
     threshold_curve,
 )
+from tests.metric_reference import image_score_reference
 
 
 def xyxy(*boxes):

@@ -13,9 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import uuid
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -287,24 +285,3 @@ def demo_file(patient_id: str, header: dict, boxes_xywh: object, config: DemoCon
     pixels = render_chest(patient_id, header["view_position"], boxes_xywh, config.seed)
     return dicom_bytes(competition_dicom(patient_id, pixels, header, config.seed,
                                          config.jpeg_quality))
-
-
-def _write_demo_file(job: tuple[str, dict, DemoConfig]) -> None:
-    folder, row, config = job
-    (Path(folder) / f"{row['patientId']}.dcm").write_bytes(
-        demo_file(row["patientId"], row, row["boxes"], config))
-
-
-def write_demo_folder(folder: Path, config: DemoConfig, workers: int = 0) -> pd.DataFrame:
-    """The train patients' demo DICOMs as ``folder/<patientId>.dcm`` (outside the catalog:
-    for tests and benchmarks); returns those patients with their ``xywh`` boxes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    _, patients, _ = sample_demo_patients(None, None, config)
-    jobs = [(str(folder), row, config) for row in patients.to_dict("records")]
-    if workers > 0:
-        with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_write_demo_file, jobs))
-    else:
-        for job in jobs:
-            _write_demo_file(job)
-    return patients

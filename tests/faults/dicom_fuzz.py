@@ -39,7 +39,8 @@ def seed_files() -> dict[str, bytes]:
     """Two competition-like demo files (the fast path) and pydicom's files of other syntaxes."""
     from pydicom.data import get_testdata_file
 
-    from pneumonia_kedro.demo import DemoConfig, write_demo_folder
+    from pneumonia_kedro.demo import DemoConfig
+    from tests.demo_folder import write_demo_folder
 
     seeds = {}
     with tempfile.TemporaryDirectory() as folder:
