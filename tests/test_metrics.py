@@ -139,3 +139,36 @@ def test_validation_without_truth_boxes_or_predictions_reports_an_undefined_metr
         {"image_size": 64},
         pd.DataFrame({"epoch": [1], "validation_competition_metric": [0.0]}))
     assert "| competition metric (mean over IoU 0.40-0.75) | n/a |" in report
+
+
+def test_postprocess_equals_per_image_nms_and_top_boxes():
+    """The one batched NMS call gives what NMS image by image gave (the former loop)."""
+    import pandas as pd
+    import torch
+    from torchvision.ops import nms
+
+    from pneumonia_kedro.postprocess import PostprocessConfig, postprocess
+
+    rng = np.random.default_rng(4)
+    n = 400
+    predictions = pd.DataFrame({
+        "patientId": rng.choice([f"p{i}" for i in range(25)], n),
+        "x": rng.uniform(0, 800, n), "y": rng.uniform(0, 800, n),
+        "width": rng.uniform(20, 300, n), "height": rng.uniform(20, 300, n),
+        "score": rng.uniform(0, 1, n)})
+    config = PostprocessConfig(score_threshold=0.3, nms_iou=0.3, max_boxes=3, shrink=0.875)
+    expected = []
+    for _, rows in predictions.groupby("patientId", sort=True):
+        keep = nms(torch.as_tensor(xyxy(*rows[["x", "y", "width", "height"]].to_numpy())),
+                   torch.tensor(rows["score"].to_numpy()), 0.3).numpy()[:3]
+        expected.append(rows.iloc[keep])
+    expected = pd.concat(expected, ignore_index=True)
+    centre_x = expected["x"] + expected["width"] / 2
+    expected["width"] *= 0.875
+    expected["x"] = centre_x - expected["width"] / 2
+    result = postprocess(predictions, config, apply_threshold=False)
+    pd.testing.assert_frame_equal(result[["patientId", "x", "width", "score"]],
+                                  expected[["patientId", "x", "width", "score"]])
+    strict = PostprocessConfig(score_threshold=0.9, nms_iou=0.3, max_boxes=3, shrink=0.875)
+    thresholded = postprocess(predictions, strict)
+    assert (thresholded["score"] >= 0.9).all() and 0 < len(thresholded) < len(result)
