@@ -105,6 +105,14 @@ def test_mlflow_run_holds_params_curves_tags_and_a_servable_model(demo_run,
     assert {"figures", "submission.csv", "evaluation_report.md"} <= artifacts
 
     model_uri = run["tags.model_uri"]
+    # Requirements pinned to what is installed here, not to versions written in the code.
+    from importlib import metadata
+
+    from pneumonia_kedro.datasets.mlflow_detector import SERVING_DISTRIBUTIONS
+
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(model_uri)).read_text()
+    for name in SERVING_DISTRIBUTIONS:
+        assert f"{name}=={metadata.version(name).split('+')[0]}" in requirements.splitlines()
     model = mlflow.pyfunc.load_model(model_uri)
     folder = kedro_project / "data/01_raw/rsna-demo/stage_2_test_images"
     ids = demo_run["test_ids"][:2]

@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import tempfile
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +20,18 @@ from pneumonia_kedro.models import TrainedModel
 logger = logging.getLogger(__name__)
 
 PACKAGE = Path(pneumonia_kedro.__file__).parent
-SERVING_REQUIREMENTS = (
-    f"torch=={torch.__version__.split('+')[0]}",
-    "torchvision==0.29.1",
-    "pydicom~=3.0.2",
-    "highdicom~=0.28",
-    "pylibjpeg>=2.0",
-    "pylibjpeg-libjpeg>=2.3",
-    "pylibjpeg-openjpeg>=2.4",
-    "pillow>=10",
-    "opencv-python-headless>=4.9",
-    "pandas>=2.2",
-    "numpy>=1.26",
-    "fsspec",
-    "tqdm",
-    f"mlflow=={mlflow.__version__}",
+# What the served model imports; pinned to the versions installed where it was logged.
+SERVING_DISTRIBUTIONS = (
+    "torch", "torchvision", "pydicom", "highdicom", "pylibjpeg", "pylibjpeg-libjpeg",
+    "pylibjpeg-openjpeg", "pillow", "opencv-python-headless", "pandas", "numpy", "fsspec",
+    "tqdm", "mlflow",
 )
+
+
+def serving_requirements() -> list[str]:
+    """pip requirements of the served model, from the installed distributions."""
+    # A local build tag (torch's "+cu128") names no package on PyPI.
+    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in SERVING_DISTRIBUTIONS]
 
 
 def log_detector(model: TrainedModel, settings: dict, name: str = "model",
@@ -51,7 +48,7 @@ def log_detector(model: TrainedModel, settings: dict, name: str = "model",
             python_model=str(PACKAGE / "serving.py"),
             artifacts={"weights": str(weights), "settings": str(settings_file)},
             code_paths=[str(PACKAGE)],
-            pip_requirements=list(SERVING_REQUIREMENTS),
+            pip_requirements=serving_requirements(),
             registered_model_name=registered_model_name,
         )
 
