@@ -145,8 +145,9 @@ async def _capture(browser: str, url: str, target: Path, size: str,
             chrome.wait()
 
 
-def start(command: list[str], log: Path) -> subprocess.Popen:
-    environment = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1"}
+def start(command: list[str], log: Path, tracking_uri: str) -> subprocess.Popen:
+    environment = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1",
+                   "MLFLOW_TRACKING_URI": tracking_uri}
     return subprocess.Popen(command, cwd=ROOT, env=environment, start_new_session=True,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
 
@@ -184,11 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     logs = Path(tempfile.mkdtemp(prefix="screenshots-"))
     servers = []
     try:
-        mlflow_ui = start(command("mlflow", args.mlflow_port, args.env, args.tracking_uri),
-                          logs / "mlflow.log")
+        mlflow_ui = start(command("mlflow", args.mlflow_port, args.env), logs / "mlflow.log",
+                          args.tracking_uri)
         servers.append(mlflow_ui)
-        viz = start(command("viz", args.viz_port, args.env, args.tracking_uri),
-                    logs / "viz.log")
+        viz = start(command("viz", args.viz_port, args.env), logs / "viz.log",
+                    args.tracking_uri)
         servers.append(viz)
         print(f"starting the MLflow UI and kedro-viz (logs in {logs})")
         mlflow_url = f"http://{HOST}:{args.mlflow_port}"

@@ -35,12 +35,15 @@ def test_an_occupied_port_says_what_to_do_next(tool, make_target):
 
 
 def test_the_mlflow_ui_starts_on_a_free_port(tmp_path):
+    from tests.conftest import copy_project
+
+    project = copy_project(tmp_path)  # kedro-mlflow's `kedro mlflow ui` reads its mlflow.yml
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "pneumonia_kedro.ui", "mlflow", "--port", str(port),
-         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
-        cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"})
+        [sys.executable, "-m", "pneumonia_kedro.ui", "mlflow", "--port", str(port)],
+        cwd=project, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+             "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"})
     try:
         deadline, status = time.monotonic() + 180, None
         while time.monotonic() < deadline and status != 200:

@@ -1,7 +1,10 @@
-"""Open the MLflow UI or kedro-viz on 127.0.0.1, and say what to do when its port is taken.
+"""Start kedro-mlflow's `kedro mlflow ui` or `kedro viz run` on 127.0.0.1, first saying what to
+do when the port is taken (the one thing they lack: both fail with a traceback there).
 
     python -m pneumonia_kedro.ui mlflow [--port 5000]      # make mlflow-ui
     python -m pneumonia_kedro.ui viz [--port 4141]         # make viz
+
+The MLflow UI shows the store of ``conf/<env>/mlflow.yml`` (MLFLOW_TRACKING_URI when set).
 """
 
 from __future__ import annotations
@@ -38,29 +41,26 @@ def occupied_port_message(tool: str, port: int) -> str:
             f"(`make {'mlflow-ui' if tool == 'mlflow' else 'viz'} PORT={port + 1}`).")
 
 
-def command(tool: str, port: int, env: str, tracking_uri: str) -> list[str]:
+def command(tool: str, port: int, env: str) -> list[str]:
     """The command line that starts ``tool`` on ``HOST:port``."""
-    bin_dir = Path(sys.executable).parent
+    kedro = str(Path(sys.executable).parent / "kedro")
     if tool == "mlflow":
-        return [str(bin_dir / "mlflow"), "ui", "--backend-store-uri", tracking_uri,
-                "--host", HOST, "--port", str(port)]
-    return [str(bin_dir / "kedro"), "viz", "run", "--env", env, "--host", HOST,
-            "--port", str(port), "--no-browser"]
+        return [kedro, "mlflow", "ui", "--env", env, "--host", HOST, "--port", str(port)]
+    return [kedro, "viz", "run", "--env", env, "--host", HOST, "--port", str(port),
+            "--no-browser"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tool", choices=sorted(DEFAULT_PORTS))
     parser.add_argument("--port", type=int, default=None)
-    parser.add_argument("--env", default="demo", help="Kedro environment shown by kedro-viz")
-    parser.add_argument("--tracking-uri",
-                        default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    parser.add_argument("--env", default="demo", help="the Kedro environment to show")
     args = parser.parse_args(argv)
     port = args.port or DEFAULT_PORTS[args.tool]
     if port_in_use(port):
         print(occupied_port_message(args.tool, port), file=sys.stderr)
         return 1
-    line = command(args.tool, port, args.env, args.tracking_uri)
+    line = command(args.tool, port, args.env)
     print(f"{NAMES[args.tool]} on http://{HOST}:{port} (Ctrl-C stops it)", flush=True)
     os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
     os.execv(line[0], line)
