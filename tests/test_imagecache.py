@@ -93,6 +93,53 @@ def test_interrupted_build_resumes_to_an_identical_cache(demo_folder, tmp_path, 
         (tmp_path / "resumed/images.npy").read_bytes()
 
 
+def test_a_kill_between_a_chunk_and_its_bookkeeping_then_another_chunk_size(demo_folder,
+                                                                            tmp_path,
+                                                                            monkeypatch):
+    """A chunk's record is the only note that its rows are done. With a second note (the
+    former done.npy), a kill between the two and a changed chunk_size decoded those rows
+    again under another record file: the index then listed patients twice."""
+    folder = DicomFolder.scan(str(demo_folder))
+    config = CacheConfig(image_size=64, workers=0, chunk_size=3, progress=False)
+    build(plan(folder, folder.patient_ids, config), tmp_path / "reference")
+
+    real_write = imagecache._write_atomic
+    writes = {"n": 0}
+
+    def killed_after_second_record(path, data):
+        real_write(path, data)
+        writes["n"] += 1
+        if path.parent.name == "records" and writes["n"] == 3:  # manifest, two records
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(imagecache, "_write_atomic", killed_after_second_record)
+    with pytest.raises(KeyboardInterrupt):
+        build(plan(folder, folder.patient_ids, config), tmp_path / "resumed")
+    monkeypatch.setattr(imagecache, "_write_atomic", real_write)
+    other = CacheConfig(image_size=64, workers=0, chunk_size=2, progress=False)
+    assert plan(folder, [], other).fingerprint() == plan(folder, [], config).fingerprint()
+    assert build(plan(folder, folder.patient_ids, other), tmp_path / "resumed") == {
+        "decoded": 1, "reused": 6}
+    reference, resumed = ImageCache(tmp_path / "reference"), ImageCache(tmp_path / "resumed")
+    assert resumed.index["patientId"].tolist() == folder.patient_ids  # each once
+    assert reference.index.equals(resumed.index)
+    np.testing.assert_array_equal(reference.images, resumed.images)
+    assert not (tmp_path / "resumed" / "done.npy").exists()
+
+
+def test_the_dataset_asks_the_cache_module_whether_a_cache_is_complete(demo_folder, tmp_path):
+    from pneumonia_kedro.datasets import ImageCacheDataset
+
+    folder = DicomFolder.scan(str(demo_folder))
+    dataset = ImageCacheDataset(path=str(tmp_path / "cache"))
+    assert not dataset.exists()
+    dataset.save(plan(folder, folder.patient_ids, CacheConfig(image_size=32, workers=0,
+                                                              progress=False)))
+    assert dataset.exists() and len(dataset.load()) == 7
+    (tmp_path / "cache" / "index.parquet").unlink()  # a damaged cache is not a complete one
+    assert not dataset.exists()
+
+
 def test_bad_file_stops_the_build_or_is_skipped_and_reported(demo_folder, tmp_path):
     source = copy_folder(demo_folder, tmp_path / "dicoms")
     bad = sorted(source.glob("*.dcm"))[2]

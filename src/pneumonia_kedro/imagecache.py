@@ -4,7 +4,8 @@ Layout of a cache folder::
 
     manifest.json   what it was built from (fingerprint) and whether it is complete
     images.npy      uint8 array (N, size, size), opened memory-mapped
-    done.npy        bool array (N,): rows already written (for resuming)
+    records/        one JSON file per finished chunk: its rows' metadata; the only record of
+                    what is done (a kill between two files cannot make them disagree)
     index.parquet   one row per patient: row, status, reason, original size, letterbox
 
 Building is incremental: a cache whose fingerprint (sources, image size, preprocessing version)
@@ -130,12 +131,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
     the page cache outlives a killed process, which is the interruption resumed from."""
     partial = path.with_name(path.name + ".partial")
     partial.write_bytes(data)
-    os.replace(partial, path)
-
-
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    partial = path.with_name(path.name + ".partial.npy")
-    np.save(partial, array)
     os.replace(partial, path)
 
 
@@ -268,12 +263,22 @@ def quality_summary(index: pd.DataFrame, limit: int = 1000) -> dict:
             "files_left_out": max(0, len(flagged) - limit)}
 
 
-def is_complete(path: Path, fingerprint: str) -> bool:
+def is_complete(path: Path, fingerprint: str | None = None) -> bool:
+    """A finished cache at ``path`` (built from ``fingerprint``, when one is given)."""
     manifest = path / "manifest.json"
-    if not manifest.is_file():
+    if not manifest.is_file() or not (path / "index.parquet").is_file():
         return False
     content = json.loads(manifest.read_text())
-    return content.get("fingerprint") == fingerprint and content.get("complete", False)
+    return bool(content.get("complete", False)) and \
+        fingerprint in (None, content.get("fingerprint"))
+
+
+def _finished_records(path: Path) -> list[dict]:
+    """Every finished chunk's records, in row order."""
+    records = []
+    for chunk_file in sorted((path / "records").glob("*.json")):
+        records.extend(json.loads(chunk_file.read_text()))
+    return sorted(records, key=lambda record: record["row"])
 
 
 def build(cache_plan: CachePlan, path: str | Path) -> dict:
@@ -299,25 +304,21 @@ def build(cache_plan: CachePlan, path: str | Path) -> dict:
         partial = path / "images.partial.npy"
         np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape).flush()
         os.replace(partial, path / "images.npy")
-        _save_npy_atomic(path / "done.npy", np.zeros(n, dtype=bool))
         (path / "records").mkdir()
         _write_atomic(manifest_path, json.dumps({
             "fingerprint": fingerprint, "image_size": config.image_size,
             "preprocessing_version": PREPROCESSING_VERSION, "images": n, "complete": False,
         }, indent=2).encode())
 
-    done = np.load(path / "done.npy")
-    todo = [(row, pid) for row, pid in enumerate(cache_plan.patient_ids) if not done[row]]
+    done = {record["row"] for record in _finished_records(path)}
+    todo = [(row, pid) for row, pid in enumerate(cache_plan.patient_ids) if row not in done]
     logger.info("image cache %s: %d of %d images to decode", path, len(todo), n)
     images_path = str(path / "images.npy")
 
     def finish(results: list[dict]) -> None:
-        # Record the chunk's metadata before its rows are marked done, so both survive a kill.
+        # Named by the chunk's first row, which no earlier record holds (it was not done).
         first = results[0]["row"]
         _write_atomic(path / "records" / f"{first:08d}.json", json.dumps(results).encode())
-        for record in results:
-            done[record["row"]] = True
-        _save_npy_atomic(path / "done.npy", done)
 
     chunks = list(_chunks(todo, config.chunk_size))
     with tqdm(total=len(todo), desc=f"caching {path.name}", unit="image",
@@ -346,10 +347,7 @@ def build(cache_plan: CachePlan, path: str | Path) -> dict:
                         future.cancel()
                     raise
 
-    records = []
-    for chunk_file in sorted((path / "records").glob("*.json")):
-        records.extend(json.loads(chunk_file.read_text()))
-    index = pd.DataFrame(records).sort_values("row").reindex(columns=list(INDEX_COLUMNS))
+    index = pd.DataFrame(_finished_records(path)).reindex(columns=list(INDEX_COLUMNS))
     index = index.reset_index(drop=True)
     index.to_parquet(path / "index.partial.parquet", index=False)
     os.replace(path / "index.partial.parquet", path / "index.parquet")

@@ -7,7 +7,7 @@ from typing import Any
 
 from kedro.io import AbstractDataset, DatasetError
 
-from pneumonia_kedro.imagecache import CachePlan, ImageCache, build
+from pneumonia_kedro.imagecache import CachePlan, ImageCache, build, is_complete
 
 
 class ImageCacheDataset(AbstractDataset[CachePlan, ImageCache]):
@@ -33,8 +33,7 @@ class ImageCacheDataset(AbstractDataset[CachePlan, ImageCache]):
         build(data, self._path)
 
     def _exists(self) -> bool:
-        manifest = self._path / "manifest.json"
-        return manifest.is_file() and '"complete": true' in manifest.read_text()
+        return is_complete(self._path)
 
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path)}
