@@ -79,7 +79,8 @@ def test_header_has_no_identifying_values():
     header = read_header(test_file("CT_small.dcm"), "CT_small.dcm")
     assert set(header) == {"view_position", "patient_sex", "patient_age", "modality",
                            "body_part", "burned_in_annotation", "pixel_spacing", "rows",
-                           "columns"}
+                           "columns", "pixel_hash", "patient_id_matches"}
+    assert header["patient_id_matches"] is None  # no patientId to compare with was given
     assert header["rows"] == 128 and header["modality"] == "CT"
 
 

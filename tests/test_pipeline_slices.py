@@ -16,6 +16,7 @@ from pneumonia_kedro.pipelines import evaluate, ingest, split
 from tests.dicom_files import native_dicom
 
 PATIENTS = [f"p{i}" for i in range(8)]
+COPY = "p8"  # a byte copy of p0's file (PatientID p0 inside), labelled negative
 BOXES = {"p0": [[100.0, 200.0, 150.0, 250.0], [600.0, 180.0, 160.0, 240.0]],
          "p1": [[120.0, 300.0, 200.0, 200.0]], "p2": [[640.0, 220.0, 180.0, 300.0]],
          "p3": [[90.0, 150.0, 210.0, 330.0]]}
@@ -23,7 +24,7 @@ BOXES = {"p0": [[100.0, 200.0, 150.0, 250.0], [600.0, 180.0, 160.0, 240.0]],
 
 def labels() -> tuple[pd.DataFrame, pd.DataFrame]:
     rows, classes = [], []
-    for pid in PATIENTS:
+    for pid in [*PATIENTS, COPY]:
         boxes = BOXES.get(pid, [[np.nan] * 4])
         for box in boxes:
             rows.append([pid, *box, int(pid in BOXES)])
@@ -39,7 +40,8 @@ def dicoms(tmp_path_factory) -> DicomFolder:
     for number, pid in enumerate(PATIENTS):
         pixels = rng.integers(0, 256, size=(32, 32)).astype(np.uint8)
         (folder / f"{pid}.dcm").write_bytes(
-            native_dicom(pixels, ViewPosition="AP" if number % 2 else "PA"))
+            native_dicom(pixels, ViewPosition="AP" if number % 2 else "PA", PatientID=pid))
+    (folder / f"{COPY}.dcm").write_bytes((folder / "p0.dcm").read_bytes())
     return DicomFolder.scan(str(folder))
 
 
@@ -57,11 +59,19 @@ def test_ingest_then_split_keeps_every_patient_whole(dicoms):
               **{"params:ingest": {}, "params:split": {"n_per_class": None,
                                                        "validation_fraction": 0.5, "seed": 3}})
     train, validation = out["train_patients"], out["validation_patients"]
-    assert sorted([*train["patientId"], *validation["patientId"]]) == PATIENTS
+    assert sorted([*train["patientId"], *validation["patientId"]]) == [*PATIENTS, COPY]
     assert set(train["view_position"]) | set(validation["view_position"]) == {"AP", "PA"}
     both = pd.concat([train, validation]).set_index("patientId")
     assert both.loc["p0", "n_boxes"] == 2 and both.loc["p7", "n_boxes"] == 0
-    assert out["ingest_report"]["patients"] == 8 and out["split_report"]
+    report = out["ingest_report"]
+    assert report["patients"] == 9 and out["split_report"]
+    # The copied image is reported, with its disagreeing label and header, and stays with
+    # its original in one split (they landed in different splits with opposite labels).
+    assert report["duplicate_images"] == {"groups": 1, "patients": 2,
+                                          "with_different_labels": 1,
+                                          "first": [["p0", COPY]]}
+    assert report["patient_id_mismatches"] == {"count": 1, "first": [COPY]}
+    assert ("p0" in set(train["patientId"])) == (COPY in set(train["patientId"]))
 
 
 def test_ingest_names_the_missing_column():

@@ -85,3 +85,20 @@ def test_nested_groups_keep_the_enclosing_defaults_for_keys_not_given():
 
     config = from_params(InferenceConfig, {"cache": {"workers": 0}}, "inference")
     assert config.cache.workers == 0 and config.cache.on_error == "skip"
+
+
+def test_patients_with_the_same_image_stay_in_one_split():
+    from pneumonia_kedro.split import SplitConfig, split_patients
+
+    n = 40
+    patients = pd.DataFrame({
+        "patientId": [f"p{i:02d}" for i in range(n)], "Target": [i % 2 for i in range(n)],
+        "n_boxes": [i % 2 for i in range(n)],
+        # p00..p09 share one image, p10/p11 another; the rest are distinct or unknown ("").
+        "pixel_hash": ["a"] * 10 + ["b"] * 2 + [f"h{i}" for i in range(12, 36)] + [""] * 4})
+    for seed in range(10):
+        train, validation = split_patients(
+            patients, SplitConfig(n_per_class=None, validation_fraction=0.3, seed=seed))
+        assert len(train) + len(validation) == n
+        for group in (set(patients["patientId"][:10]), {"p10", "p11"}):
+            assert group <= set(train["patientId"]) or group <= set(validation["patientId"])

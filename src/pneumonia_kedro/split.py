@@ -63,14 +63,27 @@ def split_patients(patients: pd.DataFrame, config: SplitConfig
     sampled = sample_patients(patients, config.n_per_class, config.seed)
     if "view_position" not in sampled and config.stratify_by_view:
         raise ValueError("stratify_by_view needs a view_position column in the patient table")
-    train, validation = train_test_split(
-        sampled,
+    # Patients with byte-identical images (a copied file) go to one split together: their
+    # group is split as one, represented by its first patient.
+    groups = image_groups(sampled)
+    representatives = sampled.loc[~groups.duplicated()]
+    _, validation_groups = train_test_split(
+        representatives,
         test_size=config.validation_fraction,
-        stratify=strata(sampled, config.stratify_by_view),
+        stratify=strata(representatives, config.stratify_by_view),
         random_state=config.seed,
     )
-    return (train.sort_values("patientId").reset_index(drop=True),
-            validation.sort_values("patientId").reset_index(drop=True))
+    in_validation = groups.isin(set(groups[validation_groups.index]))
+    return (sampled.loc[~in_validation].sort_values("patientId").reset_index(drop=True),
+            sampled.loc[in_validation].sort_values("patientId").reset_index(drop=True))
+
+
+def image_groups(patients: pd.DataFrame) -> pd.Series:
+    """One group per distinct image: the pixel data's digest, or the patient without one."""
+    if "pixel_hash" not in patients:
+        return patients["patientId"]
+    digest = patients["pixel_hash"].fillna("").astype(str)
+    return digest.where(digest != "", "patient:" + patients["patientId"])
 
 
 def describe_split(train: pd.DataFrame, validation: pd.DataFrame) -> dict:

@@ -116,9 +116,11 @@ def header_table(folder: DicomFolder, patient_ids: list[str], progress: bool = T
     for patient_id in tqdm(patient_ids, desc="DICOM headers", unit="file", disable=not progress):
         row: dict[str, object] = {"patientId": patient_id, "error": ""}
         try:
-            row.update(read_header(folder.read_bytes(patient_id), folder.display_name(patient_id)))
+            row.update(read_header(folder.read_bytes(patient_id), folder.display_name(patient_id),
+                                   patient_id))
         except DicomError as exc:
             row["error"] = str(exc)
         rows.append(row)
-    columns = ["patientId", *HEADER_FIELDS, "pixel_spacing", "rows", "columns", "error"]
+    columns = ["patientId", *HEADER_FIELDS, "pixel_spacing", "rows", "columns", "pixel_hash",
+               "patient_id_matches", "error"]
     return pd.DataFrame(rows).reindex(columns=columns)

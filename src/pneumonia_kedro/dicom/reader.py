@@ -8,6 +8,7 @@ LUT or the first window, and MONOCHROME1 inverted so that air is dark as in the 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import warnings
@@ -168,13 +169,21 @@ def _damage_named(name: str) -> Iterator[None]:
         raise DicomError(f"{name}: damaged DICOM ({type(exc).__name__}: {exc})") from None
 
 
-def read_header(data: bytes, name: str) -> dict[str, object]:
-    """The non-identifying header values of one DICOM file (no pixel decoding)."""
+def read_header(data: bytes, name: str, patient_id: str | None = None) -> dict[str, object]:
+    """The non-identifying header values of one DICOM file (no pixel decoding), a digest of
+    its pixel data, and whether its PatientID is ``patient_id`` (the id itself is not kept)."""
     with _damage_named(name):
-        return _read_header(data, name)
+        return _read_header(data, name, patient_id)
 
 
-def _read_header(data: bytes, name: str) -> dict[str, object]:
+def pixel_data_digest(data: bytes) -> str:
+    """A digest of the bytes from the pixel data element on: equal for byte-identical images
+    whatever their headers say (a copied file under another patientId)."""
+    start = max(data.rfind(b"\xe0\x7f\x10\x00"), data.rfind(b"\x7f\xe0\x00\x10"), 0)
+    return hashlib.blake2b(memoryview(data)[start:], digest_size=16).hexdigest()
+
+
+def _read_header(data: bytes, name: str, patient_id: str | None) -> dict[str, object]:
     ds = _parse(data, name, stop_before_pixels=True)
     with lenient_values():
         header: dict[str, object] = {
@@ -185,6 +194,9 @@ def _read_header(data: bytes, name: str) -> dict[str, object]:
     header["pixel_spacing"] = float(spacing[0]) if spacing else float("nan")
     header["rows"] = int(ds.get("Rows", 0) or 0)
     header["columns"] = int(ds.get("Columns", 0) or 0)
+    header["pixel_hash"] = pixel_data_digest(data)
+    header["patient_id_matches"] = None if patient_id is None else \
+        str(ds.get("PatientID", "") or "") == patient_id
     return header
 
 

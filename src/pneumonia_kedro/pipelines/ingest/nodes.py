@@ -34,6 +34,17 @@ def capped(items: list[str], limit: int = 100) -> dict:
     return {"count": len(items), "first": items[:limit]}
 
 
+def duplicate_groups(table: pd.DataFrame, limit: int = 100) -> dict:
+    """Patients whose images have the same pixel data: groups, and those whose labels differ."""
+    hashed = table.loc[table["pixel_hash"].fillna("") != ""]
+    groups = [sorted(group["patientId"]) for _, group in hashed.groupby("pixel_hash")
+              if len(group) > 1]
+    conflicting = [ids for ids in groups
+                   if table.loc[table["patientId"].isin(ids), "Target"].nunique() > 1]
+    return {"groups": len(groups), "patients": sum(map(len, groups)),
+            "with_different_labels": len(conflicting), "first": sorted(groups)[:limit]}
+
+
 def validate_patients(
     train_labels: pd.DataFrame, class_info: pd.DataFrame, params: dict
 ) -> tuple[pd.DataFrame, dict]:
@@ -99,6 +110,11 @@ def attach_images(
         # Files without a label row are not used; count them so that none goes unnoticed.
         "unlabelled_dicoms": capped(sorted(set(train_dicoms.patient_ids)
                                            - set(patients["patientId"]))),
+        # Byte-identical pixel data under several patientIds (a copied file): reported, and
+        # the split keeps each such group in one split.
+        "duplicate_images": duplicate_groups(table),
+        "patient_id_mismatches": capped(sorted(
+            table.loc[table["patient_id_matches"].eq(False), "patientId"])),
         "missing_images": missing,
         "unreadable_images": unreadable,
         "rejected_files": dict(train_dicoms.rejected),
