@@ -55,8 +55,8 @@ def test_bad_file_is_reported_and_the_others_predicted_in_original_pixels(incomi
     submission, report = write_submission(predictions, cache, dicoms, pd.DataFrame(), LENIENT)
 
     assert submission["patientId"].tolist() == sorted(dicoms.patient_ids)
-    assert list(report["skipped"]) == ["corrupt"]
-    assert "not a DICOM file" in report["skipped"]["corrupt"]
+    assert report["skipped"]["count"] == 1
+    assert "not a DICOM file" in report["skipped"]["first"]["corrupt"]
     assert report["predicted"] == 3 and report["files"] == 4
     flags = report["quality_flags"]
     assert flags["counts"] == {"aspect_ratio": 1, "not_chest": 1, "unknown_view": 1}
@@ -130,8 +130,8 @@ def test_default_gate_skips_what_the_model_was_not_trained_for(incoming, tmp_pat
     cache = ImageCache(tmp_path / "cache")
     predictions = predict_test(trained, cache, POSTPROCESSING, PARAMS)
     submission, report = write_submission(predictions, cache, dicoms, pd.DataFrame(), PARAMS)
-    assert sorted(report["skipped"]) == ["corrupt", "narrow"]
-    assert report["skipped"]["narrow"] == (
+    assert sorted(report["skipped"]["first"]) == ["corrupt", "narrow"]
+    assert report["skipped"]["first"]["narrow"] == (
         f"{incoming / 'narrow.dcm'}: quality gate not_chest: BodyPartExamined is WHOLE BODY, "
         "not the chest")
     assert "narrow" not in set(predictions["patientId"])

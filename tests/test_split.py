@@ -102,3 +102,13 @@ def test_patients_with_the_same_image_stay_in_one_split():
         assert len(train) + len(validation) == n
         for group in (set(patients["patientId"][:10]), {"p10", "p11"}):
             assert group <= set(train["patientId"]) or group <= set(validation["patientId"])
+
+
+def test_report_lists_are_capped_with_their_count():
+    from pneumonia_kedro.reporting import capped
+
+    ids = [f"p{i:05d}" for i in range(26_000)]
+    assert capped(ids) == {"count": 26_000, "first": ids[:100]}
+    reasons = dict.fromkeys(ids[:3], "no file")
+    assert capped(reasons, limit=2) == {"count": 3, "first": {"p00000": "no file",
+                                                              "p00001": "no file"}}

@@ -150,19 +150,20 @@ def test_lenient_run_reports_every_bad_file_and_caches_every_good_one(project, m
                ingest={"on_missing_image": "exclude", "quality": {"colour": "skip"}},
                cache={"on_error": "skip"})
     ingest = json.loads((data / "08_reporting/demo/ingest_report.json").read_text())
-    assert sorted(ingest["rejected_files"]) == [f"bad_{case}.dcm" for case in
+    assert ingest["rejected_files"]["count"] == len(ENTRY_CASES)
+    assert sorted(ingest["rejected_files"]["first"]) == [f"bad_{case}.dcm" for case in
                                                  sorted(ENTRY_CASES)]
     for case, reason in ENTRY_CASES.items():
-        assert ingest["rejected_files"][f"bad_{case}.dcm"] == reason
-    assert sorted(ingest["missing_images"]) == sorted(f"bad_{c}" for c in ENTRY_CASES)
+        assert ingest["rejected_files"]["first"][f"bad_{case}.dcm"] == reason
+    assert sorted(ingest["missing_images"]["first"]) == sorted(f"bad_{c}" for c in ENTRY_CASES)
     for case in HEADER_UNREADABLE:
-        reason = ingest["unreadable_images"][f"bad_{case}"]
+        reason = ingest["unreadable_images"]["first"][f"bad_{case}"]
         assert reason.endswith(f"bad_{case}.dcm: {CONTENT_CASES[case][1]}") or \
             f"bad_{case}.dcm: {CONTENT_CASES[case][1]}" in reason
     assert ingest["patients"] == 16 + len(CONTENT_CASES) - len(HEADER_UNREADABLE)
 
     cache = json.loads((data / "08_reporting/demo/cache_report.json").read_text())
-    skipped = {**cache["train"]["skipped"], **cache["validation"]["skipped"]}
+    skipped = {**cache["train"]["skipped"]["first"], **cache["validation"]["skipped"]["first"]}
     decodable_header = [c for c in CONTENT_CASES if c not in HEADER_UNREADABLE]
     assert sorted(skipped) == sorted(f"bad_{case}" for case in decodable_header)
     for case in decodable_header:

@@ -62,7 +62,8 @@ def test_missing_image_stops_or_is_excluded(run_kedro, kedro_project: Path):
     run_kedro(pipelines=["ingest"], params={"ingest": {"on_missing_image": "exclude"}})
     report = json.loads(
         (kedro_project / "data/08_reporting/demo/ingest_report.json").read_text())
-    assert report["missing_images"] == sorted([images[0].stem, images[1].stem])
+    assert report["missing_images"] == {"count": 2,
+                                        "first": sorted([images[0].stem, images[1].stem])}
     assert report["patients"] == 14
     assert report["unlabelled_dicoms"] == {"count": 1, "first": ["unlabelled-1"]}
 

@@ -10,6 +10,7 @@ from pneumonia_kedro.config import from_params
 from pneumonia_kedro.dicom import DicomFolder
 from pneumonia_kedro.imagecache import CacheConfig, CachePlan, ImageCache, plan, quality_summary
 from pneumonia_kedro.pipelines.ingest.nodes import IngestConfig
+from pneumonia_kedro.reporting import capped
 
 
 def plan_cache(patients: pd.DataFrame, dicoms: DicomFolder, params: dict, ingest_params: dict
@@ -29,7 +30,7 @@ def report_cache(train_image_cache: ImageCache, validation_image_cache: ImageCac
         skipped = index.loc[index["status"] != "ok"]
         report[name] = {
             "images": int((index["status"] == "ok").sum()),
-            "skipped": dict(zip(skipped["patientId"], skipped["reason"], strict=True)),
+            "skipped": capped(dict(zip(skipped["patientId"], skipped["reason"], strict=True))),
             "quality_flags": quality_summary(index),
         }
     return report

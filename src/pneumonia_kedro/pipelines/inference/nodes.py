@@ -18,6 +18,7 @@ from pneumonia_kedro.imagecache import CacheConfig, CachePlan, ImageCache, plan,
 from pneumonia_kedro.inference import predict_cache
 from pneumonia_kedro.models import TrainedModel
 from pneumonia_kedro.postprocess import PostprocessConfig, image_probabilities, postprocess
+from pneumonia_kedro.reporting import capped
 from pneumonia_kedro.structured_report import report_bytes
 from pneumonia_kedro.submission import build_submission, check_against_sample
 from pneumonia_kedro.training import resolve_device
@@ -112,8 +113,8 @@ def write_submission(test_predictions: pd.DataFrame, test_image_cache: ImageCach
         "predicted": int((index["status"] == "ok").sum()),
         "with_boxes": int(test_predictions["patientId"].nunique()),
         "boxes": len(test_predictions),
-        "skipped": dict(zip(skipped["patientId"], skipped["reason"], strict=True)),
-        "rejected_files": dict(test_dicoms.rejected),
+        "skipped": capped(dict(zip(skipped["patientId"], skipped["reason"], strict=True))),
+        "rejected_files": capped(test_dicoms.rejected),
         "quality_flags": quality_summary(index),
         "no_box_convention": config.no_box,
         **check_against_sample(submission, sample_submission),

@@ -13,6 +13,7 @@ from pneumonia_kedro.dicom import DicomFolder, header_table
 from pneumonia_kedro.dicom.quality import QualityConfig
 from pneumonia_kedro.errors import MissingDataError
 from pneumonia_kedro.labels import build_patient_table, validate_class_info, validate_labels
+from pneumonia_kedro.reporting import capped
 
 logger = logging.getLogger(__name__)
 
@@ -27,11 +28,6 @@ class IngestConfig:
     image_size: int = 1024
     on_missing_image: Literal["error", "exclude"] = "error"
     quality: QualityConfig = field(default_factory=QualityConfig)
-
-
-def capped(items: list[str], limit: int = 100) -> dict:
-    """A count and the first ``limit`` items: reports stay small on 26,000-file folders."""
-    return {"count": len(items), "first": items[:limit]}
 
 
 def duplicate_groups(table: pd.DataFrame, limit: int = 100) -> dict:
@@ -115,9 +111,9 @@ def attach_images(
         "duplicate_images": duplicate_groups(table),
         "patient_id_mismatches": capped(sorted(
             table.loc[table["patient_id_matches"].eq(False), "patientId"])),
-        "missing_images": missing,
-        "unreadable_images": unreadable,
-        "rejected_files": dict(train_dicoms.rejected),
+        "missing_images": capped(missing),
+        "unreadable_images": capped(unreadable),
+        "rejected_files": capped(train_dicoms.rejected),
         "excluded_patients": len(excluded),
     }
     return table.reset_index(drop=True), report
