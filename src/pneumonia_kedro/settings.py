@@ -22,4 +22,7 @@ CONFIG_LOADER_ARGS = {
     "default_run_env": "local",
     # mlflow.yml reads MLFLOW_TRACKING_URI; Kedro enables oc.env for credentials only.
     "custom_resolvers": {"oc.env": oc.env},
+    # An environment's parameter files hold only what differs from conf/base: its keys are
+    # merged into base's groups instead of replacing them.
+    "merge_strategy": {"parameters": "soft"},
 }

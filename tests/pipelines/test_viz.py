@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,16 @@ def test_viz_build_shows_every_pipeline_and_dataset_with_layers(tmp_path: Path):
     datasets = {n["name"]: n for n in nodes if n["type"] == "data"}
     catalog = yaml.safe_load((PROJECT_ROOT / "conf/base/catalog.yml").read_text())
     for name in catalog:
+        if "{" in name:  # a dataset factory: every dataset it makes, with its layer
+            pattern = re.compile(re.sub(r"\\{\w+\\}", ".+", re.escape(name)) + "$")
+            made = [d for d in datasets if pattern.match(d) and d not in catalog]
+            assert made, f"the factory {name} makes no dataset in the kedro-viz graph"
+            assert all(datasets[d]["layer"] for d in made), f"{made} lack a layer"
+            continue
         assert name in datasets, f"{name} is not in the kedro-viz graph"
         assert datasets[name]["layer"], f"{name} has no layer"
+    for made in ("ingest_report", "split_report", "cache_report", "inference_report",
+                 "train_image_cache", "validation_image_cache", "test_image_cache"):
+        assert datasets[made]["layer"] in ("reporting", "feature"), made
     tasks = {n["name"] for n in nodes if n["type"] == "task"}
     assert {"validate_labels_node", "train_detector_node", "write_submission_node"} <= tasks
