@@ -8,10 +8,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from pneumonia_kedro.boxes import xyxy_to_xywh
+from pneumonia_kedro.boxes import Letterbox, xyxy_to_xywh
 from pneumonia_kedro.imagecache import ImageCache
 from pneumonia_kedro.models import detect
-from pneumonia_kedro.postprocess import predictions_table
+from pneumonia_kedro.postprocess import (
+    PostprocessConfig,
+    image_probabilities,
+    postprocess,
+    predictions_table,
+)
 
 
 class CachedImages(Dataset):
@@ -33,36 +38,56 @@ class CachedImages(Dataset):
 
 
 @torch.inference_mode()
-def predict_cache(model: torch.nn.Module, cache: ImageCache, device: torch.device,
-                  batch_size: int = 16, hflip_tta: bool = False, progress: bool = True,
-                  patient_ids: list[str] | None = None, desc: str = "predicting"
-                  ) -> pd.DataFrame:
-    """Raw predictions (every box the model keeps) as a long table in original pixels.
+def detect_original(model: torch.nn.Module, images: torch.Tensor, letterboxes: list[Letterbox],
+                    device: torch.device, hflip_tta: bool = False
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``xywh`` boxes in each image's original pixels, and their scores, for a batch of
+    uint8 letterboxed squares (B, 1, S, S).
 
     With ``hflip_tta`` the mirrored image is predicted too and its boxes, mirrored back, are
     added; post-processing NMS then merges the two sets.
     """
+    results = detect(model, images, device)
+    if hflip_tta:
+        size = images.shape[-1]
+        flipped = detect(model, images.flip(-1), device)
+        merged = []
+        for (b, s), (fb, fs) in zip(results, flipped, strict=True):
+            unflipped = fb.clone()
+            unflipped[:, [0, 2]] = size - fb[:, [2, 0]]
+            merged.append((torch.cat([b, unflipped]), torch.cat([s, fs])))
+        results = merged
+    return [(xyxy_to_xywh(letterbox.to_original(boxes.numpy())), scores.numpy())
+            for (boxes, scores), letterbox in zip(results, letterboxes, strict=True)]
+
+
+def predict_cache(model: torch.nn.Module, cache: ImageCache, device: torch.device,
+                  batch_size: int = 16, hflip_tta: bool = False, progress: bool = True,
+                  patient_ids: list[str] | None = None, desc: str = "predicting"
+                  ) -> pd.DataFrame:
+    """Raw predictions (every box the model keeps) as a long table in original pixels."""
     model.eval()
     data = CachedImages(cache, patient_ids)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False)
-    size = cache.image_size
     ids, boxes, scores = [], [], []
-    position = 0
-    for images in tqdm(loader, desc=desc, unit="batch", disable=not progress):
-        results = detect(model, images, device)
-        if hflip_tta:
-            flipped = detect(model, images.flip(-1), device)
-            merged = []
-            for (b, s), (fb, fs) in zip(results, flipped, strict=True):
-                unflipped = fb.clone()
-                unflipped[:, [0, 2]] = size - fb[:, [2, 0]]
-                merged.append((torch.cat([b, unflipped]), torch.cat([s, fs])))
-            results = merged
-        for box, score in results:
-            record = data.records[position]
-            position += 1
-            letterbox = cache.letterbox_from_record(record)
+    for start, images in zip(range(0, len(data), batch_size),
+                             tqdm(loader, desc=desc, unit="batch", disable=not progress),
+                             strict=True):
+        records = data.records[start:start + len(images)]
+        letterboxes = [cache.letterbox_from_record(record) for record in records]
+        for record, (box, score) in zip(records, detect_original(model, images, letterboxes,
+                                                                 device, hflip_tta),
+                                        strict=True):
             ids.append(record["patientId"])
-            boxes.append(xyxy_to_xywh(letterbox.to_original(box.numpy())))
-            scores.append(score.numpy())
+            boxes.append(box)
+            scores.append(score)
     return predictions_table(ids, boxes, scores)
+
+
+def finalize(raw: pd.DataFrame, config: PostprocessConfig, patient_ids: list[str]
+             ) -> tuple[pd.DataFrame, pd.Series]:
+    """The post-processed boxes, and each image's opacity probability (from every candidate
+    box, before the score threshold), indexed by ``patient_ids``."""
+    candidates = postprocess(raw, config, apply_threshold=False)
+    probabilities = pd.Series(image_probabilities(candidates, patient_ids), index=patient_ids)
+    return postprocess(raw, config), probabilities

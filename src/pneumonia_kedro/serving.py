@@ -29,17 +29,12 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from pneumonia_kedro.boxes import xyxy_to_xywh
 from pneumonia_kedro.dicom.quality import INFERENCE_QUALITY, QualityConfig
 from pneumonia_kedro.errors import DicomError
 from pneumonia_kedro.imagecache import decode_checked, preprocess
-from pneumonia_kedro.models import detect, model_from_state, weights_version
-from pneumonia_kedro.postprocess import (
-    PostprocessConfig,
-    image_probabilities,
-    postprocess,
-    predictions_table,
-)
+from pneumonia_kedro.inference import detect_original, finalize
+from pneumonia_kedro.models import model_from_state, weights_version
+from pneumonia_kedro.postprocess import PostprocessConfig, predictions_table
 from pneumonia_kedro.structured_report import report_bytes
 from pneumonia_kedro.submission import build_submission
 
@@ -115,24 +110,23 @@ class OpacityDetector(mlflow.pyfunc.PythonModel):
             if image is not None:
                 square, letterboxes[key] = preprocess(image, self.image_size)
                 images[key] = torch.from_numpy(square)[None]
+        # The inference pipeline's own steps: detection in original pixels, then finalize.
         predicted = list(images)
         raw_boxes, raw_scores = [], []
         for start in range(0, len(predicted), 8):
-            batch = torch.stack([images[key] for key in predicted[start:start + 8]])
-            for boxes_xyxy, scores in detect(self.model, batch, torch.device("cpu")):
-                raw_boxes.append(boxes_xyxy.numpy())
-                raw_scores.append(scores.numpy())
-        original = [xyxy_to_xywh(letterboxes[key].to_original(b))
-                    for key, b in zip(predicted, raw_boxes, strict=True)]
-        raw = predictions_table(predicted, original, raw_scores)
-        candidates = postprocess(raw, self.postprocess, apply_threshold=False)
-        final = postprocess(raw, self.postprocess)
+            keys_in_batch = predicted[start:start + 8]
+            for boxes_xywh, scores in detect_original(
+                    self.model, torch.stack([images[key] for key in keys_in_batch]),
+                    [letterboxes[key] for key in keys_in_batch], torch.device("cpu")):
+                raw_boxes.append(boxes_xywh)
+                raw_scores.append(scores)
+        final, probabilities = finalize(predictions_table(predicted, raw_boxes, raw_scores),
+                                        self.postprocess, predicted)
         sizes = {key: (lb.height, lb.width) for key, lb in letterboxes.items()}
         result = build_submission(final, keys, self.no_box, sizes)
         for key in keys:
             if key not in images:  # skipped by the gate: no prediction, not even no_box's
                 result.loc[int(key), "PredictionString"] = ""
-        probabilities = pd.Series(image_probabilities(candidates, predicted), index=predicted)
         result["image_probability"] = np.round(probabilities.reindex(keys).to_numpy(float), 6)
         result["patientId"] = ids
         result["quality_flags"] = flags

@@ -15,9 +15,9 @@ from pneumonia_kedro.dicom import DicomFolder
 from pneumonia_kedro.dicom.quality import INFERENCE_QUALITY, QualityConfig
 from pneumonia_kedro.figures import overlay_figure
 from pneumonia_kedro.imagecache import CacheConfig, CachePlan, ImageCache, plan, quality_summary
-from pneumonia_kedro.inference import predict_cache
+from pneumonia_kedro.inference import finalize, predict_cache
 from pneumonia_kedro.models import TrainedModel
-from pneumonia_kedro.postprocess import PostprocessConfig, image_probabilities, postprocess
+from pneumonia_kedro.postprocess import PostprocessConfig
 from pneumonia_kedro.reporting import capped
 from pneumonia_kedro.structured_report import report_bytes
 from pneumonia_kedro.submission import build_submission, check_against_sample
@@ -86,11 +86,8 @@ def predict_test(trained_model: TrainedModel, test_image_cache: ImageCache,
     raw = predict_cache(trained_model.build(device), test_image_cache, device,
                         config.batch_size, config.hflip_tta, config.progress, desc="test")
     chosen = from_params(PostprocessConfig, postprocessing, "postprocessing")
-    candidates = postprocess(raw, chosen, apply_threshold=False)
-    final = postprocess(raw, chosen)
     index = test_image_cache.usable
-    probability = pd.Series(image_probabilities(candidates, index["patientId"].tolist()),
-                            index=index["patientId"])
+    final, probability = finalize(raw, chosen, index["patientId"].tolist())
     views = index.set_index("patientId")["view_position"]
     final["image_probability"] = final["patientId"].map(probability)
     final["view_position"] = final["patientId"].map(views)
