@@ -29,3 +29,11 @@ def write_demo_folder(folder: Path, config: DemoConfig, workers: int = 0) -> pd.
         for job in jobs:
             _write_demo_file(job)
     return patients
+
+
+def one_demo_file(seed: int) -> bytes:
+    """The bytes of one competition-like demo DICOM (a positive patient)."""
+    config = DemoConfig(n_positive=1, n_negative=0, n_test=0, seed=seed)
+    _, patients, _ = sample_demo_patients(None, None, config)
+    row = patients.iloc[0].to_dict()
+    return demo_file(row["patientId"], row, row["boxes"], config)

@@ -137,12 +137,9 @@ def test_missing_decoder_names_the_package_to_install():
 
 @pytest.fixture(scope="module")
 def competition_file() -> bytes:
-    from pneumonia_kedro.demo import DemoConfig, demo_file, sample_demo_patients
+    from tests.demo_folder import one_demo_file
 
-    config = DemoConfig(n_positive=1, n_negative=0, n_test=0, seed=2)
-    _, patients, _ = sample_demo_patients(None, None, config)
-    row = patients.iloc[0].to_dict()
-    return demo_file(row["patientId"], row, row["boxes"], config)
+    return one_demo_file(seed=2)
 
 
 def test_competition_files_are_read_without_pydicom_and_agree_with_it(competition_file):

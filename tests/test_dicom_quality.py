@@ -25,12 +25,9 @@ from tests.dicom_files import native_dicom
 
 @pytest.fixture(scope="module")
 def chest() -> DicomImage:
-    from pneumonia_kedro.demo import DemoConfig, demo_file, sample_demo_patients
+    from tests.demo_folder import one_demo_file
 
-    config = DemoConfig(n_positive=1, n_negative=0, n_test=0, seed=3)
-    _, patients, _ = sample_demo_patients(None, None, config)
-    row = patients.iloc[0].to_dict()
-    return decode(demo_file(row["patientId"], row, row["boxes"], config), "chest.dcm")
+    return decode(one_demo_file(seed=3), "chest.dcm")
 
 
 def image(**changes) -> DicomImage:

@@ -45,14 +45,22 @@ def incoming(tmp_path_factory) -> Path:
     return folder
 
 
-def test_bad_file_is_reported_and_the_others_predicted_in_original_pixels(incoming, tmp_path):
+def run_inference(incoming: Path, folder: Path, params: dict) -> tuple:
+    """The inference nodes with an untrained tiny model: (model, dicoms, cache, predictions,
+    submission, report)."""
     torch_model = build_model(TINY_MODEL)
     trained = TrainedModel(config=TINY_MODEL, state_dict=torch_model.state_dict(), info={})
     dicoms = DicomFolder.scan(str(incoming))
-    build(plan_test_cache(dicoms, trained, LENIENT), tmp_path / "cache")
-    cache = ImageCache(tmp_path / "cache")
-    predictions = predict_test(trained, cache, POSTPROCESSING, LENIENT)
-    submission, report = write_submission(predictions, cache, dicoms, pd.DataFrame(), LENIENT)
+    build(plan_test_cache(dicoms, trained, params), folder / "cache")
+    cache = ImageCache(folder / "cache")
+    predictions = predict_test(trained, cache, POSTPROCESSING, params)
+    submission, report = write_submission(predictions, cache, dicoms, pd.DataFrame(), params)
+    return trained, dicoms, cache, predictions, submission, report
+
+
+def test_bad_file_is_reported_and_the_others_predicted_in_original_pixels(incoming, tmp_path):
+    trained, dicoms, cache, predictions, submission, report = run_inference(
+        incoming, tmp_path, LENIENT)
 
     assert submission["patientId"].tolist() == sorted(dicoms.patient_ids)
     assert report["skipped"]["count"] == 1
@@ -123,13 +131,7 @@ def test_no_box_conventions_and_sample_check():
 
 
 def test_default_gate_skips_what_the_model_was_not_trained_for(incoming, tmp_path):
-    torch_model = build_model(TINY_MODEL)
-    trained = TrainedModel(config=TINY_MODEL, state_dict=torch_model.state_dict(), info={})
-    dicoms = DicomFolder.scan(str(incoming))
-    build(plan_test_cache(dicoms, trained, PARAMS), tmp_path / "cache")
-    cache = ImageCache(tmp_path / "cache")
-    predictions = predict_test(trained, cache, POSTPROCESSING, PARAMS)
-    submission, report = write_submission(predictions, cache, dicoms, pd.DataFrame(), PARAMS)
+    *_, predictions, submission, report = run_inference(incoming, tmp_path, PARAMS)
     assert sorted(report["skipped"]["first"]) == ["corrupt", "narrow"]
     assert report["skipped"]["first"]["narrow"] == (
         f"{incoming / 'narrow.dcm'}: quality gate not_chest: BodyPartExamined is WHOLE BODY, "

@@ -25,12 +25,9 @@ SCORES = [0.91, 0.42]
 
 @pytest.fixture(scope="module")
 def source() -> bytes:
-    from pneumonia_kedro.demo import DemoConfig, demo_file, sample_demo_patients
+    from tests.demo_folder import one_demo_file
 
-    config = DemoConfig(n_positive=1, n_negative=0, n_test=0, seed=4)
-    _, patients, _ = sample_demo_patients(None, None, config)
-    row = patients.iloc[0].to_dict()
-    return demo_file(row["patientId"], row, row["boxes"], config)
+    return one_demo_file(seed=4)
 
 
 def dciodvfy_errors(data: bytes, tmp_path: Path) -> list[str]:
