@@ -9,12 +9,29 @@ import mlflow
 import pandas as pd
 import pytest
 from kedro.framework.session import KedroSession
+from kedro.io import DatasetError
 
 from pneumonia_kedro.errors import MissingDataError
 from tests.conftest import TINY_DEMO
 
 # Real Kedro sessions, servers or subprocesses: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
+
+
+def test_one_run_generates_the_demo_data_and_ingests_it(run_kedro, kedro_project: Path):
+    # It stopped with "Raw data for this run is missing": the check now sees that the run's
+    # own demo_data pipeline writes the raw datasets that ingest reads (the same datasets).
+    run_kedro(pipelines=["demo_data", "ingest", "split"], params={"demo_data": TINY_DEMO})
+    assert len(pd.read_parquet(kedro_project / "data/03_primary/demo/patients.parquet")) == 16
+    assert (kedro_project / "data/05_model_input/demo/train_patients.parquet").is_file()
+
+
+def test_the_demo_generator_never_writes_outside_the_demo_environment(run_kedro,
+                                                                     kedro_project: Path):
+    with pytest.raises(DatasetError, match="raw data is read-only in this environment"):
+        run_kedro(env="base", pipelines=["demo_data"], params={"demo_data": TINY_DEMO})
+    raw = kedro_project / "data/01_raw/rsna-pneumonia-detection-challenge"
+    assert not raw.exists() or not any(raw.rglob("*"))
 
 
 def test_demo_data_then_ingest_and_split(run_kedro, kedro_project: Path):

@@ -35,6 +35,7 @@ class DicomFolderDataset(AbstractDataset[Mapping[str, "bytes | Callable[[], byte
         path: str,
         suffix: str = ".dcm",
         overwrite: bool = False,
+        read_only: bool = False,
         credentials: dict[str, Any] | None = None,
         fs_args: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
@@ -44,11 +45,19 @@ class DicomFolderDataset(AbstractDataset[Mapping[str, "bytes | Callable[[], byte
         self._overwrite = overwrite
         self._storage_options = {**(credentials or {}), **(fs_args or {})}
         self.metadata = metadata
+        self._read_only = read_only
 
     def load(self) -> DicomFolder:
         return DicomFolder.scan(self._path, self._suffix, self._storage_options)
 
+    def _refuse_if_read_only(self) -> None:
+        if self._read_only:
+            raise DatasetError(
+                f"{self._path}: raw data is read-only in this environment; the demo generator "
+                "writes it only with --env demo (kedro run --env demo --pipelines demo_data)")
+
     def save(self, data: Mapping[str, bytes | Callable[[], bytes]]) -> None:
+        self._refuse_if_read_only()
         fs, root = fsspec.core.url_to_fs(self._path, **self._storage_options)
         fs.makedirs(root, exist_ok=True)
         if self._overwrite:
@@ -70,4 +79,5 @@ class DicomFolderDataset(AbstractDataset[Mapping[str, "bytes | Callable[[], byte
         return bool(fs.exists(root) and fs.glob(f"{root}/*{self._suffix}"))
 
     def _describe(self) -> dict[str, Any]:
-        return {"path": self._path, "suffix": self._suffix, "overwrite": self._overwrite}
+        return {"path": self._path, "suffix": self._suffix, "overwrite": self._overwrite,
+                "read_only": self._read_only}

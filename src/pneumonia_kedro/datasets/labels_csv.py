@@ -7,7 +7,7 @@ from typing import Any
 
 import fsspec
 import pandas as pd
-from kedro.io import AbstractDataset
+from kedro.io import AbstractDataset, DatasetError
 
 from pneumonia_kedro.errors import LabelsError, MissingDataError
 
@@ -26,6 +26,7 @@ class LabelsCSVDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
         *,
         filepath: str,
         optional: bool = False,
+        read_only: bool = False,
         credentials: dict[str, Any] | None = None,
         fs_args: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
@@ -34,6 +35,7 @@ class LabelsCSVDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
         self.optional = optional
         self._storage_options = {**(credentials or {}), **(fs_args or {})}
         self.metadata = metadata
+        self._read_only = read_only
 
     def _fs(self) -> tuple[fsspec.AbstractFileSystem, str]:
         return fsspec.core.url_to_fs(self._filepath, **self._storage_options)
@@ -64,7 +66,14 @@ class LabelsCSVDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
         table.attrs["source"] = PurePosixPath(path).name
         return table
 
+    def _refuse_if_read_only(self) -> None:
+        if self._read_only:
+            raise DatasetError(
+                f"{self._filepath}: raw data is read-only in this environment; the demo generator "
+                "writes it only with --env demo (kedro run --env demo --pipelines demo_data)")
+
     def save(self, data: pd.DataFrame) -> None:
+        self._refuse_if_read_only()
         fs, path = self._fs()
         fs.makedirs(str(PurePosixPath(path).parent), exist_ok=True)
         partial = f"{path}.partial"
@@ -77,4 +86,4 @@ class LabelsCSVDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
         return bool(fs.exists(path))
 
     def _describe(self) -> dict[str, Any]:
-        return {"filepath": self._filepath}
+        return {"filepath": self._filepath, "read_only": self._read_only}
