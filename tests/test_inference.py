@@ -68,8 +68,10 @@ def test_bad_file_is_reported_and_the_others_predicted_in_original_pixels(incomi
     assert report["predicted"] == 3 and report["files"] == 4
     flags = report["quality_flags"]
     assert flags["counts"] == {"aspect_ratio": 1, "not_chest": 1, "unknown_view": 1}
-    assert flags["files"]["narrow"].startswith("not_chest: BodyPartExamined is WHOLE BODY")
-    assert "aspect ratio 4.00 above 1.6" in flags["files"]["narrow"]
+    assert flags["files"]["count"] == 1
+    assert flags["files"]["first"]["narrow"].startswith("not_chest: BodyPartExamined is WHOLE "
+                                                        "BODY")
+    assert "aspect ratio 4.00 above 1.6" in flags["files"]["first"]["narrow"]
     assert submission.set_index("patientId").loc["corrupt", "PredictionString"] == ""
 
     narrow = predictions.loc[predictions["patientId"] == "narrow"]

@@ -39,6 +39,7 @@ from pneumonia_kedro.dicom import ColourImageError, DicomFolder, DicomImage, dec
 from pneumonia_kedro.dicom.quality import InputQualityError, QualityConfig, colour_result
 from pneumonia_kedro.dicom.quality import check as quality_check
 from pneumonia_kedro.errors import DicomError
+from pneumonia_kedro.reporting import capped
 
 logger = logging.getLogger(__name__)
 
@@ -249,18 +250,17 @@ class ImageCache:
         self.__init__(state["path"])
 
 
-def quality_summary(index: pd.DataFrame, limit: int = 1000) -> dict:
-    """The quality gate's flags of a cache: a count per check and the flags per file (the
-    first ``limit`` files; ``files_left_out`` counts the rest)."""
+def quality_summary(index: pd.DataFrame) -> dict:
+    """The quality gate's flags of a cache: a count per check, and the flags per file
+    (capped like every list in the reports)."""
     flags = index["flags"].fillna("") if "flags" in index else pd.Series([], dtype=str)
     flagged = index.loc[flags != "", ["patientId"]].assign(flags=flags[flags != ""])
     counts: dict[str, int] = {}
     for text in flagged["flags"]:
         for check in {item.split(":", 1)[0] for item in text.split("; ")}:
             counts[check] = counts.get(check, 0) + 1
-    files = dict(zip(flagged["patientId"][:limit], flagged["flags"][:limit], strict=True))
-    return {"counts": dict(sorted(counts.items())), "files": files,
-            "files_left_out": max(0, len(flagged) - limit)}
+    files = dict(zip(flagged["patientId"], flagged["flags"], strict=True))
+    return {"counts": dict(sorted(counts.items())), "files": capped(files)}
 
 
 def is_complete(path: Path, fingerprint: str | None = None) -> bool:

@@ -35,7 +35,7 @@ from pneumonia_kedro.imagecache import decode_checked, preprocess
 from pneumonia_kedro.inference import detect_original, finalize
 from pneumonia_kedro.models import model_from_state, weights_version
 from pneumonia_kedro.postprocess import PostprocessConfig, predictions_table
-from pneumonia_kedro.structured_report import report_bytes
+from pneumonia_kedro.structured_report import boxes_and_scores, report_bytes
 from pneumonia_kedro.submission import build_submission
 
 
@@ -134,15 +134,11 @@ class OpacityDetector(mlflow.pyfunc.PythonModel):
         if self.dicom_sr:
             result["dicom_sr"] = [
                 "" if key not in images else base64.b64encode(report_bytes(
-                    files[key], name, *_boxes_and_scores(final, key),
+                    files[key], name,
+                    *boxes_and_scores(final.loc[final["patientId"] == key]),
                     float(probabilities[key]), self.version)).decode("ascii")
                 for key, name in zip(keys, ids, strict=True)]
         return result
-
-
-def _boxes_and_scores(predictions: pd.DataFrame, key: str) -> tuple[list, list]:
-    rows = predictions.loc[predictions["patientId"] == key]
-    return rows[["x", "y", "width", "height"]].to_numpy().tolist(), rows["score"].tolist()
 
 
 mlflow.models.set_model(OpacityDetector())

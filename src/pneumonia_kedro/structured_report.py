@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
+import pandas as pd
 import pydicom
 from highdicom.sr import (
     AlgorithmIdentification,
@@ -143,6 +144,14 @@ def encode(report: Comprehensive3DSR) -> bytes:
     buffer = io.BytesIO()
     report.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def boxes_and_scores(rows: pd.DataFrame | None) -> tuple[list, list]:
+    """An image's ``xywh`` boxes and scores from its rows of a predictions table (none: no
+    boxes)."""
+    if rows is None:
+        return [], []
+    return rows[["x", "y", "width", "height"]].to_numpy().tolist(), rows["score"].tolist()
 
 
 def report_bytes(source_data: bytes, name: str, boxes_xywh: Sequence[Sequence[float]],

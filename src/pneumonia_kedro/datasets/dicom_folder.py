@@ -9,6 +9,7 @@ from typing import Any
 import fsspec
 from kedro.io import AbstractDataset, DatasetError
 
+from pneumonia_kedro.datasets.raw_data import refuse_if_read_only
 from pneumonia_kedro.dicom import DicomFolder
 from pneumonia_kedro.labels import is_safe_patient_id
 
@@ -50,14 +51,8 @@ class DicomFolderDataset(AbstractDataset[Mapping[str, "bytes | Callable[[], byte
     def load(self) -> DicomFolder:
         return DicomFolder.scan(self._path, self._suffix, self._storage_options)
 
-    def _refuse_if_read_only(self) -> None:
-        if self._read_only:
-            raise DatasetError(
-                f"{self._path}: raw data is read-only in this environment; the demo generator "
-                "writes it only with --env demo (kedro run --env demo --pipelines demo_data)")
-
     def save(self, data: Mapping[str, bytes | Callable[[], bytes]]) -> None:
-        self._refuse_if_read_only()
+        refuse_if_read_only(self._read_only, self._path)
         fs, root = fsspec.core.url_to_fs(self._path, **self._storage_options)
         fs.makedirs(root, exist_ok=True)
         if self._overwrite:

@@ -7,8 +7,9 @@ from typing import Any
 
 import fsspec
 import pandas as pd
-from kedro.io import AbstractDataset, DatasetError
+from kedro.io import AbstractDataset
 
+from pneumonia_kedro.datasets.raw_data import refuse_if_read_only
 from pneumonia_kedro.errors import LabelsError, MissingDataError
 
 
@@ -66,14 +67,8 @@ class LabelsCSVDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
         table.attrs["source"] = PurePosixPath(path).name
         return table
 
-    def _refuse_if_read_only(self) -> None:
-        if self._read_only:
-            raise DatasetError(
-                f"{self._filepath}: raw data is read-only in this environment; the demo generator "
-                "writes it only with --env demo (kedro run --env demo --pipelines demo_data)")
-
     def save(self, data: pd.DataFrame) -> None:
-        self._refuse_if_read_only()
+        refuse_if_read_only(self._read_only, self._filepath)
         fs, path = self._fs()
         fs.makedirs(str(PurePosixPath(path).parent), exist_ok=True)
         partial = f"{path}.partial"

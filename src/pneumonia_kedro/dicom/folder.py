@@ -103,8 +103,10 @@ class DicomFolder:
     def absence_reason(self, patient_id: str) -> str:
         """Why a patient has no usable file: none, or the reason it was rejected."""
         name = f"{patient_id}{self.suffix}"
-        near = [n for n in self.rejected if n.lower() in (name.lower(), patient_id.lower())]
-        for found in ([name] if name in self.rejected else []) + near:
+        # The exact name first, else a near miss: other case, or a subfolder of that name.
+        matches = [n for n in self.rejected if n.lower() in (name.lower(), patient_id.lower())]
+        if matches:
+            found = name if name in matches else matches[0]
             return f"{self.root}/{found}: {self.rejected[found]}"
         return f"no file {self.display_name(patient_id)}"
 

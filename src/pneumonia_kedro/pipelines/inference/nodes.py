@@ -19,7 +19,7 @@ from pneumonia_kedro.inference import finalize, predict_cache
 from pneumonia_kedro.models import TrainedModel
 from pneumonia_kedro.postprocess import PostprocessConfig
 from pneumonia_kedro.reporting import capped
-from pneumonia_kedro.structured_report import report_bytes
+from pneumonia_kedro.structured_report import boxes_and_scores, report_bytes
 from pneumonia_kedro.submission import build_submission, check_against_sample
 from pneumonia_kedro.training import resolve_device
 
@@ -133,12 +133,10 @@ def write_structured_reports(test_predictions: pd.DataFrame, test_image_cache: I
     model, _ = _chosen_model(trained_model, {}, config)
     version = model.version
     by_patient = {pid: rows for pid, rows in test_predictions.groupby("patientId", sort=False)}
-    columns = ["x", "y", "width", "height"]
 
     def report(patient_id: str) -> Callable[[], bytes]:
         rows = by_patient.get(patient_id)
-        boxes = [] if rows is None else rows[columns].to_numpy().tolist()
-        scores = [] if rows is None else rows["score"].tolist()
+        boxes, scores = boxes_and_scores(rows)
         # Images without boxes carry no probability in test_predictions.
         probability = None if rows is None else float(rows["image_probability"].iloc[0])
         return lambda: report_bytes(test_dicoms.read_bytes(patient_id),

@@ -13,7 +13,7 @@ from pneumonia_kedro.dicom import DicomFolder, header_table
 from pneumonia_kedro.dicom.quality import QualityConfig
 from pneumonia_kedro.errors import MissingDataError
 from pneumonia_kedro.labels import build_patient_table, validate_class_info, validate_labels
-from pneumonia_kedro.reporting import capped
+from pneumonia_kedro.reporting import REPORT_LIMIT, capped
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class IngestConfig:
     quality: QualityConfig = field(default_factory=QualityConfig)
 
 
-def duplicate_groups(table: pd.DataFrame, limit: int = 100) -> dict:
+def duplicate_groups(table: pd.DataFrame, limit: int = REPORT_LIMIT) -> dict:
     """Patients whose images have the same pixel data: groups, and those whose labels differ."""
     hashed = table.loc[table["pixel_hash"].fillna("") != ""]
     groups = [sorted(group["patientId"]) for _, group in hashed.groupby("pixel_hash")
