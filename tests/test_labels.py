@@ -156,6 +156,10 @@ def test_class_info_gives_one_class_per_patient(tmp_path):
         (["p-neg,Normal"], r"patientId p-one has labels but no class row"),
         (["p-neg,Normal", "p-neg,No Lung Opacity / Not Normal", "p-one,Lung Opacity"],
          r"patientId p-neg has conflicting classes"),
+        # a dropped duplicate row before the conflict: lines stay the file's
+        (["p-one,Lung Opacity", "p-one,Lung Opacity", "p-neg,Normal",
+          "p-neg,No Lung Opacity / Not Normal"],
+         r"lines \[4, 5\]: patientId p-neg has conflicting classes"),
         (["p-neg,Normal", "p-one,Lung Opacity", "p-x,Normal"],
          r"line 4: patientId p-x has a class but no labels"),
     ],

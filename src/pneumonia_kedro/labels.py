@@ -12,6 +12,8 @@ from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pneumonia_kedro.errors import LabelsError
 
@@ -71,6 +73,44 @@ def _blank(values: pd.Series) -> pd.Series:
     return values.isna() | (values.astype("string").str.strip() == "")
 
 
+def _arrow(values: pd.Series | pd.Index) -> pa.ChunkedArray:
+    """The Arrow strings behind a text column, without a copy."""
+    return pa.chunked_array(pa.array(values.array))
+
+
+def _encoded(values: pd.Series) -> pa.DictionaryArray:
+    # Arrow's dictionary encoding: pandas' hashing of millions of strings went through
+    # Python objects and took several times the column's size.
+    return pc.dictionary_encode(_arrow(values), null_encoding="encode").combine_chunks()
+
+
+def _codes(values: pd.Series) -> np.ndarray:
+    """Integer codes of a text column, in order of first appearance, nulls included."""
+    return _encoded(values).indices.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _sorted_codes(values: pd.Series) -> tuple[np.ndarray, pd.Index]:
+    """``pd.factorize(values, sort=True)`` for a text column without nulls."""
+    encoded = _encoded(values)
+    order = pc.array_sort_indices(encoded.dictionary).to_numpy()
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    codes = rank[encoded.indices.to_numpy(zero_copy_only=False)]
+    uniques = pd.Index(pd.array(encoded.dictionary.take(order), dtype=values.dtype))
+    return codes, uniques
+
+
+def _not_in(values: pd.Index, others: pd.Index) -> pd.Index:
+    """The values that ``others`` lacks, sorted (``Index.difference`` with Arrow's hashing)."""
+    missing = pc.invert(pc.is_in(_arrow(values), value_set=_arrow(others).combine_chunks()))
+    return values[missing.to_numpy(zero_copy_only=False)].sort_values()
+
+
+def _duplicated_rows(table: pd.DataFrame, columns: Iterable[str]) -> np.ndarray:
+    """``DataFrame.duplicated(keep="first")`` over text columns, computed on their codes."""
+    return pd.DataFrame({c: _codes(table[c]) for c in columns}).duplicated().to_numpy()
+
+
 def validate_labels(
     labels: pd.DataFrame, source: str = "labels CSV", image_size: int = 1024
 ) -> tuple[pd.DataFrame, int]:
@@ -81,12 +121,12 @@ def validate_labels(
     Raises ``LabelsError`` listing every problem with its line.
     """
     _require_columns(labels, LABEL_COLUMNS, source)
-    table = labels.loc[:, list(LABEL_COLUMNS)].copy()
+    table = labels.loc[:, list(LABEL_COLUMNS)]  # copy-on-write: no copy until changed
     table.insert(0, "line", np.arange(len(table)) + 2)  # the header is line 1
     if table.empty:
         raise LabelsError(f"{source}: no label rows after the header")
 
-    duplicated = table.duplicated(subset=list(LABEL_COLUMNS), keep="first")
+    duplicated = _duplicated_rows(table, LABEL_COLUMNS)
     n_duplicates = int(duplicated.sum())
     if n_duplicates:
         logger.warning(
@@ -158,50 +198,67 @@ def validate_class_info(
     "Lung Opacity" must coincide with Target 1.
     """
     _require_columns(class_info, CLASS_COLUMNS, source)
-    table = class_info.loc[:, list(CLASS_COLUMNS)].copy()
+    table = class_info.loc[:, list(CLASS_COLUMNS)]
     table.insert(0, "line", np.arange(len(table)) + 2)
-    table = table.drop_duplicates(subset=list(CLASS_COLUMNS))
+    duplicated = _duplicated_rows(table, CLASS_COLUMNS)
+    if duplicated.any():
+        table = table.loc[~duplicated]
     problems: list[str] = []
     unknown = ~table["class"].isin(DETAILED_CLASSES)
     for line, value in zip(table.loc[unknown, "line"], table.loc[unknown, "class"], strict=True):
         problems.append(f"line {line}: class {value!r} is not one of {list(DETAILED_CLASSES)}")
-    per_patient = table.groupby("patientId", sort=True)
-    conflicting = per_patient["class"].nunique()
-    for pid in conflicting[conflicting > 1].index:
-        lines = table.loc[table["patientId"] == pid, "line"].tolist()
-        problems.append(f"lines {lines}: patientId {pid} has conflicting classes")
-    classes, first_line = per_patient["class"].first(), per_patient["line"].first()
-    for pid in sorted(set(targets.index) - set(classes.index)):
+    # Patients by integer code: after dropping duplicates, a second row means a second class.
+    codes = _codes(table["patientId"])
+    first = np.unique(codes, return_index=True)[1]  # codes count from 0 in order of appearance
+    for code in np.flatnonzero(np.bincount(codes) > 1):
+        lines = table["line"].to_numpy()[codes == code].tolist()
+        patient_id = table["patientId"].to_numpy()[codes == code][0]
+        problems.append(f"lines {lines}: patientId {patient_id} has conflicting classes")
+    patient_ids = pd.Index(table["patientId"].iloc[first], name="patientId")
+    classes = pd.Series(table["class"].to_numpy()[first], index=patient_ids, name="class")
+    first_line = pd.Series(table["line"].to_numpy()[first], index=patient_ids)
+    for pid in _not_in(targets.index, classes.index):
         problems.append(f"patientId {pid} has labels but no class row")
-    for pid in sorted(set(classes.index) - set(targets.index)):
+    # Each class row's Target, looked up with Arrow's hashing (pandas' took 4x the file).
+    position = pc.index_in(_arrow(classes.index), value_set=_arrow(targets.index).combine_chunks())
+    labelled = position.is_valid().to_numpy(zero_copy_only=False)
+    for pid in classes.index[~labelled]:
         problems.append(f"line {first_line[pid]}: patientId {pid} has a class but no labels")
-    common = classes.index.intersection(targets.index)
-    cls, target = classes[common], targets[common]
-    disagree = cls.isin(DETAILED_CLASSES) & ((cls == OPACITY_CLASS) != (target == 1))
-    for pid in cls.index[disagree.to_numpy()]:
-        problems.append(f"line {first_line[pid]}: class {cls[pid]!r} disagrees with Target "
-                        f"{target[pid]}")
+    target = targets.to_numpy()[position.fill_null(0).to_numpy(zero_copy_only=False)]
+    is_opacity = (classes == OPACITY_CLASS).to_numpy()
+    disagree = labelled & classes.isin(DETAILED_CLASSES).to_numpy() & (is_opacity != (target == 1))
+    for index in np.flatnonzero(disagree):
+        problems.append(f"line {first_line.iloc[index]}: class {classes.iloc[index]!r} "
+                        f"disagrees with Target {target[index]}")
     _raise_problems(source, problems)
     return classes
 
 
 def build_patient_table(labels: pd.DataFrame, classes: pd.Series) -> pd.DataFrame:
     """One row per patient: Target, detailed class, number of boxes and the ``xywh`` boxes."""
-    # Boxes of each positive patient in file order: one sort, one split (a groupby-apply
-    # took minutes on millions of rows).
-    positive = labels.loc[labels["Target"] == 1]
-    order = np.argsort(positive["patientId"].to_numpy(dtype=object), kind="stable")
-    box_ids = positive["patientId"].to_numpy(dtype=object)[order]
-    values = positive.loc[:, list(BOX_COLUMNS)].to_numpy(dtype=float)[order]
-    starts = np.flatnonzero(np.r_[True, box_ids[1:] != box_ids[:-1]]) if len(box_ids) else []
-    boxes = dict(zip(box_ids[starts], (block.tolist() for block in
-                                       np.split(values, starts[1:])), strict=True)) \
-        if len(box_ids) else {}
-    patients = labels.groupby("patientId", sort=True)["Target"].first().to_frame()
-    patients["detailed_class"] = classes.reindex(patients.index)
-    patients["boxes"] = [boxes.get(pid, []) for pid in patients.index]
-    patients["n_boxes"] = patients["boxes"].map(len).astype(int)
-    return patients.reset_index().loc[:, list(PATIENT_COLUMNS)]
+    codes, patient_ids = _sorted_codes(labels["patientId"])
+    targets = np.zeros(len(patient_ids), dtype=np.int64)
+    targets[codes] = labels["Target"].to_numpy()  # validated: one Target per patient
+    positive = labels["Target"].to_numpy() == 1
+    # Boxes of each patient in file order: a stable sort by patient, then one split.
+    order = np.argsort(codes[positive], kind="stable")
+    rows = labels.loc[positive, list(BOX_COLUMNS)].to_numpy(dtype=np.float64)[order].tolist()
+    n_boxes = np.bincount(codes[positive], minlength=len(patient_ids))
+    ends = np.cumsum(n_boxes)
+    # Patients without a box share one empty list: an own list each took more memory than
+    # the labels file on millions of patients.
+    no_boxes: list = []
+    boxes = np.empty(len(patient_ids), dtype=object)
+    boxes.fill(no_boxes)
+    for index in np.flatnonzero(n_boxes):
+        boxes[index] = rows[ends[index] - n_boxes[index]:ends[index]]
+    return pd.DataFrame({
+        "patientId": pd.Series(patient_ids),
+        "Target": targets,
+        "detailed_class": classes.reindex(patient_ids).to_numpy(),
+        "n_boxes": n_boxes.astype(int),
+        "boxes": boxes,
+    }).loc[:, list(PATIENT_COLUMNS)]
 
 
 def boxes_array(boxes: object) -> np.ndarray:
