@@ -63,7 +63,7 @@ def main() -> None:
             build(plan(dicoms, dicoms.patient_ids,
                        CacheConfig(image_size=config.image_size, workers=2, progress=False)),
                   cache_path)
-            raw = predict_cache(model, ImageCache(cache_path), cpu, batch_size=8,
+            raw = predict_cache([model], ImageCache(cache_path), cpu, batch_size=8,
                                 progress=False)
             postprocess(raw, post)
             pipeline_rate = arguments.images / (time.perf_counter() - started)

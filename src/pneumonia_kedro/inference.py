@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 import torch
@@ -10,13 +12,13 @@ from tqdm.auto import tqdm
 
 from pneumonia_kedro.boxes import Letterbox, xyxy_to_xywh
 from pneumonia_kedro.imagecache import ImageCache
-from pneumonia_kedro.models import detect
 from pneumonia_kedro.postprocess import (
     PostprocessConfig,
     image_probabilities,
     postprocess,
     predictions_table,
 )
+from pneumonia_kedro.prediction import TTAConfig, predict_batch
 
 
 class CachedImages(Dataset):
@@ -37,36 +39,21 @@ class CachedImages(Dataset):
         return torch.from_numpy(np.array(self.cache.images[row], copy=True))[None]
 
 
-@torch.inference_mode()
-def detect_original(model: torch.nn.Module, images: torch.Tensor, letterboxes: list[Letterbox],
-                    device: torch.device, hflip_tta: bool = False
-                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+def detect_original(models: Sequence[torch.nn.Module], images: torch.Tensor,
+                    letterboxes: list[Letterbox], device: torch.device,
+                    tta: TTAConfig | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """``xywh`` boxes in each image's original pixels, and their scores, for a batch of
-    uint8 letterboxed squares (B, 1, S, S).
-
-    With ``hflip_tta`` the mirrored image is predicted too and its boxes, mirrored back, are
-    added; post-processing NMS then merges the two sets.
-    """
-    results = detect(model, images, device)
-    if hflip_tta:
-        size = images.shape[-1]
-        flipped = detect(model, images.flip(-1), device)
-        merged = []
-        for (b, s), (fb, fs) in zip(results, flipped, strict=True):
-            unflipped = fb.clone()
-            unflipped[:, [0, 2]] = size - fb[:, [2, 0]]
-            merged.append((torch.cat([b, unflipped]), torch.cat([s, fs])))
-        results = merged
-    return [(xyxy_to_xywh(letterbox.to_original(boxes.numpy())), scores.numpy())
-            for (boxes, scores), letterbox in zip(results, letterboxes, strict=True)]
+    uint8 letterboxed squares (B, 1, S, S): ``predict_batch``, then the letterbox undone."""
+    return [(xyxy_to_xywh(letterbox.to_original(boxes)), scores)
+            for (boxes, scores), letterbox in zip(predict_batch(models, images, device, tta),
+                                                  letterboxes, strict=True)]
 
 
-def predict_cache(model: torch.nn.Module, cache: ImageCache, device: torch.device,
-                  batch_size: int = 16, hflip_tta: bool = False, progress: bool = True,
+def predict_cache(models: Sequence[torch.nn.Module], cache: ImageCache, device: torch.device,
+                  batch_size: int = 16, tta: TTAConfig | None = None, progress: bool = True,
                   patient_ids: list[str] | None = None, desc: str = "predicting"
                   ) -> pd.DataFrame:
     """Raw predictions (every box the model keeps) as a long table in original pixels."""
-    model.eval()
     data = CachedImages(cache, patient_ids)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False)
     ids, boxes, scores = [], [], []
@@ -75,8 +62,8 @@ def predict_cache(model: torch.nn.Module, cache: ImageCache, device: torch.devic
                              strict=True):
         records = data.records[start:start + len(images)]
         letterboxes = [cache.letterbox_from_record(record) for record in records]
-        for record, (box, score) in zip(records, detect_original(model, images, letterboxes,
-                                                                 device, hflip_tta),
+        for record, (box, score) in zip(records, detect_original(models, images, letterboxes,
+                                                                 device, tta),
                                         strict=True):
             ids.append(record["patientId"])
             boxes.append(box)

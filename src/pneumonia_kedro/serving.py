@@ -34,7 +34,8 @@ from pneumonia_kedro.errors import DicomError
 from pneumonia_kedro.imagecache import decode_checked, preprocess
 from pneumonia_kedro.inference import detect_original, finalize
 from pneumonia_kedro.models import model_from_state, weights_version
-from pneumonia_kedro.postprocess import PostprocessConfig, predictions_table
+from pneumonia_kedro.postprocess import predictions_table
+from pneumonia_kedro.prediction import prediction_settings
 from pneumonia_kedro.structured_report import boxes_and_scores, report_bytes
 from pneumonia_kedro.submission import build_submission
 
@@ -54,7 +55,7 @@ class OpacityDetector(mlflow.pyfunc.PythonModel):
                                        payload["state_dict"])
         settings = json.loads(Path(context.artifacts["settings"]).read_text())
         self.image_size = int(settings["image_size"])
-        self.postprocess = PostprocessConfig(**settings["postprocess"])
+        self.tta, self.postprocess = prediction_settings(settings["postprocess"])
         self.max_files = int(settings.get("max_files_per_request", 64))
         self.max_file_bytes = int(settings.get("max_file_bytes", 64 * 2**20))
         self.allow_paths = bool(settings.get("allow_paths", False))
@@ -116,8 +117,8 @@ class OpacityDetector(mlflow.pyfunc.PythonModel):
         for start in range(0, len(predicted), 8):
             keys_in_batch = predicted[start:start + 8]
             for boxes_xywh, scores in detect_original(
-                    self.model, torch.stack([images[key] for key in keys_in_batch]),
-                    [letterboxes[key] for key in keys_in_batch], torch.device("cpu")):
+                    [self.model], torch.stack([images[key] for key in keys_in_batch]),
+                    [letterboxes[key] for key in keys_in_batch], torch.device("cpu"), self.tta):
                 raw_boxes.append(boxes_xywh)
                 raw_scores.append(scores)
         final, probabilities = finalize(predictions_table(predicted, raw_boxes, raw_scores),

@@ -31,7 +31,9 @@ TINY_RUN = {
               "box_detections_per_img": 5},
     "train": {"epochs": 2, "batch_size": 4, "validation_batch_size": 4,
               "warmup_iterations": 1, "progress": False},
-    "evaluate": {"batch_size": 4, "progress": False},
+    # TTA on, so the served model is checked against the pipeline with it
+    "evaluate": {"batch_size": 4, "progress": False,
+                 "tta": {"hflip": True, "scales": [1.0, 1.25]}},
 }
 
 
@@ -81,12 +83,19 @@ def test_whole_pipeline_on_demo_data(demo_run, kedro_project: Path):
     metrics = json.loads((data / "08_reporting/demo/evaluation_metrics.json").read_text())
     assert 0.0 <= metrics["overall"]["competition_metric"] <= 1.0
     assert set(metrics["by_view_position"]) <= {"AP", "PA"}
+    # Bootstrap intervals over patients, overall and in every breakdown (sex, age from headers).
+    assert {"by_patient_sex", "by_age_band", "by_detailed_class"} <= set(metrics)
+    for values in [metrics["overall"], *metrics["by_age_band"].values()]:
+        for interval in values["intervals"].values():
+            if not np.isnan(interval["low"]):
+                assert interval["low"] <= interval["value"] <= interval["high"]
     for figure in (data / "08_reporting/demo/figures").glob("*.png"):
         with Image.open(figure) as image:
             assert image.size[0] > 100 and image.getextrema() != ((255, 255),) * 4
     assert len(list((data / "08_reporting/demo/figures").glob("*.png"))) >= 5
     report_text = (data / "08_reporting/demo/evaluation_report.md").read_text()
     assert "competition metric" in report_text and "figures/froc_curve.png" in report_text
+    assert "95 % interval" in report_text and "## By age band" in report_text
 
 
 def test_mlflow_run_holds_params_curves_tags_and_a_servable_model(demo_run,
@@ -101,6 +110,9 @@ def test_mlflow_run_holds_params_curves_tags_and_a_servable_model(demo_run,
     curve = client.get_metric_history(run["run_id"], "validation_competition_metric")
     assert sorted(m.step for m in curve) == [1, 2]
     assert "metrics.validation.competition_metric" in run
+    assert run["metrics.validation.competition_metric_ci_low"] <= \
+        run["metrics.validation.competition_metric"] <= \
+        run["metrics.validation.competition_metric_ci_high"]
     artifacts = {a.path for a in client.list_artifacts(run["run_id"])}
     assert {"figures", "submission.csv", "evaluation_report.md"} <= artifacts
 
@@ -136,6 +148,7 @@ def test_trained_model_reloads_from_the_catalog_with_equal_predictions(demo_run,
     import torch
 
     from pneumonia_kedro.inference import predict_cache
+    from pneumonia_kedro.prediction import prediction_settings
 
     with KedroSession.create(project_path=kedro_project, env="demo") as session:
         catalog = session.load_context().catalog
@@ -143,7 +156,11 @@ def test_trained_model_reloads_from_the_catalog_with_equal_predictions(demo_run,
         cache = catalog.load("validation_image_cache")
     raw = pd.read_parquet(kedro_project / "data/07_model_output/demo/"
                           "raw_validation_predictions.parquet")
-    again = predict_cache(trained.build(), cache, torch.device("cpu"), progress=False)
+    # Made with the TTA that postprocessing.json records (hflip and two scales here).
+    tta, _ = prediction_settings(catalog.load("postprocessing"))
+    assert tta.hflip and tta.scales == (1.0, 1.25)
+    again = predict_cache([trained.build()], cache, torch.device("cpu"), tta=tta,
+                          progress=False)
     pd.testing.assert_frame_equal(raw.reset_index(drop=True), again.reset_index(drop=True),
                                   check_dtype=False)
 

@@ -24,7 +24,7 @@ PACKAGE = Path(pneumonia_kedro.__file__).parent
 SERVING_DISTRIBUTIONS = (
     "torch", "torchvision", "pydicom", "highdicom", "pylibjpeg", "pylibjpeg-libjpeg",
     "pylibjpeg-openjpeg", "pillow", "opencv-python-headless", "pandas", "numpy", "fsspec",
-    "tqdm", "mlflow",
+    "tqdm", "mlflow", "ensemble-boxes",
 )
 
 

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pneumonia_kedro.metrics import best_threshold, threshold_curve
-from pneumonia_kedro.models import detect, to_model_input
+from pneumonia_kedro.models import to_model_input
+from pneumonia_kedro.prediction import predict_batch
 from pneumonia_kedro.training.config import TrainConfig
 from pneumonia_kedro.training.data import CachedDetectionDataset, detection_collate, targets_to
 
@@ -22,14 +23,13 @@ from pneumonia_kedro.training.data import CachedDetectionDataset, detection_coll
 def predict(model: torch.nn.Module, dataset: CachedDetectionDataset, device: torch.device,
             batch_size: int = 16, progress: bool = False, desc: str = "predicting"
             ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(boxes xyxy in cache pixels, scores) per item of ``dataset``, in order."""
-    model.eval()
+    """(boxes xyxy in cache pixels, scores) per item of ``dataset``, in order: the same
+    ``predict_batch`` as evaluation and inference, without test-time variants."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
                         collate_fn=detection_collate)
     results = []
     for images, _ in tqdm(loader, desc=desc, unit="batch", disable=not progress):
-        results.extend((boxes.numpy(), scores.numpy())
-                       for boxes, scores in detect(model, images, device))
+        results.extend(predict_batch([model], images, device))
     return results
 
 

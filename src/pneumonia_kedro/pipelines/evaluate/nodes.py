@@ -9,6 +9,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from pneumonia_kedro.bootstrap import (
+    BootstrapConfig,
+    mean_interval,
+    proportion_interval,
+    resample_counts,
+    roc_auc_interval,
+)
 from pneumonia_kedro.boxes import xywh_to_xyxy
 from pneumonia_kedro.config import AT_LEAST_ONE, ConfigError, from_params
 from pneumonia_kedro.dicom.quality import INFERENCE_QUALITY, QualityConfig
@@ -19,6 +26,7 @@ from pneumonia_kedro.metrics import (
     best_threshold,
     coco_metrics,
     competition_metric,
+    competition_scores,
     froc,
     image_level_metrics,
     threshold_curve,
@@ -30,6 +38,7 @@ from pneumonia_kedro.postprocess import (
     per_image,
     postprocess,
 )
+from pneumonia_kedro.prediction import TTAConfig, prediction_settings
 from pneumonia_kedro.training import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -43,8 +52,9 @@ class EvaluateConfig:
 
     batch_size: int = 16
     device: str = "auto"
-    hflip_tta: bool = False
+    tta: TTAConfig = field(default_factory=TTAConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     threshold_grid: tuple = (0.05, 0.95, 0.05)  # start, stop, step (inclusive)
     inclusive_iou: bool = False
     progress: bool = True
@@ -64,8 +74,8 @@ def predict_validation(trained_model: TrainedModel, validation_image_cache: Imag
     config = _config(params)
     device = resolve_device(config.device)
     model = trained_model.build(device)
-    return predict_cache(model, validation_image_cache, device, config.batch_size,
-                         config.hflip_tta, config.progress, desc="validation")
+    return predict_cache([model], validation_image_cache, device, config.batch_size,
+                         config.tta, config.progress, desc="validation")
 
 
 def _truth(patients: pd.DataFrame) -> tuple[list[str], list[np.ndarray]]:
@@ -90,8 +100,9 @@ def tune_threshold(raw_validation_predictions: pd.DataFrame,
     threshold, metric = best_threshold(curve)
     logger.info("score threshold %.2f gives the best validation competition metric %.4f",
                 threshold, metric)
-    chosen = dataclasses.asdict(
-        dataclasses.replace(config.postprocess, score_threshold=threshold))
+    chosen = {**dataclasses.asdict(
+        dataclasses.replace(config.postprocess, score_threshold=threshold)),
+        "tta": dataclasses.asdict(config.tta)}
     return chosen, pd.DataFrame(curve, columns=["score_threshold", "competition_metric"])
 
 
@@ -99,23 +110,57 @@ def _any_counted(truth: list[np.ndarray], boxes: list[np.ndarray]) -> bool:
     return any(len(t) or len(b) for t, b in zip(truth, boxes, strict=True))
 
 
+AGE_BANDS = (0, 18, 40, 60, 80)  # band starts in years: 0-17, 18-39, 40-59, 60-79, 80+
+
+
+def age_band(age: float) -> str:
+    """The age band of a PatientAge in years ("unknown" when the header has none)."""
+    if age is None or not np.isfinite(age):
+        return "unknown"
+    start = max(b for b in AGE_BANDS if b <= age)
+    following = [b for b in AGE_BANDS if b > start]
+    return f"{start}-{following[0] - 1}" if following else f"{start}+"
+
+
 def _scores(patients: pd.DataFrame, predictions: pd.DataFrame, all_candidates: pd.DataFrame,
-            threshold: float, inclusive: bool) -> dict:
+            threshold: float, config: EvaluateConfig) -> dict:
     ids, truth = _truth(patients)
     boxes, scores = per_image(predictions, ids)
     candidate_boxes, candidate_scores = per_image(all_candidates, ids)
     probabilities = image_probabilities(all_candidates, ids)
     froc_result = froc(truth, candidate_boxes, candidate_scores)
+    targets = patients["Target"].to_numpy(int) == 1
+    counts = resample_counts(len(ids), config.bootstrap)
+    confidence = config.bootstrap.confidence
+    flagged = probabilities >= threshold
     return {
         "images": len(ids),
         # None where no image counts (only negatives, none with a box): the mean is undefined.
-        "competition_metric": competition_metric(truth, boxes, scores, inclusive)
+        "competition_metric": competition_metric(truth, boxes, scores, config.inclusive_iou)
         if _any_counted(truth, boxes) else None,
         **coco_metrics(truth, candidate_boxes, candidate_scores),
         "image_level": image_level_metrics(patients["Target"].tolist(), probabilities,
                                            threshold),
         "froc": froc_result["sensitivity_at_fp_per_image"],
+        # Bootstrap over patients (one image each): {"value", "low", "high"} per metric.
+        "intervals": {
+            "competition_metric": mean_interval(
+                competition_scores(truth, boxes, scores, config.inclusive_iou), counts,
+                confidence),
+            "roc_auc": roc_auc_interval(targets, probabilities, counts, confidence),
+            "sensitivity": proportion_interval(flagged, targets, counts, confidence),
+            "specificity": proportion_interval(~flagged, ~targets, counts, confidence),
+        },
     }
+
+
+def _breakdowns(patients: pd.DataFrame) -> dict[str, pd.Series]:
+    """The columns the report breaks metrics down by, those the patient table has."""
+    columns = {name: patients[name] for name in ("view_position", "detailed_class",
+                                                 "patient_sex") if name in patients}
+    if "patient_age" in patients:
+        columns["age_band"] = patients["patient_age"].astype(float).map(age_band)
+    return columns
 
 
 def evaluate(raw_validation_predictions: pd.DataFrame, validation_patients: pd.DataFrame,
@@ -126,19 +171,16 @@ def evaluate(raw_validation_predictions: pd.DataFrame, validation_patients: pd.D
     validation predictions.
     """
     config = _config(params)
-    chosen = from_params(PostprocessConfig, postprocessing, "postprocessing")
+    _, chosen = prediction_settings(postprocessing)
     candidates = postprocess(raw_validation_predictions, chosen, apply_threshold=False)
     final = postprocess(raw_validation_predictions, chosen)
     threshold = chosen.score_threshold
     metrics = {"postprocessing": postprocessing,
-               "overall": _scores(validation_patients, final, candidates, threshold,
-                                  config.inclusive_iou)}
-    for column in ("view_position", "detailed_class"):
-        if column not in validation_patients:
-            continue
-        metrics[f"by_{column}"] = {
-            str(value): _scores(group, final, candidates, threshold, config.inclusive_iou)
-            for value, group in validation_patients.groupby(column)
+               "overall": _scores(validation_patients, final, candidates, threshold, config)}
+    for name, values in _breakdowns(validation_patients).items():
+        metrics[f"by_{name}"] = {
+            str(value): _scores(group, final, candidates, threshold, config)
+            for value, group in validation_patients.groupby(values.fillna("unknown"))
         }
     ids, truth = _truth(validation_patients)
     metrics["froc_curve"] = froc(truth, *per_image(candidates, ids))["curve"]
@@ -155,6 +197,9 @@ def evaluate(raw_validation_predictions: pd.DataFrame, validation_patients: pd.D
         "score_threshold": threshold,
         **{f"froc_sensitivity_at_{k}_fp": v for k, v in overall["froc"].items()},
     }
+    for name, interval in overall["intervals"].items():
+        headline[f"{name}_ci_low"] = interval["low"]
+        headline[f"{name}_ci_high"] = interval["high"]
     # kedro-mlflow's metrics format; undefined values (None: no image counts; NaN: e.g. AUC
     # with one class) are left out.
     headline = {k: {"value": float(v), "step": 0} for k, v in headline.items()

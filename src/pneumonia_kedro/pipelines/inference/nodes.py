@@ -17,7 +17,7 @@ from pneumonia_kedro.figures import overlay_figure
 from pneumonia_kedro.imagecache import CacheConfig, CachePlan, ImageCache, plan, quality_summary
 from pneumonia_kedro.inference import finalize, predict_cache
 from pneumonia_kedro.models import TrainedModel
-from pneumonia_kedro.postprocess import PostprocessConfig
+from pneumonia_kedro.prediction import prediction_settings
 from pneumonia_kedro.reporting import capped
 from pneumonia_kedro.structured_report import boxes_and_scores, report_bytes
 from pneumonia_kedro.submission import build_submission, check_against_sample
@@ -37,7 +37,6 @@ class InferenceConfig:
     dicom_sr: bool = False
     batch_size: int = 16
     device: str = "auto"
-    hflip_tta: bool = False
     no_box: Literal["empty", "whole_image"] = "empty"
     model_uri: str | None = None  # an MLflow model (e.g. models:/m-...) instead of the catalog's
     overlay_patients: tuple = ()
@@ -83,9 +82,10 @@ def predict_test(trained_model: TrainedModel, test_image_cache: ImageCache,
     config = _config(params)
     trained_model, postprocessing = _chosen_model(trained_model, postprocessing, config)
     device = resolve_device(config.device)
-    raw = predict_cache(trained_model.build(device), test_image_cache, device,
-                        config.batch_size, config.hflip_tta, config.progress, desc="test")
-    chosen = from_params(PostprocessConfig, postprocessing, "postprocessing")
+    # The TTA the post-processing was tuned with: they belong together.
+    tta, chosen = prediction_settings(postprocessing)
+    raw = predict_cache([trained_model.build(device)], test_image_cache, device,
+                        config.batch_size, tta, config.progress, desc="test")
     index = test_image_cache.usable
     final, probability = finalize(raw, chosen, index["patientId"].tolist())
     views = index.set_index("patientId")["view_position"]

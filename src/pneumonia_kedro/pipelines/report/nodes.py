@@ -101,6 +101,17 @@ def _format(value: object) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _with_interval(values: dict, name: str) -> str:
+    """``0.2615 [0.21, 0.31]``: the value and its 95 % bootstrap interval over patients."""
+    interval = values.get("intervals", {}).get(name)
+    if interval is None:
+        return _format(values["competition_metric"] if name == "competition_metric"
+                       else values["image_level"][name])
+    if np.isnan(interval["low"]):
+        return _format(interval["value"])
+    return f"{interval['value']:.4f} [{interval['low']:.3f}, {interval['high']:.3f}]"
+
+
 def write_report(evaluation_metrics: dict, split_report: dict, cache_report: dict,
                  training_history: pd.DataFrame) -> str:
     """A one-page Markdown report: headline numbers, breakdowns and the figures."""
@@ -115,17 +126,20 @@ def write_report(evaluation_metrics: dict, split_report: dict, cache_report: dic
         f"{split_report['train']['patients']}. Images cached at "
         f"{cache_report['image_size']} px.",
         "",
-        "| metric | value |",
+        "Values with their 95 % bootstrap interval over patients: a difference inside the "
+        "interval is noise.",
+        "",
+        "| metric | value [95 % interval] |",
         "| --- | --- |",
         f"| competition metric (mean over IoU 0.40-0.75) | "
-        f"{_format(overall['competition_metric'])} |",
+        f"{_with_interval(overall, 'competition_metric')} |",
         f"| score threshold (tuned on validation) | "
         f"{evaluation_metrics['postprocessing']['score_threshold']:.2f} |",
         f"| COCO AP / AP50 / AP75 | {overall['coco_ap']:.4f} / {overall['coco_ap50']:.4f} / "
         f"{overall['coco_ap75']:.4f} |",
-        f"| image-level ROC AUC | {_format(image['roc_auc'])} |",
-        f"| sensitivity / specificity | {_format(image['sensitivity'])} / "
-        f"{_format(image['specificity'])} |",
+        f"| image-level ROC AUC | {_with_interval(overall, 'roc_auc')} |",
+        f"| sensitivity | {_with_interval(overall, 'sensitivity')} |",
+        f"| specificity | {_with_interval(overall, 'specificity')} |",
         f"| F1 | {_format(image['f1'])} |",
         f"| best epoch | {int(best['epoch'])} of {len(training_history)} |",
         "",
@@ -133,17 +147,16 @@ def write_report(evaluation_metrics: dict, split_report: dict, cache_report: dic
             f"{k}: {v:.3f}" for k, v in overall["froc"].items()),
         "",
     ]
-    for breakdown in ("by_view_position", "by_detailed_class"):
-        if breakdown not in evaluation_metrics:
-            continue
+    for breakdown in (key for key in evaluation_metrics if key.startswith("by_")):
         lines += [f"## {breakdown.replace('_', ' ').capitalize()}", "",
-                  "| group | images | competition metric | sensitivity | specificity |",
-                  "| --- | --- | --- | --- | --- |"]
+                  "| group | images | competition metric | ROC AUC | sensitivity | "
+                  "specificity |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for group, values in evaluation_metrics[breakdown].items():
             lines.append(f"| {group} | {values['images']} | "
-                         f"{_format(values['competition_metric'])} "
-                         f"| {_format(values['image_level']['sensitivity'])} "
-                         f"| {_format(values['image_level']['specificity'])} |")
+                         + " | ".join(_with_interval(values, name) for name in
+                                      ("competition_metric", "roc_auc", "sensitivity",
+                                       "specificity")) + " |")
         lines.append("")
     lines += ["## Figures", ""]
     lines += [f"![{name}](figures/{file})" for name, file in FIGURE_FILES.items()]

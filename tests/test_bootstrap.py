@@ -1,0 +1,75 @@
+"""Bootstrap intervals over patients: right point, coverage, narrowing, speed of the method."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from pneumonia_kedro.bootstrap import (
+    BootstrapConfig,
+    mean_interval,
+    proportion_interval,
+    resample_counts,
+    roc_auc_interval,
+)
+
+
+def _scores(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    targets = rng.random(n) < 0.3
+    probabilities = np.round(np.clip(rng.normal(0.35 + 0.3 * targets, 0.2), 0, 1), 2)  # ties
+    per_image = np.where(rng.random(n) < 0.4, np.nan, rng.random(n))
+    return targets, probabilities, per_image
+
+
+def test_each_resample_draws_as_many_images_as_there_are():
+    counts = resample_counts(50, BootstrapConfig(resamples=200, seed=3))
+    assert counts.shape == (200, 50) and (counts.sum(axis=1) == 50).all()
+    np.testing.assert_array_equal(counts, resample_counts(50, BootstrapConfig(resamples=200,
+                                                                               seed=3)))
+
+
+def test_points_equal_the_plain_metrics_and_intervals_cover_them():
+    targets, probabilities, per_image = _scores(400)
+    counts = resample_counts(400, BootstrapConfig(resamples=500))
+    auc = roc_auc_interval(targets, probabilities, counts)
+    assert auc["value"] == roc_auc_score(targets, probabilities)
+    mean = mean_interval(per_image, counts)
+    assert mean["value"] == np.nanmean(per_image)
+    found = probabilities >= 0.5
+    sensitivity = proportion_interval(found, targets, counts)
+    assert sensitivity["value"] == found[targets].mean()
+    for interval in (auc, mean, sensitivity):
+        assert interval["low"] < interval["value"] < interval["high"]
+
+
+def test_weighted_auc_of_a_resample_equals_sklearn_on_the_drawn_images():
+    targets, probabilities, _ = _scores(120, seed=1)
+    counts = resample_counts(120, BootstrapConfig(resamples=1, seed=5))
+    drawn = np.repeat(np.arange(120), counts[0])
+    expected = roc_auc_score(targets[drawn], probabilities[drawn])
+    # A one-resample "interval" is that resample's value.
+    assert np.isclose(roc_auc_interval(targets, probabilities, counts)["low"], expected)
+
+
+def test_intervals_narrow_with_more_images():
+    widths = []
+    for n in (200, 3200):
+        targets, probabilities, per_image = _scores(n, seed=2)
+        counts = resample_counts(n, BootstrapConfig(resamples=400))
+        for interval in (roc_auc_interval(targets, probabilities, counts),
+                         mean_interval(per_image, counts)):
+            widths.append(interval["high"] - interval["low"])
+    small_auc, small_mean, large_auc, large_mean = widths
+    # The width shrinks about as 1 / sqrt(n): 16x the images, about a quarter of the width.
+    assert large_auc < small_auc / 2.5 and large_mean < small_mean / 2.5
+
+
+def test_undefined_metrics_give_nan_not_an_error():
+    counts = resample_counts(5, BootstrapConfig(resamples=20))
+    only_negatives = roc_auc_interval(np.zeros(5, bool), np.linspace(0, 1, 5), counts)
+    assert np.isnan(only_negatives["value"]) and np.isnan(only_negatives["low"])
+    nothing_counts = mean_interval(np.full(5, np.nan), counts)
+    assert np.isnan(nothing_counts["value"]) and np.isnan(nothing_counts["high"])
+    empty = roc_auc_interval(np.zeros(0, bool), np.zeros(0), resample_counts(0, BootstrapConfig()))
+    assert np.isnan(empty["value"])
