@@ -40,7 +40,7 @@ $(INSTALLED): pyproject.toml
 demo-data: $(DEMO_DONE)
 
 # The marker is written only after the whole dataset is, so an interrupted generation reruns.
-$(DEMO_DONE): | $(INSTALLED)
+$(DEMO_DONE): conf/base/parameters_demo_data.yml src/pneumonia_kedro/demo.py | $(INSTALLED)
 	$(BIN)/kedro run --env demo --pipelines demo_data
 	touch $@
 

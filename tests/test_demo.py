@@ -103,3 +103,38 @@ def test_opacity_is_brighter_inside_boxes_and_views_differ():
     assert abs(with_box[outside].mean() - without[outside].mean()) < 3
     ap = render_chest("p", "AP", [], seed=1).astype(float)
     assert np.abs(ap - without).mean() > 5
+
+
+def test_harder_demo_has_fainter_opacities_and_the_things_a_detector_must_ignore():
+    box = [300.0, 300.0, 200.0, 260.0]
+    inside = (slice(330, 530), slice(320, 480))
+    contrast = []
+    for difficulty in (0.0, 0.5, 1.0):
+        with_box = render_chest("p", "PA", [box], seed=1, difficulty=difficulty)
+        without = render_chest("p", "PA", [], seed=1, difficulty=difficulty,
+                               detailed_class="Normal")
+        contrast.append(with_box[inside].astype(float).mean()
+                        - without[inside].astype(float).mean())
+        if difficulty == 0:  # difficulty 0 draws nothing new: the files stay as they were
+            np.testing.assert_array_equal(with_box, render_chest("p", "PA", [box], seed=1))
+    assert contrast[0] > contrast[1] > contrast[2] > 2
+    # Per-image exposure and body position differ between patients at difficulty > 0 only.
+    means = [render_chest(f"q{i}", "PA", [], seed=1, difficulty=1.0).mean() for i in range(6)]
+    plain = [render_chest(f"q{i}", "PA", [], seed=1).mean() for i in range(6)]
+    assert np.std(means) > 3 * np.std(plain)
+    # "No Lung Opacity / Not Normal" negatives carry other findings; "Normal" ones do not.
+    normal = render_chest("r", "PA", [], seed=1, difficulty=0.8, detailed_class="Normal")
+    not_normal = render_chest("r", "PA", [], seed=1, difficulty=0.8,
+                              detailed_class="No Lung Opacity / Not Normal")
+    assert np.abs(not_normal.astype(float) - normal).max() > 20
+    # Markers and devices: sharp bright pixels that the same easy film lacks.
+    def bright(difficulty: float, i: int) -> int:
+        image = render_chest(f"m{i}", "PA", [], seed=1, difficulty=difficulty).astype(float)
+        edges = np.abs(np.diff(image, axis=1))
+        return int((edges > 40).sum())
+
+    assert any(bright(1.0, i) > bright(0.0, i) + 50 for i in range(6))
+    with pytest.raises(Exception, match="difficulty"):
+        from pneumonia_kedro.config import from_params
+
+        from_params(DemoConfig, {"difficulty": 1.5}, "demo_data")

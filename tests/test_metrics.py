@@ -172,3 +172,21 @@ def test_postprocess_equals_per_image_nms_and_top_boxes():
     strict = PostprocessConfig(score_threshold=0.9, nms_iou=0.3, max_boxes=3, shrink=0.875)
     thresholded = postprocess(predictions, strict)
     assert (thresholded["score"] >= 0.9).all() and 0 < len(thresholded) < len(result)
+
+
+def test_threshold_curve_equals_the_metric_at_each_threshold():
+    """One matching pass for the whole curve gives what scoring each threshold alone gives."""
+    from pneumonia_kedro.metrics import competition_metric, threshold_curve
+
+    rng = np.random.default_rng(11)
+    truth, boxes, scores = [], [], []
+    for i in range(60):
+        truth.append(xywh_to_xyxy(rng.uniform([0, 0, 50, 50], [500, 500, 300, 300], (i % 3, 4))))
+        boxes.append(xywh_to_xyxy(rng.uniform([0, 0, 50, 50], [500, 500, 300, 300], (i % 5, 4))))
+        scores.append(np.round(rng.uniform(0, 1, i % 5), 1))  # ties with the grid
+    grid = np.round(np.arange(0.0, 1.01, 0.1), 2)
+    for threshold, metric in threshold_curve(truth, boxes, scores, grid):
+        keep = [s >= threshold for s in scores]
+        expected = competition_metric(truth, [b[k] for b, k in zip(boxes, keep, strict=True)],
+                                      [s[k] for s, k in zip(scores, keep, strict=True)])
+        assert metric == pytest.approx(expected, abs=1e-12)

@@ -91,13 +91,17 @@ def test_threshold_tuning_then_evaluation_on_given_predictions():
     predictions = pd.DataFrame({"patientId": ["a", "b", "c"], "x": [100.0, 10.0, 50.0],
                                 "y": [100.0, 10.0, 60.0], "width": [200.0, 50.0, 70.0],
                                 "height": [200.0, 50.0, 80.0], "score": [0.9, 0.3, 0.6]})
-    pipeline = evaluate.create_pipeline().from_nodes("tune_score_threshold_node") \
+    pipeline = evaluate.create_pipeline().from_nodes("tune_postprocessing_node") \
         .to_nodes("evaluate_node")
     out = run(pipeline, raw_validation_predictions=predictions, validation_patients=truth,
               **{"params:evaluate": {"progress": False}})
     # Above 0.3 and up to 0.6 every image scores 1; the lowest such grid value is chosen.
     assert out["evaluation_metrics"]["postprocessing"]["score_threshold"] == pytest.approx(0.35)
     assert out["threshold_curve"]["competition_metric"].max() == 1.0
-    assert out["evaluation_metrics"]["overall"]["competition_metric"] == 1.0
+    # Reported held out from tuning: the half holding b was tuned on one positive alone
+    # (threshold 0.05), so b's false alarm counts there: (1 + 0 + 1) / 3.
+    held_out = out["evaluation_metrics"]["held_out_postprocessing"]
+    assert sorted(c["score_threshold"] for c in held_out) == [0.05, 0.35]
+    assert out["evaluation_metrics"]["overall"]["competition_metric"] == pytest.approx(2 / 3)
     assert out["evaluation_headline_metrics"]["roc_auc"]["value"] == 1.0
-    assert len(out["validation_predictions"]) == 2
+    assert len(out["validation_predictions"]) == 3

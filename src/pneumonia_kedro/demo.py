@@ -42,13 +42,14 @@ class DemoConfig:
     """Size and seed of the demo dataset."""
 
     RANGES = {"n_positive": NON_NEGATIVE, "n_negative": NON_NEGATIVE, "n_test": NON_NEGATIVE,
-              "jpeg_quality": Range(1, 100)}
+              "jpeg_quality": Range(1, 100), "difficulty": Range(0, 1)}
 
     n_positive: int = 100
     n_negative: int = 100
     n_test: int = 20
     seed: int = 42
     jpeg_quality: int = 92
+    difficulty: float = 0.0  # 0: clear opacities; towards 1: as hard as the real task
 
 
 def _rng(*keys: object) -> np.random.Generator:
@@ -172,42 +173,122 @@ def _ellipse(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx
 
 
 def render_chest(patient_id: str, view_position: str, boxes_xywh: object, seed: int,
-                 size: int = IMAGE_SIZE) -> np.ndarray:
-    """A synthetic chest radiograph (uint8, ``size`` x ``size``) with opacities in the boxes."""
+                 size: int = IMAGE_SIZE, difficulty: float = 0.0,
+                 detailed_class: str | None = None) -> np.ndarray:
+    """A synthetic chest radiograph (uint8, ``size`` x ``size``) with opacities in the boxes.
+
+    ``difficulty`` 0 gives clear, well-defined opacities on a standard chest. Towards 1 the
+    realism pass makes it as hard as the task: faint, ill-defined, patchy opacities; body
+    size, position, exposure, contrast and noise that vary per image; support devices, lines
+    and text markers; and negatives of the "No Lung Opacity / Not Normal" class carrying
+    other findings (a large heart, effusions, nodules, scars) that a detector must not box.
+    """
     rng = _rng(seed, patient_id)
+    d = float(difficulty)
+    # Its own stream: difficulty 0 draws nothing from it, so those files stay as they were.
+    realism = _rng(seed, patient_id, "realism")
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     ap = view_position == "AP"
     jitter = rng.normal(0, 0.015, size=6)
+    scale, dx, dy = (1 + d * realism.uniform(-0.15, 0.15), *realism.normal(0, 0.03 * d, 2)) \
+        if d else (1.0, 0.0, 0.0)
     image = np.full((size, size), 0.06, dtype=np.float32)
-    body = _ellipse(yy, xx, 0.55 + jitter[0], 0.5, 0.62, 0.47 + jitter[1], 0.05)
+    body = _ellipse(yy, xx, 0.55 + jitter[0] + dy, 0.5 + dx, 0.62 * scale,
+                    (0.47 + jitter[1]) * scale, 0.05)
     image += 0.38 * body
-    lung_ry, lung_rx = 0.30 + jitter[2], 0.16 + jitter[3]
+    lung_ry, lung_rx = (0.30 + jitter[2]) * scale, (0.16 + jitter[3]) * scale
+    lung_dx = (0.20 - jitter[4]) * scale
     lungs = np.maximum(
-        _ellipse(yy, xx, 0.47, 0.30 + jitter[4], lung_ry, lung_rx, 0.12),
-        _ellipse(yy, xx, 0.47, 0.70 - jitter[4], lung_ry, lung_rx, 0.12),
+        _ellipse(yy, xx, 0.47 + dy, 0.5 - lung_dx + dx, lung_ry, lung_rx, 0.12),
+        _ellipse(yy, xx, 0.47 + dy, 0.5 + lung_dx + dx, lung_ry, lung_rx, 0.12),
     )
     image -= 0.26 * lungs
     # Ribs: bright bands that curve down across each lung field.
-    rib_phase = (yy * 11.0 - 1.8 * (xx - 0.5) ** 2 * 11.0) % 1.0
+    rib_phase = ((yy - dy) * 11.0 / scale - 1.8 * (xx - 0.5 - dx) ** 2 * 11.0) % 1.0
     image += 0.07 * lungs * np.exp(-(((rib_phase - 0.5) / 0.09) ** 2))
     # Mediastinum and heart: wider on AP (magnified by the projection), narrower on PA.
-    heart_rx = 0.13 if ap else 0.10
-    image += 0.30 * _ellipse(yy, xx, 0.40, 0.5, 0.30, 0.055, 0.3)
-    image += 0.25 * _ellipse(yy, xx, 0.66, 0.53 + jitter[5], 0.13, heart_rx, 0.25)
-    image += 0.30 * np.clip((yy - 0.80 - 0.05 * np.abs(xx - 0.5)) * 6, 0, 1) * body
+    not_normal = d > 0 and not len(np.asarray(boxes_xywh).reshape(-1)) and (
+        detailed_class == NEGATIVE_CLASSES[0] if detailed_class is not None
+        else realism.random() > P_NORMAL_GIVEN_NEGATIVE)
+    findings = set(realism.choice(["heart", "effusion", "nodules", "scar"], size=2,
+                                  replace=False)) if not_normal else set()
+    heart_rx = (0.13 if ap else 0.10) * (1.45 if "heart" in findings else 1.0) * scale
+    image += 0.30 * _ellipse(yy, xx, 0.40 + dy, 0.5 + dx, 0.30 * scale, 0.055 * scale, 0.3)
+    image += 0.25 * _ellipse(yy, xx, 0.66 + dy, 0.53 + jitter[5] + dx, 0.13 * scale, heart_rx,
+                             0.25)
+    image += 0.30 * np.clip((yy - 0.80 - dy - 0.05 * np.abs(xx - 0.5)) * 6, 0, 1) * body
     for box in np.asarray(boxes_xywh, dtype=np.float32).reshape(-1, 4) / size:
         x, y, w, h = box
-        # A patchy consolidation that fills its box, with edges soft enough to look real
-        # and sharp enough that the box extent is visible.
-        cloud = _ellipse(yy, xx, y + h / 2, x + w / 2, h / 2, w / 2, 0.15)
-        texture = 0.7 + 0.3 * _smooth_noise(rng, (size, size), 24)
-        image += (0.26 + 0.06 * rng.random()) * cloud * np.clip(texture, 0, 1.2)
+        # A patchy consolidation that fills its box: well defined at difficulty 0, faint,
+        # ill-defined and patchy towards 1.
+        cloud = _ellipse(yy, xx, y + h / 2, x + w / 2, h / 2, w / 2, 0.15 + 0.45 * d)
+        texture = (0.7 - 0.5 * d) + (0.3 + 0.6 * d) * _smooth_noise(rng, (size, size), 24)
+        image += (0.26 + 0.06 * rng.random()) * (1 - 0.65 * d) * cloud \
+            * np.clip(texture, 0, 1.2)
+    if findings:
+        image += _findings(findings, yy, xx, lungs, dy, realism) * min(1.0, 0.4 + d)
+    if d:
+        image += _devices_and_markers(size, d, realism)
     if ap:
         image = 0.9 * image + 0.05  # portable AP films: lower contrast
         image[int(0.05 * size):int(0.09 * size), int(0.85 * size):int(0.92 * size)] = 0.95
+    if d:  # exposure and contrast of this film
+        gamma = float(np.exp(realism.normal(0, 0.25 * d)))
+        contrast = 1 + d * realism.uniform(-0.3, 0.15)
+        image = (np.clip(image, 0, 1) ** gamma - 0.5) * contrast + 0.5 \
+            + realism.normal(0, 0.04 * d)
     image += 0.03 * _smooth_noise(rng, (size, size), 48)
-    image += 0.015 * rng.standard_normal((size, size)).astype(np.float32)
+    noise = 0.015 * (1 + 2 * d * realism.random()) if d else 0.015
+    image += noise * rng.standard_normal((size, size)).astype(np.float32)
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _findings(findings: set[str], yy: np.ndarray, xx: np.ndarray, lungs: np.ndarray,
+              dy: float, rng: np.random.Generator) -> np.ndarray:
+    """Brightness of non-opacity findings (the heart is enlarged by the caller)."""
+    extra = np.zeros_like(yy)
+    if "effusion" in findings:  # fluid at one lung base: a bright meniscus
+        side = 1.0 if rng.random() < 0.5 else -1.0
+        level = 0.62 + dy + rng.uniform(0, 0.08)
+        extra += 0.22 * lungs * np.clip((yy - level) * 12, 0, 1) * (np.sign(xx - 0.5) == side)
+    if "nodules" in findings:  # a few small round densities
+        for _ in range(rng.integers(2, 6)):
+            cy, cx = rng.uniform(0.25, 0.7), rng.choice([0.3, 0.7]) + rng.normal(0, 0.06)
+            radius = rng.uniform(0.008, 0.02)
+            extra += 0.25 * _ellipse(yy, xx, cy, cx, radius, radius, 0.3) * lungs
+    if "scar" in findings:  # a thin linear band (plate atelectasis, fibrosis)
+        cy, cx, angle = rng.uniform(0.4, 0.7), rng.choice([0.3, 0.7]), rng.uniform(-0.4, 0.4)
+        distance = np.abs((yy - cy) * np.cos(angle) - (xx - cx) * np.sin(angle))
+        along = np.abs((yy - cy) * np.sin(angle) + (xx - cx) * np.cos(angle))
+        extra += 0.18 * np.exp(-((distance / 0.006) ** 2)) * (along < 0.08) * lungs
+    return extra
+
+
+def _devices_and_markers(size: int, d: float, rng: np.random.Generator) -> np.ndarray:
+    """ECG leads with wires, a tube or line, and a burned-in text marker: bright, sharp."""
+    canvas = np.zeros((size, size), dtype=np.float32)
+    unit = size / 1024
+    if rng.random() < 0.6 * d:  # ECG electrodes and their wires
+        for _ in range(rng.integers(2, 5)):
+            centre = rng.uniform([150, 150], [874, 700]) * unit
+            cv2.circle(canvas, tuple(int(v) for v in centre), int(14 * unit), 0.5, -1)
+            end = (int(rng.uniform(0, size)), 0 if rng.random() < 0.5 else size - 1)
+            middle = (centre + np.array(end)) / 2 + rng.normal(0, 80 * unit, 2)
+            wire = np.array([centre, middle, end], dtype=np.int32)
+            cv2.polylines(canvas, [wire], False, 0.35, max(1, int(3 * unit)))
+    if rng.random() < 0.5 * d:  # an endotracheal tube or a central line down the middle
+        x0 = size / 2 + rng.normal(0, 20 * unit)
+        points = np.array([[x0, 0], [x0 + rng.normal(0, 15 * unit), 0.25 * size],
+                           [x0 + rng.normal(0, 40 * unit), rng.uniform(0.35, 0.6) * size]],
+                          dtype=np.int32)
+        cv2.polylines(canvas, [points], False, 0.45, max(1, int(6 * unit)))
+    if rng.random() < d:  # a text marker: a row of letter-sized blocks in a top corner
+        x = int(rng.choice([0.04, 0.80]) * size)
+        for i in range(rng.integers(1, 6)):
+            left = x + int(i * 22 * unit)
+            cv2.rectangle(canvas, (left, int(40 * unit)), (left + int(14 * unit),
+                                                            int(66 * unit)), 0.9, -1)
+    return cv2.GaussianBlur(canvas, (0, 0), max(0.5, 1.2 * unit))
 
 
 def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
@@ -282,6 +363,8 @@ def dicom_bytes(ds: Dataset) -> bytes:
 
 def demo_file(patient_id: str, header: dict, boxes_xywh: object, config: DemoConfig) -> bytes:
     """The bytes of one demo DICOM file."""
-    pixels = render_chest(patient_id, header["view_position"], boxes_xywh, config.seed)
+    pixels = render_chest(patient_id, header["view_position"], boxes_xywh, config.seed,
+                          difficulty=config.difficulty,
+                          detailed_class=header.get("detailed_class"))
     return dicom_bytes(competition_dicom(patient_id, pixels, header, config.seed,
                                          config.jpeg_quality))

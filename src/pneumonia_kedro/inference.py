@@ -71,10 +71,14 @@ def predict_cache(models: Sequence[torch.nn.Module], cache: ImageCache, device: 
     return predictions_table(ids, boxes, scores)
 
 
-def finalize(raw: pd.DataFrame, config: PostprocessConfig, patient_ids: list[str]
+def finalize(raw: pd.DataFrame, config: PostprocessConfig, patient_ids: list[str],
+             classifier_probabilities: pd.Series | None = None
              ) -> tuple[pd.DataFrame, pd.Series]:
-    """The post-processed boxes, and each image's opacity probability (from every candidate
-    box, before the score threshold), indexed by ``patient_ids``."""
-    candidates = postprocess(raw, config, apply_threshold=False)
+    """The delivered boxes (post-processed, gated by the classifier's probabilities,
+    ``label_shift`` applied), and each image's opacity probability (the highest gated
+    candidate score, before the score threshold), indexed by ``patient_ids``."""
+    candidates = postprocess(raw, config, apply_threshold=False,
+                             probabilities=classifier_probabilities)
     probabilities = pd.Series(image_probabilities(candidates, patient_ids), index=patient_ids)
-    return postprocess(raw, config), probabilities
+    return postprocess(raw, config, probabilities=classifier_probabilities,
+                       apply_label_shift=True), probabilities

@@ -47,6 +47,66 @@ def pairwise_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
     return np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
 
 
+def prefix_true_positives(
+    ground_truth: Sequence[object],
+    predictions: Sequence[object],
+    scores: Sequence[object],
+    inclusive: bool = False,
+    thresholds: np.ndarray = IOU_THRESHOLDS,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The competition's greedy matching of every image's first k predictions, all k at once.
+
+    Predictions are taken in descending confidence, so the matches of the first k are those
+    the matching has made after k steps. Returns ``tp`` (N, P + 1, T): true positives among
+    the first k predictions at each IoU threshold; ``n_truth`` (N,); and the confidences in
+    that order, padded with -inf (N, P). A score threshold or a cap on boxes per image keeps
+    a prefix, so tuning them needs this one pass, not one per value tried.
+    """
+    if not len(ground_truth) == len(predictions) == len(scores):
+        raise ValueError("ground_truth, predictions and scores need one entry per image")
+    truth = [as_boxes(b) for b in ground_truth]
+    preds = [as_boxes(b) for b in predictions]
+    confidences = [np.asarray(s, dtype=np.float64).reshape(-1) for s in scores]
+    orders = [np.argsort(-c, kind="stable") for c in confidences]
+    gt, gt_valid = _pad(truth, 4)
+    pred, pred_valid = _pad([p[o] for p, o in zip(preds, orders, strict=True)], 4)
+    ordered, _ = _pad([c[o][:, None] for c, o in zip(confidences, orders, strict=True)], 1)
+    ordered = np.where(pred_valid, ordered[..., 0], -np.inf)
+    iou = pairwise_iou(pred, gt)  # (N, P, G)
+    iou = np.where(pred_valid[:, :, None] & gt_valid[:, None, :], iou, -1.0)
+    t = np.asarray(thresholds, dtype=np.float64)[None, :, None]
+    n_images, n_thresholds = len(truth), t.shape[1]
+    matched = np.zeros((n_images, n_thresholds, gt.shape[1]), dtype=bool)
+    tp = np.zeros((n_images, pred.shape[1] + 1, n_thresholds), dtype=np.int64)
+    rows = np.arange(n_images)[:, None]
+    columns = np.arange(n_thresholds)[None, :]
+    for p in range(pred.shape[1]):
+        overlap = iou[:, p, None, :]  # (N, 1, G)
+        above = overlap >= t if inclusive else overlap > t
+        candidates = above & ~matched
+        best = np.where(candidates, overlap, -np.inf).argmax(axis=2)  # (N, T)
+        hit = candidates.any(axis=2)
+        matched[rows, columns, best] |= hit
+        tp[:, p + 1] = tp[:, p] + hit
+    return tp, gt_valid.sum(axis=1), ordered
+
+
+def scores_of_prefixes(tp: np.ndarray, n_truth: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """Per-image competition score when image i keeps its first ``kept[i, ...]`` predictions
+    (any trailing shape, e.g. one column per score threshold); NaN where the image has
+    neither truth nor a kept prediction."""
+    kept = np.asarray(kept, dtype=np.int64)
+    flat = kept.reshape(len(kept), -1)  # (N, K)
+    true_positives = np.take_along_axis(tp, flat[:, :, None], axis=1)  # (N, K, T)
+    # TP / (TP + FP + FN) with FP = kept - TP and FN = truth - TP.
+    denominator = flat[:, :, None] + n_truth[:, None, None] - true_positives
+    per_threshold = np.divide(true_positives, denominator,
+                              out=np.zeros(denominator.shape), where=denominator > 0)
+    result = per_threshold.mean(axis=2)
+    result[(flat == 0) & (n_truth[:, None] == 0)] = np.nan
+    return result.reshape(kept.shape)
+
+
 def competition_scores(
     ground_truth: Sequence[object],
     predictions: Sequence[object],
@@ -60,65 +120,34 @@ def competition_scores(
     predictions' confidences. All images are scored together with padded arrays, so the cost
     is a loop over the largest number of predictions in one image, not over images.
     """
-    if not len(ground_truth) == len(predictions) == len(scores):
-        raise ValueError("ground_truth, predictions and scores need one entry per image")
-    truth = [as_boxes(b) for b in ground_truth]
-    preds = [as_boxes(b) for b in predictions]
-    confidences = [np.asarray(s, dtype=np.float64).reshape(-1) for s in scores]
-    orders = [np.argsort(-c, kind="stable") for c in confidences]
-    gt, gt_valid = _pad(truth, 4)
-    pred, pred_valid = _pad([p[o] for p, o in zip(preds, orders, strict=True)], 4)
-    n_gt = gt_valid.sum(axis=1)
-    n_pred = pred_valid.sum(axis=1)
-
-    iou = pairwise_iou(pred, gt)  # (N, P, G)
-    iou = np.where(pred_valid[:, :, None] & gt_valid[:, None, :], iou, -1.0)
-    t = np.asarray(thresholds, dtype=np.float64)[None, :, None]
-    n_images, n_thresholds = len(truth), t.shape[1]
-    matched = np.zeros((n_images, n_thresholds, gt.shape[1]), dtype=bool)
-    true_positives = np.zeros((n_images, n_thresholds), dtype=np.int64)
-    rows = np.arange(n_images)[:, None]
-    columns = np.arange(n_thresholds)[None, :]
-    for p in range(pred.shape[1]):
-        overlap = iou[:, p, None, :]  # (N, 1, G)
-        above = overlap >= t if inclusive else overlap > t
-        candidates = above & ~matched
-        best = np.where(candidates, overlap, -np.inf).argmax(axis=2)  # (N, T)
-        hit = candidates.any(axis=2)
-        matched[rows, columns, best] |= hit
-        true_positives += hit
-    false_positives = n_pred[:, None] - true_positives
-    false_negatives = n_gt[:, None] - true_positives
-    denominator = true_positives + false_positives + false_negatives
-    per_threshold = np.divide(true_positives, denominator, out=np.zeros(denominator.shape),
-                              where=denominator > 0)
-    result = per_threshold.mean(axis=1)
-    result[(n_gt == 0) & (n_pred == 0)] = np.nan
-    return result
+    tp, n_truth, ordered = prefix_true_positives(ground_truth, predictions, scores, inclusive,
+                                                 thresholds)
+    return scores_of_prefixes(tp, n_truth, np.isfinite(ordered).sum(axis=1))
 
 
 def competition_metric(ground_truth: Sequence[object], predictions: Sequence[object],
                        scores: Sequence[object], inclusive: bool = False) -> float:
     """Mean competition score over the images that count (0.0 when none does)."""
-    per_image = competition_scores(ground_truth, predictions, scores, inclusive)
-    counted = per_image[~np.isnan(per_image)]
-    return float(counted.mean()) if counted.size else 0.0
+    return mean_of_counted(competition_scores(ground_truth, predictions, scores, inclusive))
 
 
 def threshold_curve(ground_truth: Sequence[object], predictions: Sequence[object],
                     scores: Sequence[object], grid: Sequence[float], inclusive: bool = False
                     ) -> list[tuple[float, float]]:
-    """(score threshold, competition metric) for each threshold of ``grid``."""
-    boxes = [as_boxes(b) for b in predictions]
-    confidences = [np.asarray(s, dtype=np.float64).reshape(-1) for s in scores]
-    curve = []
-    for threshold in grid:
-        keep = [c >= threshold for c in confidences]
-        metric = competition_metric(ground_truth, [b[k] for b, k in zip(boxes, keep, strict=True)],
-                                    [c[k] for c, k in zip(confidences, keep, strict=True)],
-                                    inclusive)
-        curve.append((float(threshold), metric))
-    return curve
+    """(score threshold, competition metric) for each threshold of ``grid``: one matching
+    pass, each threshold keeping a prefix of every image's predictions."""
+    tp, n_truth, ordered = prefix_true_positives(ground_truth, predictions, scores, inclusive)
+    grid = np.asarray(grid, dtype=np.float64)
+    kept = (ordered[:, :, None] >= grid[None, None, :]).sum(axis=1)  # (N, thresholds)
+    per_image = scores_of_prefixes(tp, n_truth, kept)
+    return [(float(threshold), mean_of_counted(per_image[:, j]))
+            for j, threshold in enumerate(grid)]
+
+
+def mean_of_counted(per_image: np.ndarray) -> float:
+    """Mean over the images that count (not NaN); 0.0 when none does, as the metric defines."""
+    counted = per_image[~np.isnan(per_image)]
+    return float(counted.mean()) if counted.size else 0.0
 
 
 def best_threshold(curve: Sequence[tuple[float, float]]) -> tuple[float, float]:

@@ -3,14 +3,16 @@
 Logged with MLflow's "models from code": this file's source is stored with the model and the
 weights travel as a ``torch.save`` file of tensors loaded with ``weights_only=True``, so loading
 the model runs this project's code, never code unpickled from the artefact. The same
-preprocessing (``imagecache.preprocess``) and post-processing (``postprocess``) as the
-pipelines are used, with the settings saved beside the weights.
+preprocessing (``imagecache.preprocess``), prediction (``prediction.predict_batch`` with the
+tuned test-time augmentation), classifier gating and post-processing as the pipelines are
+used, with the settings saved beside the weights.
 
 Input: a DataFrame with a ``dicom`` column holding, per row, the file's bytes, its base64 text,
 or (only when the model was logged with ``allow_paths``) a path; an optional ``patientId``
 column names the rows. Output, one row per input row (in order, also when two rows share a
 ``patientId``): ``patientId, PredictionString, image_probability, quality_flags,
-skip_reason`` and, when the model was logged with ``dicom_sr``, ``dicom_sr`` (the base64 DICOM
+skip_reason``, ``classifier_probability`` (the image-level classifier's, when the model was
+logged with one) and, when the model was logged with ``dicom_sr``, ``dicom_sr`` (the base64 DICOM
 Structured Report). Files the input quality gate skips get an empty PredictionString, no
 probability and the reason; a gate policy ``error`` answers HTTP 400.
 """
@@ -29,6 +31,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from pneumonia_kedro.classifier import TrainedClassifier, classify
 from pneumonia_kedro.dicom.quality import INFERENCE_QUALITY, QualityConfig
 from pneumonia_kedro.errors import DicomError
 from pneumonia_kedro.imagecache import decode_checked, preprocess
@@ -53,6 +56,11 @@ class OpacityDetector(mlflow.pyfunc.PythonModel):
         self.model = model_from_state(payload["model_config"], payload["state_dict"]).eval()
         self.version = weights_version(payload["model_config"]["architecture"],
                                        payload["state_dict"])
+        self.classifier = None
+        if "classifier" in context.artifacts:
+            self.classifier = TrainedClassifier.from_payload(torch.load(
+                context.artifacts["classifier"], map_location="cpu", weights_only=True))
+            self.classifier_model = self.classifier.build()
         settings = json.loads(Path(context.artifacts["settings"]).read_text())
         self.image_size = int(settings["image_size"])
         self.tta, self.postprocess = prediction_settings(settings["postprocess"])
@@ -111,24 +119,35 @@ class OpacityDetector(mlflow.pyfunc.PythonModel):
             if image is not None:
                 square, letterboxes[key] = preprocess(image, self.image_size)
                 images[key] = torch.from_numpy(square)[None]
-        # The inference pipeline's own steps: detection in original pixels, then finalize.
+        # The inference pipeline's own steps: detection in original pixels, the classifier's
+        # probabilities, then finalize (gating, post-processing).
         predicted = list(images)
-        raw_boxes, raw_scores = [], []
+        raw_boxes, raw_scores, classifier_p = [], [], []
+        cpu = torch.device("cpu")
         for start in range(0, len(predicted), 8):
             keys_in_batch = predicted[start:start + 8]
+            batch = torch.stack([images[key] for key in keys_in_batch])
             for boxes_xywh, scores in detect_original(
-                    [self.model], torch.stack([images[key] for key in keys_in_batch]),
-                    [letterboxes[key] for key in keys_in_batch], torch.device("cpu"), self.tta):
+                    [self.model], batch, [letterboxes[key] for key in keys_in_batch], cpu,
+                    self.tta):
                 raw_boxes.append(boxes_xywh)
                 raw_scores.append(scores)
+            if self.classifier is not None:
+                classifier_p.extend(classify(self.classifier_model, batch,
+                                             self.classifier.image_size, cpu, self.tta.hflip))
+        classifier_probabilities = pd.Series(classifier_p, index=predicted, dtype=float) \
+            if self.classifier is not None else None
         final, probabilities = finalize(predictions_table(predicted, raw_boxes, raw_scores),
-                                        self.postprocess, predicted)
+                                        self.postprocess, predicted, classifier_probabilities)
         sizes = {key: (lb.height, lb.width) for key, lb in letterboxes.items()}
         result = build_submission(final, keys, self.no_box, sizes)
         for key in keys:
             if key not in images:  # skipped by the gate: no prediction, not even no_box's
                 result.loc[int(key), "PredictionString"] = ""
         result["image_probability"] = np.round(probabilities.reindex(keys).to_numpy(float), 6)
+        if classifier_probabilities is not None:
+            result["classifier_probability"] = np.round(
+                classifier_probabilities.reindex(keys).to_numpy(float), 6)
         result["patientId"] = ids
         result["quality_flags"] = flags
         result["skip_reason"] = skips

@@ -31,9 +31,12 @@ TINY_RUN = {
               "box_detections_per_img": 5},
     "train": {"epochs": 2, "batch_size": 4, "validation_batch_size": 4,
               "warmup_iterations": 1, "progress": False},
-    # TTA on, so the served model is checked against the pipeline with it
+    "classifier": {"architecture": "resnet18", "pretrained": "none", "image_size": 32,
+                   "epochs": 2, "batch_size": 8, "progress": False},
+    # TTA and gating on, so the served model is checked against the pipeline with them
     "evaluate": {"batch_size": 4, "progress": False,
-                 "tta": {"hflip": True, "scales": [1.0, 1.25]}},
+                 "tta": {"hflip": True, "scales": [1.0, 1.25]},
+                 "search": {"gating_rule": ["product"]}},
 }
 
 
@@ -219,14 +222,16 @@ def test_served_model_answers_like_the_pipeline_and_rejects_bad_requests(
     with KedroSession.create(project_path=kedro_project, env="demo") as session:
         catalog = session.load_context().catalog
         trained = catalog.load("trained_model")
+        classifier = catalog.load("trained_classifier")
         postprocessing = catalog.load("postprocessing")
+    assert postprocessing["gating"]["rule"] == "product" and postprocessing["tta"]["hflip"]
     params = {"cache": {"workers": 0, "progress": False}, "progress": False}
     dicoms = DicomFolder.scan(str(folder))
     build(plan_test_cache(dicoms, trained, params), tmp_path / "cache")
     from pneumonia_kedro.imagecache import ImageCache
 
     cache = ImageCache(tmp_path / "cache")
-    predictions = predict_test(trained, cache, postprocessing, params)
+    predictions = predict_test(trained, classifier, cache, postprocessing, params)
     expected, _ = write_submission(predictions, cache, dicoms, pd.DataFrame(), params)
 
     run = mlflow.search_runs(experiment_names=["pneumonia-kedro"]).sort_values(
@@ -272,6 +277,14 @@ def test_served_model_answers_like_the_pipeline_and_rejects_bad_requests(
             got, _ = parse_prediction_string(served.loc[row["patientId"], "PredictionString"])
             want, _ = parse_prediction_string(row["PredictionString"])
             np.testing.assert_allclose(got, want, atol=0.06)
+        # The classifier's probabilities, gating the boxes above, are the pipeline's too.
+        import torch
+
+        from pneumonia_kedro.classifier import predict_probabilities
+
+        piped_p = predict_probabilities(classifier, cache, torch.device("cpu"), hflip=True)
+        np.testing.assert_allclose(served.loc[piped_p.index, "classifier_probability"],
+                                   piped_p, atol=1e-5)
 
         status, error = post([["junk", base64.b64encode(b"not a dicom at all").decode()]])
         assert status == 400 and "not a DICOM file" in error["message"]
@@ -307,7 +320,8 @@ def test_inference_can_use_the_mlflow_model_instead_of_the_catalog(demo_run,
     dicoms = DicomFolder.scan(str(kedro_project / "data/01_raw/rsna-demo/stage_2_test_images"))
     build(plan_test_cache(dicoms, other, params), tmp_path / "cache")
     cache = ImageCache(tmp_path / "cache")
-    predictions = predict_test(other, cache, {"score_threshold": 1.1}, params)
+    # Neither the catalog's classifier (None here) nor its post-processing is used either.
+    predictions = predict_test(other, None, cache, {"score_threshold": 1.1}, params)
     submission, _ = write_submission(predictions, cache, dicoms, pd.DataFrame(), params)
     expected = pd.read_csv(kedro_project / "data/07_model_output/demo/submission.csv",
                            keep_default_na=False)
@@ -427,7 +441,7 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     (["inference"], {"inference": {"cache": {"image_size": 32}}},
      "params:inference.cache.image_size = 32 differs from the model's 64 px"),
     (["evaluate"], {"evaluate": {"postprocess": {"score_threshold": 0.3}}},
-     "params:evaluate.postprocess.score_threshold is tuned on the validation split"),
+     "params:evaluate.postprocess is tuned as one search now"),
 ])
 def test_bad_parameters_stop_before_anything_is_removed_or_published(demo_run,
                                                                     kedro_project: Path,

@@ -15,6 +15,7 @@ import torch
 from kedro.io import AbstractDataset, DatasetError
 
 import pneumonia_kedro
+from pneumonia_kedro.classifier import TrainedClassifier
 from pneumonia_kedro.models import TrainedModel
 
 logger = logging.getLogger(__name__)
@@ -35,18 +36,24 @@ def serving_requirements() -> list[str]:
 
 
 def log_detector(model: TrainedModel, settings: dict, name: str = "model",
-                 registered_model_name: str | None = None) -> mlflow.models.model.ModelInfo:
-    """Log ``model`` in the active MLflow run (models from code, weights as tensors only)."""
+                 registered_model_name: str | None = None,
+                 classifier: TrainedClassifier | None = None) -> mlflow.models.model.ModelInfo:
+    """Log ``model`` (and the image-level ``classifier`` that gates it) in the active MLflow
+    run: models from code, weights as tensors only."""
     with tempfile.TemporaryDirectory() as folder:
         weights = Path(folder) / "weights.pt"
         torch.save({"model_config": model.config.to_dict(), "state_dict": model.state_dict},
                    weights)
         settings_file = Path(folder) / "settings.json"
         settings_file.write_text(json.dumps(settings, indent=2))
+        artifacts = {"weights": str(weights), "settings": str(settings_file)}
+        if classifier is not None:
+            artifacts["classifier"] = str(Path(folder) / "classifier.pt")
+            torch.save(classifier.to_payload(), artifacts["classifier"])
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(PACKAGE / "serving.py"),
-            artifacts={"weights": str(weights), "settings": str(settings_file)},
+            artifacts=artifacts,
             code_paths=[str(PACKAGE)],
             pip_requirements=serving_requirements(),
             registered_model_name=registered_model_name,
@@ -54,11 +61,14 @@ def log_detector(model: TrainedModel, settings: dict, name: str = "model",
 
 
 @functools.lru_cache(maxsize=2)
-def load_logged_detector(model_uri: str) -> tuple[TrainedModel, dict]:
-    """The weights (tensors only) and settings of a detector logged by ``log_detector``.
+def load_logged_detector(model_uri: str
+                         ) -> tuple[TrainedModel, dict, TrainedClassifier | None]:
+    """The weights (tensors only) and settings of a detector logged by ``log_detector``, and
+    its classifier when it was logged with one.
 
     Cached: the inference pipeline asks for the same model in two nodes.
     """
+    from pneumonia_kedro.classifier import TrainedClassifier
     from pneumonia_kedro.models import model_config_from_dict
 
     with tempfile.TemporaryDirectory() as folder:
@@ -67,13 +77,18 @@ def load_logged_detector(model_uri: str) -> tuple[TrainedModel, dict]:
         payload = torch.load(local / "artifacts" / "weights.pt", map_location="cpu",
                              weights_only=True)
         settings = json.loads((local / "artifacts" / "settings.json").read_text())
+        classifier_file = local / "artifacts" / "classifier.pt"
+        classifier = TrainedClassifier.from_payload(torch.load(
+            classifier_file, map_location="cpu", weights_only=True)) \
+            if classifier_file.is_file() else None
     model = TrainedModel(config=model_config_from_dict(payload["model_config"]),
                          state_dict=payload["state_dict"], info={"model_uri": model_uri})
-    return model, settings
+    return model, settings, classifier
 
 
 class MlflowDetectorDataset(AbstractDataset[dict, None]):
-    """Saving ``{"model": TrainedModel, "settings": {...}}`` logs a servable MLflow model in
+    """Saving ``{"model": TrainedModel, "settings": {...}, "classifier": TrainedClassifier}``
+    (the classifier optional) logs a servable MLflow model in
     the run kedro-mlflow opened (and registers it when ``registered_model_name`` is set)."""
 
     def __init__(self, *, name: str = "model", registered_model_name: str | None = None,
@@ -86,7 +101,7 @@ class MlflowDetectorDataset(AbstractDataset[dict, None]):
         if mlflow.active_run() is None:
             raise DatasetError("no active MLflow run to log the model in")
         info = log_detector(data["model"], data["settings"], self._name,
-                            self._registered_model_name)
+                            self._registered_model_name, data.get("classifier"))
         mlflow.set_tag("model_uri", info.model_uri)
         logger.info("logged the MLflow model %s; serve it with `mlflow models serve -m %s "
                     "--env-manager local -h 127.0.0.1 -p 5001`", info.model_uri, info.model_uri)

@@ -3,30 +3,34 @@
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 import fsspec
 import torch
 from kedro.io import AbstractDataset, AbstractVersionedDataset, DatasetError, Version
 from kedro.io.core import get_filepath_str, get_protocol_and_path
 
+from pneumonia_kedro.classifier import TrainedClassifier
 from pneumonia_kedro.models import TrainedModel, model_config_from_dict
 from pneumonia_kedro.training import CheckpointStore
 
 
 class TrainedModelDataset(AbstractVersionedDataset[TrainedModel, TrainedModel]):
-    """A ``TrainedModel`` as one ``torch.save`` file of tensors and plain values.
+    """A ``TrainedModel`` (``kind: detector``) or ``TrainedClassifier`` (``kind: classifier``)
+    as one ``torch.save`` file of tensors and plain values.
 
     Loading uses ``torch.load(weights_only=True)``, which refuses to run code from the file,
     and rebuilds the network from the saved model config. Supports ``versioned: true``.
     """
 
-    def __init__(self, *, filepath: str, version: Version | None = None,
+    def __init__(self, *, filepath: str, kind: Literal["detector", "classifier"] = "detector",
+                 version: Version | None = None,
                  credentials: dict[str, Any] | None = None,
                  fs_args: dict[str, Any] | None = None,
                  metadata: dict[str, Any] | None = None) -> None:
         protocol, path = get_protocol_and_path(filepath, version)
         self._protocol = protocol
+        self._kind = kind
         self._fs = fsspec.filesystem(protocol, **{**(credentials or {}), **(fs_args or {})})
         self.metadata = metadata
         super().__init__(filepath=PurePosixPath(path), version=version,
@@ -36,14 +40,17 @@ class TrainedModelDataset(AbstractVersionedDataset[TrainedModel, TrainedModel]):
         path = get_filepath_str(self._get_load_path(), self._protocol)
         with self._fs.open(path, "rb") as handle:
             payload = torch.load(handle, map_location="cpu", weights_only=True)
+        if self._kind == "classifier":
+            return TrainedClassifier.from_payload(payload)
         return TrainedModel(config=model_config_from_dict(payload["model_config"]),
                             state_dict=payload["state_dict"], info=payload["info"])
 
     def save(self, data: TrainedModel) -> None:
         path = get_filepath_str(self._get_save_path(), self._protocol)
         self._fs.makedirs(str(PurePosixPath(path).parent), exist_ok=True)
-        payload = {"model_config": data.config.to_dict(), "state_dict": data.state_dict,
-                   "info": data.info}
+        payload = data.to_payload() if isinstance(data, TrainedClassifier) else {
+            "model_config": data.config.to_dict(), "state_dict": data.state_dict,
+            "info": data.info}
         with self._fs.open(path, "wb") as handle:
             torch.save(payload, handle)
 
@@ -55,7 +62,7 @@ class TrainedModelDataset(AbstractVersionedDataset[TrainedModel, TrainedModel]):
         return self._fs.exists(path)
 
     def _describe(self) -> dict[str, Any]:
-        return {"filepath": str(self._filepath), "version": self._version}
+        return {"filepath": str(self._filepath), "kind": self._kind, "version": self._version}
 
 
 class CheckpointFolderDataset(AbstractDataset[CheckpointStore, CheckpointStore]):

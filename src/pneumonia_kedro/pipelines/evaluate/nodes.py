@@ -17,19 +17,18 @@ from pneumonia_kedro.bootstrap import (
     roc_auc_interval,
 )
 from pneumonia_kedro.boxes import xywh_to_xyxy
-from pneumonia_kedro.config import AT_LEAST_ONE, ConfigError, from_params
+from pneumonia_kedro.classifier import TrainedClassifier, predict_probabilities
+from pneumonia_kedro.config import AT_LEAST_ONE, ConfigError, Range, from_params
 from pneumonia_kedro.dicom.quality import INFERENCE_QUALITY, QualityConfig
 from pneumonia_kedro.imagecache import ImageCache
 from pneumonia_kedro.inference import predict_cache
 from pneumonia_kedro.labels import boxes_array
 from pneumonia_kedro.metrics import (
-    best_threshold,
     coco_metrics,
     competition_metric,
     competition_scores,
     froc,
     image_level_metrics,
-    threshold_curve,
 )
 from pneumonia_kedro.models import TrainedModel
 from pneumonia_kedro.postprocess import (
@@ -38,33 +37,42 @@ from pneumonia_kedro.postprocess import (
     per_image,
     postprocess,
 )
-from pneumonia_kedro.prediction import TTAConfig, prediction_settings
+from pneumonia_kedro.prediction import TTAConfig
 from pneumonia_kedro.training import resolve_device
+from pneumonia_kedro.tuning import SearchSpace, cross_fit, search
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """Prediction, post-processing and the grid the score threshold is tuned over."""
+    """Prediction, the post-processing search, and the bootstrap of the reported metrics."""
 
-    RANGES = {"batch_size": AT_LEAST_ONE}
+    RANGES = {"batch_size": AT_LEAST_ONE, "label_shift": Range(0, 2, low_open=True)}
 
     batch_size: int = 16
     device: str = "auto"
     tta: TTAConfig = field(default_factory=TTAConfig)
-    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    search: SearchSpace = field(default_factory=SearchSpace)
+    label_shift: float = 1.0
+    cross_fit_seed: int = 0
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
-    threshold_grid: tuple = (0.05, 0.95, 0.05)  # start, stop, step (inclusive)
     inclusive_iou: bool = False
     progress: bool = True
 
-    def grid(self) -> np.ndarray:
-        start, stop, step = self.threshold_grid
-        return np.round(np.arange(start, stop + step / 2, step), 6)
+
+_MOVED = {
+    "threshold_grid": "evaluate.search.score_threshold (a list; [t] fixes it at t)",
+    "postprocess": "evaluate.search (nms_iou, shrink, max_boxes: lists of values to try; "
+                   "one value fixes it) and evaluate.label_shift",
+}
 
 
 def _config(params: dict) -> EvaluateConfig:
+    for key, replacement in _MOVED.items():
+        if key in params:
+            raise ConfigError(f"params:evaluate.{key} is tuned as one search now: use "
+                              f"{replacement}")
     return from_params(EvaluateConfig, params, "evaluate")
 
 
@@ -78,32 +86,52 @@ def predict_validation(trained_model: TrainedModel, validation_image_cache: Imag
                          config.tta, config.progress, desc="validation")
 
 
+def predict_validation_probabilities(trained_classifier: TrainedClassifier,
+                                     validation_image_cache: ImageCache, params: dict
+                                     ) -> pd.DataFrame:
+    """The classifier's opacity probability per validation image (mirrored too with
+    ``tta.hflip``, as the detector's boxes are)."""
+    config = _config(params)
+    device = resolve_device(config.device)
+    return predict_probabilities(trained_classifier, validation_image_cache, device,
+                                 config.batch_size, config.tta.hflip).reset_index()
+
+
+def _probabilities(table: pd.DataFrame) -> pd.Series:
+    return table.set_index("patientId")["probability"]
+
+
 def _truth(patients: pd.DataFrame) -> tuple[list[str], list[np.ndarray]]:
     ids = patients["patientId"].tolist()
     return ids, [xywh_to_xyxy(boxes_array(b)) for b in patients["boxes"]]
 
 
-def tune_threshold(raw_validation_predictions: pd.DataFrame,
-                   validation_patients: pd.DataFrame, params: dict
-                   ) -> tuple[dict, pd.DataFrame]:
-    """The score threshold that maximises the competition metric on the validation split."""
+def _truth_by_patient(patients: pd.DataFrame) -> dict[str, np.ndarray]:
+    return dict(zip(*_truth(patients), strict=True))
+
+
+def tune_postprocessing(raw_validation_predictions: pd.DataFrame,
+                        validation_patients: pd.DataFrame,
+                        validation_image_probabilities: pd.DataFrame, params: dict
+                        ) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    """The post-processing that maximises the competition metric on all validation patients
+    (what inference uses), the threshold curve at the other chosen values, and every
+    combination tried."""
     config = _config(params)
-    if "score_threshold" in params.get("postprocess", {}):
-        raise ConfigError(
-            "params:evaluate.postprocess.score_threshold is tuned on the validation split: "
-            "leave it out; to fix it at t, set evaluate.threshold_grid: [t, t, 1]")
-    candidates = postprocess(raw_validation_predictions, config.postprocess,
-                             apply_threshold=False)
-    ids, truth = _truth(validation_patients)
-    boxes, scores = per_image(candidates, ids)
-    curve = threshold_curve(truth, boxes, scores, config.grid(), config.inclusive_iou)
-    threshold, metric = best_threshold(curve)
-    logger.info("score threshold %.2f gives the best validation competition metric %.4f",
-                threshold, metric)
-    chosen = {**dataclasses.asdict(
-        dataclasses.replace(config.postprocess, score_threshold=threshold)),
-        "tta": dataclasses.asdict(config.tta)}
-    return chosen, pd.DataFrame(curve, columns=["score_threshold", "competition_metric"])
+    base = PostprocessConfig(label_shift=config.label_shift)
+    chosen, table = search(raw_validation_predictions, _truth_by_patient(validation_patients),
+                           base, config.search, _probabilities(validation_image_probabilities),
+                           config.inclusive_iou)
+    logger.info("post-processing tuned on %d validation patients over %d combinations: %s",
+                len(validation_patients), config.search.size(), chosen)
+    at_chosen = np.ones(len(table), dtype=bool)
+    for name in ("nms_iou", "shrink", "max_boxes"):
+        at_chosen &= table[name] == getattr(chosen, name)
+    at_chosen &= (table["gating_rule"] == chosen.gating.rule) & \
+        (table["gating_threshold"] == chosen.gating.threshold)
+    curve = table.loc[at_chosen, ["score_threshold", "competition_metric"]]
+    return ({**dataclasses.asdict(chosen), "tta": dataclasses.asdict(config.tta)},
+            curve.reset_index(drop=True), table)
 
 
 def _any_counted(truth: list[np.ndarray], boxes: list[np.ndarray]) -> bool:
@@ -163,20 +191,71 @@ def _breakdowns(patients: pd.DataFrame) -> dict[str, pd.Series]:
     return columns
 
 
-def evaluate(raw_validation_predictions: pd.DataFrame, validation_patients: pd.DataFrame,
-             postprocessing: dict, params: dict) -> tuple[dict, dict, pd.DataFrame]:
-    """All metrics on the validation split, overall and by view position and detailed class.
+def classifier_metrics(patients: pd.DataFrame, probabilities: pd.Series,
+                       postprocessing: dict, config: EvaluateConfig) -> dict:
+    """The image-level classifier on its own: ROC AUC, and sensitivity and specificity at
+    the tuned point (the gating threshold with ``drop_below``, else 0.5), with intervals."""
+    gating = postprocessing.get("gating", {"rule": "none", "threshold": 0.0})
+    point = gating["threshold"] if gating["rule"] == "drop_below" else 0.5
+    p = probabilities.reindex(patients["patientId"]).to_numpy(float)
+    targets = patients["Target"].to_numpy(int) == 1
+    counts = resample_counts(len(p), config.bootstrap)
+    confidence = config.bootstrap.confidence
+    return {
+        "threshold": point,
+        **image_level_metrics(targets.astype(int).tolist(), p, point),
+        "intervals": {
+            "roc_auc": roc_auc_interval(targets, p, counts, confidence),
+            "sensitivity": proportion_interval(p >= point, targets, counts, confidence),
+            "specificity": proportion_interval(p < point, ~targets, counts, confidence),
+        },
+    }
 
-    Returns the full metrics (JSON), the headline numbers for MLflow, and the post-processed
-    validation predictions.
+
+def held_out_postprocessing(raw: pd.DataFrame, patients: pd.DataFrame,
+                            probabilities: pd.Series | None, config: EvaluateConfig
+                            ) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
+    """Final and candidate boxes of every validation patient, each half post-processed with
+    the values tuned on the other half, and those values."""
+    base = PostprocessConfig(label_shift=config.label_shift)
+
+    def tune(ids: list[str]) -> PostprocessConfig:
+        tuning = patients.loc[patients["patientId"].isin(set(ids))]
+        return search(raw, _truth_by_patient(tuning), base, config.search, probabilities,
+                      config.inclusive_iou)[0]
+
+    finals, candidates, chosen = [], [], []
+    for reported, values in cross_fit(patients, tune, config.cross_fit_seed):
+        own = raw.loc[raw["patientId"].isin(set(reported))]
+        finals.append(postprocess(own, values, probabilities=probabilities))
+        candidates.append(postprocess(own, values, apply_threshold=False,
+                                      probabilities=probabilities))
+        chosen.append({**dataclasses.asdict(values), "patients": len(reported)})
+    return (pd.concat(finals, ignore_index=True), pd.concat(candidates, ignore_index=True),
+            chosen)
+
+
+def evaluate(raw_validation_predictions: pd.DataFrame, validation_patients: pd.DataFrame,
+             validation_image_probabilities: pd.DataFrame, postprocessing: dict, params: dict
+             ) -> tuple[dict, dict, pd.DataFrame]:
+    """All metrics on the validation split, overall and by view position, detailed class,
+    sex and age band, each with its bootstrap interval.
+
+    The boxes scored are held out from their tuning: each half of the validation patients is
+    post-processed with the values tuned on the other half (``postprocessing``, tuned on
+    all of them, is what inference delivers). Returns the full metrics (JSON), the headline
+    numbers for MLflow, and the validation predictions scored.
     """
     config = _config(params)
-    _, chosen = prediction_settings(postprocessing)
-    candidates = postprocess(raw_validation_predictions, chosen, apply_threshold=False)
-    final = postprocess(raw_validation_predictions, chosen)
-    threshold = chosen.score_threshold
-    metrics = {"postprocessing": postprocessing,
-               "overall": _scores(validation_patients, final, candidates, threshold, config)}
+    probabilities = _probabilities(validation_image_probabilities)
+    final, candidates, held_out = held_out_postprocessing(
+        raw_validation_predictions, validation_patients, probabilities, config)
+    # Sensitivity and specificity at the threshold delivered to inference.
+    threshold = float(postprocessing["score_threshold"])
+    metrics = {"postprocessing": postprocessing, "held_out_postprocessing": held_out,
+               "overall": _scores(validation_patients, final, candidates, threshold, config),
+               "classifier": classifier_metrics(validation_patients, probabilities,
+                                                postprocessing, config)}
     for name, values in _breakdowns(validation_patients).items():
         metrics[f"by_{name}"] = {
             str(value): _scores(group, final, candidates, threshold, config)
@@ -195,11 +274,16 @@ def evaluate(raw_validation_predictions: pd.DataFrame, validation_patients: pd.D
         "specificity": overall["image_level"]["specificity"],
         "f1": overall["image_level"]["f1"],
         "score_threshold": threshold,
+        **{f"tuned_{name}": postprocessing[name] for name in ("nms_iou", "shrink", "max_boxes")},
         **{f"froc_sensitivity_at_{k}_fp": v for k, v in overall["froc"].items()},
     }
     for name, interval in overall["intervals"].items():
         headline[f"{name}_ci_low"] = interval["low"]
         headline[f"{name}_ci_high"] = interval["high"]
+    for name, interval in metrics["classifier"]["intervals"].items():
+        headline[f"classifier_{name}"] = interval["value"]
+        headline[f"classifier_{name}_ci_low"] = interval["low"]
+        headline[f"classifier_{name}_ci_high"] = interval["high"]
     # kedro-mlflow's metrics format; undefined values (None: no image counts; NaN: e.g. AUC
     # with one class) are left out.
     headline = {k: {"value": float(v), "step": 0} for k, v in headline.items()
@@ -224,9 +308,11 @@ class ServingConfig:
     dicom_sr: bool = False  # answer with a base64 DICOM SR per file (carries patient identity)
 
 
-def package_model(trained_model: TrainedModel, postprocessing: dict, params: dict) -> dict:
-    """The trained model with the preprocessing and tuned post-processing it is served with."""
+def package_model(trained_model: TrainedModel, trained_classifier: TrainedClassifier,
+                  postprocessing: dict, params: dict) -> dict:
+    """The trained detector and classifier with the preprocessing and tuned post-processing
+    they are served with."""
     config = from_params(ServingConfig, params, "serving")
     settings = {"image_size": trained_model.config.image_size, "postprocess": postprocessing,
                 **dataclasses.asdict(config)}
-    return {"model": trained_model, "settings": settings}
+    return {"model": trained_model, "classifier": trained_classifier, "settings": settings}

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
+from pneumonia_kedro.classifier import TrainedClassifier, predict_probabilities
 from pneumonia_kedro.config import AT_LEAST_ONE, ConfigError, from_params
 from pneumonia_kedro.dicom import DicomFolder
 from pneumonia_kedro.dicom.quality import INFERENCE_QUALITY, QualityConfig
@@ -47,24 +49,25 @@ def _config(params: dict) -> InferenceConfig:
     return from_params(InferenceConfig, params, "inference")
 
 
-def _chosen_model(trained_model: TrainedModel, postprocessing: dict, config: InferenceConfig
-                  ) -> tuple[TrainedModel, dict]:
-    """The catalog's model (latest, or --load-versions) unless an MLflow model URI is given;
-    an MLflow model brings the post-processing it was logged with."""
+def _chosen_model(trained_model: TrainedModel, trained_classifier: TrainedClassifier | None,
+                  postprocessing: dict, config: InferenceConfig
+                  ) -> tuple[TrainedModel, TrainedClassifier | None, dict]:
+    """The catalog's models (latest, or --load-versions) unless an MLflow model URI is given;
+    an MLflow model brings its classifier and the post-processing it was logged with."""
     if not config.model_uri:
-        return trained_model, postprocessing
+        return trained_model, trained_classifier, postprocessing
     from pneumonia_kedro.datasets.mlflow_detector import load_logged_detector
 
-    model, settings = load_logged_detector(config.model_uri)
+    model, settings, classifier = load_logged_detector(config.model_uri)
     logger.info("inference uses the MLflow model %s", config.model_uri)
-    return model, settings["postprocess"]
+    return model, classifier, settings["postprocess"]
 
 
 def plan_test_cache(test_dicoms: DicomFolder, trained_model: TrainedModel, params: dict
                     ) -> CachePlan:
     """Every file of the folder, converted exactly as the training images were."""
     config = _config(params)
-    model, _ = _chosen_model(trained_model, {}, config)
+    model, _, _ = _chosen_model(trained_model, None, {}, config)
     asked = params.get("cache", {}).get("image_size")
     if asked is not None and asked != model.config.image_size:
         raise ConfigError(
@@ -76,20 +79,27 @@ def plan_test_cache(test_dicoms: DicomFolder, trained_model: TrainedModel, param
     return plan(test_dicoms, test_dicoms.patient_ids, cache_config)
 
 
-def predict_test(trained_model: TrainedModel, test_image_cache: ImageCache,
-                 postprocessing: dict, params: dict) -> pd.DataFrame:
-    """Post-processed boxes per test image with its image-level probability and view."""
+def predict_test(trained_model: TrainedModel, trained_classifier: TrainedClassifier,
+                 test_image_cache: ImageCache, postprocessing: dict, params: dict
+                 ) -> pd.DataFrame:
+    """Post-processed boxes per test image with its image-level probabilities and view."""
     config = _config(params)
-    trained_model, postprocessing = _chosen_model(trained_model, postprocessing, config)
+    trained_model, classifier, postprocessing = _chosen_model(
+        trained_model, trained_classifier, postprocessing, config)
     device = resolve_device(config.device)
     # The TTA the post-processing was tuned with: they belong together.
     tta, chosen = prediction_settings(postprocessing)
     raw = predict_cache([trained_model.build(device)], test_image_cache, device,
                         config.batch_size, tta, config.progress, desc="test")
+    classifier_p = predict_probabilities(classifier, test_image_cache, device,
+                                         config.batch_size, tta.hflip) \
+        if classifier is not None else None
     index = test_image_cache.usable
-    final, probability = finalize(raw, chosen, index["patientId"].tolist())
+    final, probability = finalize(raw, chosen, index["patientId"].tolist(), classifier_p)
     views = index.set_index("patientId")["view_position"]
     final["image_probability"] = final["patientId"].map(probability)
+    final["classifier_probability"] = final["patientId"].map(classifier_p) \
+        if classifier_p is not None else np.nan
     final["view_position"] = final["patientId"].map(views)
     return final
 
@@ -130,7 +140,7 @@ def write_structured_reports(test_predictions: pd.DataFrame, test_image_cache: I
     config = _config(params)
     if not config.dicom_sr:
         return {}
-    model, _ = _chosen_model(trained_model, {}, config)
+    model, _, _ = _chosen_model(trained_model, None, {}, config)
     version = model.version
     by_patient = {pid: rows for pid, rows in test_predictions.groupby("patientId", sort=False)}
 

@@ -21,7 +21,8 @@ def create_pipeline(**kwargs) -> Pipeline:
         ),
         Node(
             func=predict_test,
-            inputs=["trained_model", "test_image_cache", "postprocessing", "params:inference"],
+            inputs=["trained_model", "trained_classifier", "test_image_cache", "postprocessing",
+                    "params:inference"],
             outputs="test_predictions",
             name="predict_test_node",
         ),

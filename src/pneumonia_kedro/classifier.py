@@ -1,0 +1,237 @@
+"""The image-level opacity classifier: does this chest X-ray show lung opacity at all?
+
+Every top RSNA solution gated its detector with one: a detector alone must decide "no box"
+from the absence of confident boxes, a classifier sees the whole image. A torchvision
+classification network (architecture and weights as parameters; ``none`` trains from scratch)
+is trained on the same image cache as the detector, positive where the patient has a box.
+Its probability is combined with box scores by the gating rule the post-processing search
+picks (``postprocess.GatingConfig``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from pneumonia_kedro.config import AT_LEAST_ONE, PROBABILITY, Range
+from pneumonia_kedro.imagecache import ImageCache
+from pneumonia_kedro.models import _with_download, load_weights_file, weights_version
+
+logger = logging.getLogger(__name__)
+
+Architecture = Literal["resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0",
+                       "mobilenet_v3_small", "mobilenet_v3_large"]
+# Networks take ImageNet-normalised RGB: the grey image goes to all three channels.
+_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Network, weights, input size and the training recipe of the image-level classifier."""
+
+    RANGES = {"image_size": AT_LEAST_ONE, "epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE,
+              "learning_rate": Range(0, low_open=True), "weight_decay": Range(0),
+              "horizontal_flip": PROBABILITY}
+
+    architecture: Architecture = "resnet18"
+    pretrained: str = "imagenet"  # imagenet | none | path/to/weights.pth
+    image_size: int | None = None  # None: the image cache's size
+    epochs: int = 5
+    batch_size: int = 32
+    learning_rate: float = 0.001
+    weight_decay: float = 0.0001
+    horizontal_flip: float = 0.5
+    seed: int = 42
+    device: str = "auto"
+    progress: bool = True
+
+
+def build_classifier(architecture: str, pretrained: str = "none") -> nn.Module:
+    """A torchvision classification network with one output: the opacity logit."""
+    weights = None
+    if pretrained == "imagenet":
+        weights = torchvision.models.get_model_weights(architecture).DEFAULT
+    model = _with_download(lambda: torchvision.models.get_model(architecture, weights=weights),
+                           weights, "ImageNet") if weights else \
+        torchvision.models.get_model(architecture, weights=None)
+    if pretrained not in ("imagenet", "none"):
+        load_weights_file(model, Path(pretrained))
+    if hasattr(model, "fc"):  # resnets
+        model.fc = nn.Linear(model.fc.in_features, 1)
+    else:  # densenet: a Linear; efficientnet and mobilenet: a Sequential ending in one
+        head = model.classifier
+        last = head[-1] if isinstance(head, nn.Sequential) else head
+        replacement = nn.Linear(last.in_features, 1)
+        if isinstance(head, nn.Sequential):
+            head[-1] = replacement
+        else:
+            model.classifier = replacement
+    return model
+
+
+def to_classifier_input(images: torch.Tensor, image_size: int, device: torch.device
+                        ) -> torch.Tensor:
+    """uint8 (B, 1, S, S) -> normalised float (B, 3, size, size) on ``device``."""
+    batch = images.to(device).float().div_(255.0)
+    if batch.shape[-1] != image_size:
+        batch = F.interpolate(batch, size=(image_size, image_size), mode="bilinear",
+                              align_corners=False, antialias=True)
+    return (batch.expand(-1, 3, -1, -1) - _MEAN.to(device)) / _STD.to(device)
+
+
+def roc_auc(targets: np.ndarray, probabilities: np.ndarray) -> float:
+    """ROC AUC, NaN when the images hold only one class."""
+    from sklearn.metrics import roc_auc_score
+
+    targets = np.asarray(targets, dtype=int)
+    return float(roc_auc_score(targets, probabilities)) if len(np.unique(targets)) == 2 \
+        else float("nan")
+
+
+@dataclass
+class TrainedClassifier:
+    """A trained classifier as data: architecture, input size, weights and how it was chosen."""
+
+    architecture: str
+    image_size: int
+    state_dict: dict
+    info: dict
+
+    def build(self, device: torch.device | str = "cpu") -> nn.Module:
+        model = build_classifier(self.architecture, "none")
+        model.load_state_dict(self.state_dict)
+        return model.to(device).eval()
+
+    @property
+    def version(self) -> str:
+        return weights_version(self.architecture, self.state_dict)
+
+    def to_payload(self) -> dict:
+        return {"model_config": {"architecture": self.architecture,
+                                 "image_size": self.image_size},
+                "state_dict": self.state_dict, "info": self.info}
+
+    @classmethod
+    def from_payload(cls, payload: dict) -> TrainedClassifier:
+        return cls(payload["model_config"]["architecture"],
+                   int(payload["model_config"]["image_size"]), payload["state_dict"],
+                   payload["info"])
+
+
+class _LabelledImages(Dataset):
+    def __init__(self, cache: ImageCache, targets: pd.Series) -> None:
+        usable = cache.usable.loc[cache.usable["patientId"].isin(set(targets.index))]
+        self.cache = cache
+        self.rows = usable["row"].to_numpy()
+        self.patient_ids = usable["patientId"].tolist()
+        self.targets = targets.reindex(self.patient_ids).to_numpy(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = torch.from_numpy(np.array(self.cache.images[self.rows[index]], copy=True))[None]
+        return image, torch.tensor(self.targets[index])
+
+
+@torch.inference_mode()
+def classify(model: nn.Module, images: torch.Tensor, image_size: int, device: torch.device,
+             hflip: bool = False) -> np.ndarray:
+    """Opacity probability per uint8 image (B, 1, S, S); with ``hflip`` the mean over the
+    image and its mirror (the same test-time variant the detector uses)."""
+    model.eval()
+    logits = model(to_classifier_input(images, image_size, device)).float().squeeze(1)
+    probabilities = torch.sigmoid(logits)
+    if hflip:
+        mirrored = model(to_classifier_input(images.flip(-1), image_size, device))
+        probabilities = (probabilities + torch.sigmoid(mirrored.float().squeeze(1))) / 2
+    return probabilities.cpu().numpy().astype(np.float64)
+
+
+def predict_probabilities(classifier: TrainedClassifier, cache: ImageCache,
+                          device: torch.device, batch_size: int = 64, hflip: bool = False,
+                          patient_ids: list[str] | None = None, model: nn.Module | None = None
+                          ) -> pd.Series:
+    """Opacity probability of each usable image of ``cache``, indexed by patientId."""
+    usable = cache.usable
+    if patient_ids is not None:
+        usable = usable.loc[usable["patientId"].isin(set(patient_ids))]
+    data = _LabelledImages(cache, pd.Series(0, index=usable["patientId"]))
+    model = model or classifier.build(device)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+    values = [classify(model, images, classifier.image_size, device, hflip)
+              for images, _ in loader]
+    return pd.Series(np.concatenate(values) if values else np.zeros(0),
+                     index=pd.Index(data.patient_ids, name="patientId"), name="probability")
+
+
+def train_classifier(train_cache: ImageCache, train_targets: pd.Series,
+                     validation_cache: ImageCache, validation_targets: pd.Series,
+                     config: ClassifierConfig, device: torch.device
+                     ) -> tuple[TrainedClassifier, pd.DataFrame]:
+    """Train on the training split, keep the epoch with the best validation ROC AUC.
+
+    ``*_targets``: 0/1 per patientId. Returns the classifier and the per-epoch history.
+    """
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    image_size = config.image_size or train_cache.image_size
+    model = build_classifier(config.architecture, config.pretrained).to(device)
+    train_data = _LabelledImages(train_cache, train_targets)
+    validation_data = _LabelledImages(validation_cache, validation_targets)
+    loader = DataLoader(train_data, batch_size=config.batch_size, shuffle=True,
+                        generator=generator, drop_last=len(train_data) > config.batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
+    total_steps = max(1, config.epochs * len(loader))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps)
+                                                     / total_steps)))
+    history, best_auc, best_state, best_epoch = [], -1.0, None, 0
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        started, losses = time.perf_counter(), []
+        for batch, targets in tqdm(loader, desc=f"classifier epoch {epoch}", unit="batch",
+                                   disable=not config.progress):
+            flip = torch.rand(len(batch), generator=generator) < config.horizontal_flip
+            images = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+            logits = model(to_classifier_input(images, image_size, device)).squeeze(1)
+            loss = F.binary_cross_entropy_with_logits(logits, targets.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss))
+        probabilities = np.concatenate(
+            [classify(model, images, image_size, device) for images, _ in
+             DataLoader(validation_data, batch_size=config.batch_size * 2)]) \
+            if len(validation_data) else np.zeros(0)
+        auc = roc_auc(validation_data.targets == 1, probabilities)
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else
+                        float("nan"), "validation_roc_auc": auc,
+                        "seconds": time.perf_counter() - started})
+        logger.info("classifier epoch %d: loss %.4f, validation ROC AUC %.4f", epoch,
+                    history[-1]["train_loss"], auc)
+        if best_state is None or (np.isfinite(auc) and auc > best_auc):
+            best_auc, best_epoch = auc, epoch
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in
+                                        model.state_dict().items()})
+    info = {"best_epoch": best_epoch, "validation_roc_auc": best_auc,
+            "config": asdict(config)}
+    return (TrainedClassifier(config.architecture, image_size, best_state, info),
+            pd.DataFrame(history))
