@@ -52,3 +52,35 @@ def test_range_bounds():
     assert not Range(0, 1, low_open=True).contains(0)
     assert not Range(0, 1, high_open=True).contains(1)
     assert str(Range(0, 1, low_open=True)) == "> 0 and <= 1"
+
+
+@pytest.mark.parametrize("env", ["base", "demo", "gpu"])
+def test_every_environment_s_parameters_are_valid(env):
+    """Each shipped environment (base: the notebook's knobs; demo: CPU-sized; gpu: the
+    winners' recipe) builds every parameter group without an error."""
+    from pathlib import Path
+
+    from kedro.config import OmegaConfigLoader
+
+    from pneumonia_kedro.classifier import ClassifierConfig
+    from pneumonia_kedro.demo import DemoConfig
+    from pneumonia_kedro.pipelines.evaluate.nodes import EvaluateConfig, ServingConfig
+    from pneumonia_kedro.pipelines.inference.nodes import InferenceConfig
+    from pneumonia_kedro.pipelines.ingest.nodes import IngestConfig
+    from pneumonia_kedro.settings import CONFIG_LOADER_ARGS
+
+    loader = OmegaConfigLoader(str(Path(__file__).parents[1] / "conf"),
+                               **{**CONFIG_LOADER_ARGS, "default_run_env": env})
+    params = loader["parameters"]
+    groups = {"demo_data": DemoConfig, "ingest": IngestConfig, "split": SplitConfig,
+              "cache": CacheConfig, "model": ModelConfig, "train": TrainConfig,
+              "classifier": ClassifierConfig, "evaluate": EvaluateConfig,
+              "serving": ServingConfig, "inference": InferenceConfig}
+    assert set(groups) <= set(params)
+    built = {name: from_params(cls, params[name], name) for name, cls in groups.items()}
+    if env == "gpu":
+        assert built["model"].trainable == "all" and built["model"].pretrained == "coco"
+        assert built["cache"].image_size == 1024 and built["evaluate"].tta.hflip
+        assert built["classifier"].pretrained == "imagenet"
+    if env == "demo":
+        assert built["classifier"].pretrained == "none" and built["model"].pretrained == "none"
