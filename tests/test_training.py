@@ -280,3 +280,17 @@ def test_local_weights_file_is_loaded_safely(tmp_path):
     assert_same_weights(source.state_dict(), loaded.state_dict())
     with pytest.raises(WeightsUnavailableError, match="weights file not found"):
         build_model(replace(TINY_MODEL, pretrained=str(tmp_path / "missing.pth")))
+
+
+def test_world_size_auto_is_one_process_per_visible_gpu(monkeypatch):
+    from pneumonia_kedro.config import from_params
+    from pneumonia_kedro.training.config import auto_world_size
+
+    assert from_params(TrainConfig, {"world_size": "auto"}, "train").world_size == "auto"
+    assert auto_world_size("cpu") == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert auto_world_size("auto") == 4 and auto_world_size("cuda") == 4
+    assert auto_world_size("cpu") == 1
+    with pytest.raises(Exception, match="world_size"):
+        from_params(TrainConfig, {"world_size": "all"}, "train")

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from ensemble_boxes import weighted_boxes_fusion
 
 from pneumonia_kedro.config import PROBABILITY, ConfigError, Range, from_params
 from pneumonia_kedro.models import detect
@@ -78,6 +77,9 @@ def fuse(predictions: Sequence[tuple[np.ndarray, np.ndarray]], size: float, iou:
     """
     if not any(len(scores) for _, scores in predictions):
         return np.zeros((0, 4)), np.zeros(0)
+    # Imported here: it brings numba, which a run without fusion (and the GPU check) skips.
+    from ensemble_boxes import weighted_boxes_fusion
+
     boxes = [np.clip(np.asarray(b, np.float64).reshape(-1, 4) / size, 0.0, 1.0)
              for b, _ in predictions]
     scores = [np.asarray(s, np.float64) for _, s in predictions]

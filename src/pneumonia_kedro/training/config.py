@@ -59,9 +59,17 @@ class TrainConfig:
     score_threshold: float | None = None  # per-epoch metric; None: best of a 0.05 grid
     inclusive_iou: bool = False
     resume: bool = True  # from a last checkpoint of the same settings and data
-    world_size: int = 1  # DDP processes (GPUs, or CPU processes on gloo)
+    world_size: int | Literal["auto"] = 1  # DDP processes (GPUs, or CPU processes on gloo);
+    # auto: one per visible GPU (1 without a GPU)
     progress: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+def auto_world_size(device: str) -> int:
+    """``train.world_size: auto``: every visible GPU when training on CUDA, else 1."""
+    if resolve_device(device).type != "cuda":
+        return 1
+    return max(1, torch.cuda.device_count())
 
 
 def seed_everything(seed: int) -> None:

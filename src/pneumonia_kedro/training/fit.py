@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +22,12 @@ from torch.utils.data import DataLoader
 
 from pneumonia_kedro.models import ModelConfig, build_model
 from pneumonia_kedro.training.checkpoints import CheckpointStore, restore, resume_state
-from pneumonia_kedro.training.config import TrainConfig, resolve_device, seed_everything
+from pneumonia_kedro.training.config import (
+    TrainConfig,
+    auto_world_size,
+    resolve_device,
+    seed_everything,
+)
 from pneumonia_kedro.training.data import (
     CachedDetectionDataset,
     EpochBatchSampler,
@@ -197,6 +202,8 @@ def train_model(model_config: ModelConfig, config: TrainConfig,
                 checkpoints: CheckpointStore | None = None,
                 on_epoch_end: EpochCallback | None = None) -> TrainingResult:
     """Train, in this process or in ``config.world_size`` DDP processes (spawned here)."""
+    if config.world_size == "auto":
+        config = replace(config, world_size=auto_world_size(config.device))
     if config.batch_size % config.world_size:
         raise ValueError(f"train.batch_size {config.batch_size} must be a multiple of "
                          f"world_size {config.world_size}")
