@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from sklearn.metrics import roc_auc_score
 
 from pneumonia_kedro.bootstrap import (
@@ -73,3 +74,25 @@ def test_undefined_metrics_give_nan_not_an_error():
     assert np.isnan(nothing_counts["value"]) and np.isnan(nothing_counts["high"])
     empty = roc_auc_interval(np.zeros(0, bool), np.zeros(0), resample_counts(0, BootstrapConfig()))
     assert np.isnan(empty["value"])
+
+
+def test_coco_ap_point_equals_pycocotools_and_its_interval_covers_it():
+    from pneumonia_kedro.bootstrap import coco_ap_interval
+    from pneumonia_kedro.boxes import xywh_to_xyxy
+    from pneumonia_kedro.metrics import coco_metrics
+
+    rng = np.random.default_rng(0)
+    truth, boxes, scores = [], [], []
+    for i in range(120):
+        image_truth = xywh_to_xyxy(rng.uniform([0, 0, 50, 50], [500, 500, 300, 300],
+                                               (i % 3, 4)))
+        near = image_truth + rng.normal(0, 8, image_truth.shape)  # positive sizes kept
+        far = xywh_to_xyxy(rng.uniform([0, 0, 50, 50], [500, 500, 300, 300], (i % 4, 4)))
+        truth.append(image_truth)
+        boxes.append(np.vstack([near, far]))
+        scores.append(rng.uniform(0, 1, len(near) + len(far)))
+    counts = resample_counts(120, BootstrapConfig(resamples=300))
+    interval = coco_ap_interval(truth, boxes, scores, counts)
+    assert interval["value"] == pytest.approx(coco_metrics(truth, boxes, scores)["coco_ap"],
+                                              abs=1e-9)
+    assert interval["low"] < interval["value"] < interval["high"]

@@ -93,3 +93,56 @@ def roc_auc_interval(targets: np.ndarray, probabilities: np.ndarray, counts: np.
         return _interval(float("nan"), np.array([]), confidence)
     point = float(auc(np.ones((1, len(targets))))[0])
     return _interval(point, auc(counts.astype(np.float64)), confidence)
+
+
+COCO_IOU_THRESHOLDS = np.round(np.arange(0.5, 0.951, 0.05), 2)
+_RECALL_POINTS = np.linspace(0.0, 1.0, 101)
+
+
+def coco_ap_interval(ground_truth: list, predictions: list, scores: list, counts: np.ndarray,
+                     confidence: float = 0.95, max_detections: int = 100,
+                     chunk: int = 50) -> dict:
+    """COCO box AP (IoU 0.50:0.95, 101 recall points, at most 100 boxes per image) with its
+    interval. Matching is per image, so it is done once (the competition metric's greedy
+    matching with IoU >= t, as pycocotools); each resample then only re-weights every box
+    by how often its image was drawn. Resamples are processed ``chunk`` at a time."""
+    from pneumonia_kedro.metrics import prefix_true_positives
+
+    tp, n_truth, ordered = prefix_true_positives(ground_truth, predictions, scores,
+                                                 inclusive=True,
+                                                 thresholds=COCO_IOU_THRESHOLDS)
+    ordered, tp = ordered[:, :max_detections], tp[:, : max_detections + 1]
+    hits = np.diff(tp, axis=1).astype(np.float64)  # (N, P, T): box p of image n matched
+    image_of, position = np.nonzero(np.isfinite(ordered))
+    order = np.argsort(-ordered[image_of, position], kind="stable")
+    image_of, hits = image_of[order], hits[image_of[order], position[order]]  # (D,), (D, T)
+
+    def ap(weights: np.ndarray) -> np.ndarray:
+        positives = weights @ n_truth  # (R,)
+        box_weights = weights[:, image_of]  # (R, D)
+        per_threshold = []
+        for t in range(hits.shape[1]):
+            true_positives = np.cumsum(box_weights * hits[:, t], axis=1)
+            false_positives = np.cumsum(box_weights * (1 - hits[:, t]), axis=1)
+            recall = true_positives / np.maximum(positives, 1e-12)[:, None]
+            precision = true_positives / np.maximum(true_positives + false_positives, 1e-12)
+            # The precision envelope (best precision at this recall or beyond), read at 101
+            # recall points; points beyond the last recall reached count as 0.
+            envelope = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
+            values = np.zeros((len(weights), len(_RECALL_POINTS)))
+            for r in range(len(weights)):
+                index = np.searchsorted(recall[r], _RECALL_POINTS, side="left")
+                inside = index < recall.shape[1]
+                values[r, inside] = envelope[r, index[inside]]
+            per_threshold.append(values.mean(axis=1))
+        result = np.mean(per_threshold, axis=0)
+        result[positives == 0] = np.nan
+        return result
+
+    if len(image_of) == 0:
+        point = 0.0 if n_truth.sum() else float("nan")
+        return _interval(point, np.full(len(counts), point), confidence)
+    point = float(ap(np.ones((1, len(n_truth))))[0])
+    weights = counts.astype(np.float64)
+    estimates = np.concatenate([ap(weights[i:i + chunk]) for i in range(0, len(weights), chunk)])
+    return _interval(point, estimates, confidence)

@@ -11,6 +11,7 @@ import pandas as pd
 
 from pneumonia_kedro.bootstrap import (
     BootstrapConfig,
+    coco_ap_interval,
     mean_interval,
     proportion_interval,
     resample_counts,
@@ -175,6 +176,8 @@ def _scores(patients: pd.DataFrame, predictions: pd.DataFrame, all_candidates: p
             "competition_metric": mean_interval(
                 competition_scores(truth, boxes, scores, config.inclusive_iou), counts,
                 confidence),
+            "coco_ap": coco_ap_interval(truth, candidate_boxes, candidate_scores, counts,
+                                        confidence),
             "roc_auc": roc_auc_interval(targets, probabilities, counts, confidence),
             "sensitivity": proportion_interval(flagged, targets, counts, confidence),
             "specificity": proportion_interval(~flagged, ~targets, counts, confidence),

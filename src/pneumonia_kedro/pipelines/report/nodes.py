@@ -124,8 +124,7 @@ def _with_interval(values: dict, name: str) -> str:
     """``0.2615 [0.21, 0.31]``: the value and its 95 % bootstrap interval over patients."""
     interval = values.get("intervals", {}).get(name)
     if interval is None:
-        return _format(values["competition_metric"] if name == "competition_metric"
-                       else values["image_level"][name])
+        return _format(values[name] if name in values else values["image_level"][name])
     if np.isnan(interval["low"]):
         return _format(interval["value"])
     return f"{interval['value']:.4f} [{interval['low']:.3f}, {interval['high']:.3f}]"
@@ -155,8 +154,8 @@ def write_report(evaluation_metrics: dict, split_report: dict, cache_report: dic
         f"{_with_interval(overall, 'competition_metric')} |",
         f"| post-processing (tuned on all validation patients) | "
         f"{_tuned(evaluation_metrics['postprocessing'])} |",
-        f"| COCO AP / AP50 / AP75 | {overall['coco_ap']:.4f} / {overall['coco_ap50']:.4f} / "
-        f"{overall['coco_ap75']:.4f} |",
+        f"| COCO AP | {_with_interval(overall, 'coco_ap')} |",
+        f"| COCO AP50 / AP75 | {overall['coco_ap50']:.4f} / {overall['coco_ap75']:.4f} |",
         f"| image-level ROC AUC | {_with_interval(overall, 'roc_auc')} |",
         f"| sensitivity | {_with_interval(overall, 'sensitivity')} |",
         f"| specificity | {_with_interval(overall, 'specificity')} |",
