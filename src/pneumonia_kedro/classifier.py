@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from pneumonia_kedro.config import AT_LEAST_ONE, PROBABILITY, Range
 from pneumonia_kedro.imagecache import ImageCache
-from pneumonia_kedro.models import _with_download, load_weights_file, weights_version
+from pneumonia_kedro.models import load_weights_file, weights_version, with_download
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +66,8 @@ def build_classifier(architecture: str, pretrained: str = "none") -> nn.Module:
     weights = None
     if pretrained == "imagenet":
         weights = torchvision.models.get_model_weights(architecture).DEFAULT
-    model = _with_download(lambda: torchvision.models.get_model(architecture, weights=weights),
-                           weights, "ImageNet") if weights else \
+    model = with_download(lambda: torchvision.models.get_model(architecture, weights=weights),
+                          weights, "ImageNet") if weights else \
         torchvision.models.get_model(architecture, weights=None)
     if pretrained not in ("imagenet", "none"):
         load_weights_file(model, Path(pretrained))
@@ -165,14 +165,13 @@ def classify(model: nn.Module, images: torch.Tensor, image_size: int, device: to
 
 def predict_probabilities(classifier: TrainedClassifier, cache: ImageCache,
                           device: torch.device, batch_size: int = 64, hflip: bool = False,
-                          patient_ids: list[str] | None = None, model: nn.Module | None = None
-                          ) -> pd.Series:
+                          patient_ids: list[str] | None = None) -> pd.Series:
     """Opacity probability of each usable image of ``cache``, indexed by patientId."""
     usable = cache.usable
     if patient_ids is not None:
         usable = usable.loc[usable["patientId"].isin(set(patient_ids))]
     data = _LabelledImages(cache, pd.Series(0, index=usable["patientId"]))
-    model = model or classifier.build(device)
+    model = classifier.build(device)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False)
     values = [classify(model, images, classifier.image_size, device, hflip)
               for images, _ in loader]

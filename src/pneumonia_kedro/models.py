@@ -102,7 +102,7 @@ def _weights_file(weights) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
 
 
-def _with_download(build: Callable[[], FasterRCNN], weights, label: str) -> FasterRCNN:
+def with_download(build: Callable[[], nn.Module], weights, label: str) -> nn.Module:
     """Run a torchvision builder that fetches ``weights``; offline, name the file to provide."""
     try:
         return build()
@@ -182,17 +182,17 @@ def _build(config: ModelConfig, pretrained: str) -> FasterRCNN:
             )
             return FasterRCNN(backbone, num_classes=NUM_CLASSES, **kwargs)
 
-        return _with_download(make, weights, "ImageNet") if weights else make()
+        return with_download(make, weights, "ImageNet") if weights else make()
 
     builder = _BUILDERS[config.architecture]
     if pretrained == "coco":
         weights = _COCO_WEIGHTS[config.architecture]
-        return _with_download(
+        return with_download(
             lambda: builder(weights=weights, trainable_backbone_layers=layers, **kwargs),
             weights, "COCO")
     if pretrained == "imagenet":
         weights = _IMAGENET_WEIGHTS[config.architecture]
-        return _with_download(
+        return with_download(
             lambda: builder(weights=None, weights_backbone=weights, num_classes=NUM_CLASSES,
                             trainable_backbone_layers=layers, **kwargs),
             weights, "ImageNet")
