@@ -53,7 +53,7 @@ def run_inference(incoming: Path, folder: Path, params: dict) -> tuple:
     dicoms = DicomFolder.scan(str(incoming))
     build(plan_test_cache(dicoms, trained, params), folder / "cache")
     cache = ImageCache(folder / "cache")
-    predictions = predict_test(trained, cache, POSTPROCESSING, params)
+    predictions = predict_test(trained, None, cache, POSTPROCESSING, params)
     submission, report = write_submission(predictions, cache, dicoms, pd.DataFrame(), params)
     return trained, dicoms, cache, predictions, submission, report
 

@@ -131,7 +131,9 @@ def test_validation_without_truth_boxes_or_predictions_reports_an_undefined_metr
                              "detailed_class": ["Normal", "Normal"]})
     no_boxes = pd.DataFrame(columns=["patientId", "x", "y", "width", "height", "score"])
     postprocessing = {"score_threshold": 0.5, "nms_iou": 0.1, "max_boxes": 4, "shrink": 1.0}
-    metrics, headline, _ = evaluate(no_boxes, patients, postprocessing, {"progress": False})
+    probabilities = pd.DataFrame({"patientId": ["a", "b"], "probability": [0.2, 0.1]})
+    metrics, headline, _ = evaluate(no_boxes, patients, probabilities, postprocessing,
+                                    {"progress": False})
     assert metrics["overall"]["competition_metric"] is None
     assert "competition_metric" not in headline and headline["specificity"]["value"] == 1.0
     report = write_report(

@@ -93,8 +93,12 @@ def test_threshold_tuning_then_evaluation_on_given_predictions():
                                 "height": [200.0, 50.0, 80.0], "score": [0.9, 0.3, 0.6]})
     pipeline = evaluate.create_pipeline().from_nodes("tune_postprocessing_node") \
         .to_nodes("evaluate_node")
+    # An uninformative classifier: no gating rule beats "none", which wins the ties.
+    probabilities = pd.DataFrame({"patientId": ["a", "b", "c"], "probability": 0.5})
     out = run(pipeline, raw_validation_predictions=predictions, validation_patients=truth,
+              validation_image_probabilities=probabilities,
               **{"params:evaluate": {"progress": False}})
+    assert out["evaluation_metrics"]["postprocessing"]["gating"]["rule"] == "none"
     # Above 0.3 and up to 0.6 every image scores 1; the lowest such grid value is chosen.
     assert out["evaluation_metrics"]["postprocessing"]["score_threshold"] == pytest.approx(0.35)
     assert out["threshold_curve"]["competition_metric"].max() == 1.0

@@ -85,7 +85,8 @@ def test_the_tuning_never_sees_the_patients_it_is_reported_on(monkeypatch):
 
     monkeypatch.setattr(evaluate_nodes, "search", spy)
     config = evaluate_nodes.EvaluateConfig(search=SPACE)
-    final, candidates, chosen = evaluate_nodes.held_out_postprocessing(raw, patients, config)
+    final, candidates, chosen = evaluate_nodes.held_out_postprocessing(raw, patients, None,
+                                                                              config)
     assert len(seen) == 2 and not seen[0] & seen[1]
     assert seen[0] | seen[1] == set(patients["patientId"])
     reported = [set(ids) for ids, _ in cross_fit(patients, lambda ids: None, seed=0)]

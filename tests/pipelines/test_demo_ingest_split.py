@@ -109,5 +109,5 @@ def test_a_mistyped_environment_names_the_ones_that_exist(run_kedro, kedro_proje
         assert session.load_context().env is None
     with pytest.raises(MissingDataError, match="Kedro environment 'dmeo' does not exist") as info:
         run_kedro(env="dmeo", pipelines=["ingest"])
-    assert "Environments here: demo, local" in str(info.value)
+    assert "Environments here: demo, gpu, local" in str(info.value)
     assert "--env demo" in str(info.value)

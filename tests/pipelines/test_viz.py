@@ -27,7 +27,7 @@ def test_viz_build_shows_every_pipeline_and_dataset_with_layers(tmp_path: Path):
     graph = json.loads((project / "build/api/main").read_text())
     pipelines = {p["id"] for p in graph["pipelines"]}
     assert pipelines == {"__default__", "demo_data", "ingest", "split", "cache", "train",
-                         "evaluate", "inference", "report"}
+                         "classify", "evaluate", "inference", "report"}
     # api/main holds the default pipeline; api/pipelines/<name> each registered pipeline.
     nodes = [n for name in pipelines
              for n in json.loads((project / "build/api/pipelines" / name).read_text())["nodes"]]
