@@ -24,7 +24,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pneumonia_kedro.ui import HOST, command, free_port, occupied_port_message, port_in_use
+from pneumonia_kedro.ui import (
+    HOST,
+    command,
+    free_port,
+    occupied_port_message,
+    port_in_use,
+    tool_environment,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # Chromium on a machine without a network: no background connections, no first-run UI.
@@ -146,8 +153,7 @@ async def _capture(browser: str, url: str, target: Path, size: str,
 
 
 def start(command: list[str], log: Path, tracking_uri: str) -> subprocess.Popen:
-    environment = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1",
-                   "MLFLOW_TRACKING_URI": tracking_uri}
+    environment = tool_environment({**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})
     return subprocess.Popen(command, cwd=ROOT, env=environment, start_new_session=True,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
 

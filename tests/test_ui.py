@@ -42,8 +42,11 @@ def test_the_mlflow_ui_starts_on_a_free_port(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "pneumonia_kedro.ui", "mlflow", "--port", str(port)],
         cwd=project, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        # PATH without the environment's bin folder, as `make mlflow-ui` runs it (the
+        # mlflow command was not found there).
         env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-             "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"})
+             "PATH": os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                                     if p != os.path.dirname(sys.executable))})
     try:
         deadline, status = time.monotonic() + 180, None
         while time.monotonic() < deadline and status != 200:

@@ -41,6 +41,17 @@ def occupied_port_message(tool: str, port: int) -> str:
             f"(`make {'mlflow-ui' if tool == 'mlflow' else 'viz'} PORT={port + 1}`).")
 
 
+def tool_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment to start a tool in: ``kedro mlflow ui`` starts ``mlflow`` from PATH,
+    which lacks the project's ``.venv/bin`` unless the user activated it (`make mlflow-ui`
+    does not), so that folder goes first."""
+    environment = dict(os.environ if base is None else base)
+    folder = str(Path(sys.executable).parent)
+    environment["PATH"] = os.pathsep.join([folder, environment.get("PATH", "")])
+    environment.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
+    return environment
+
+
 def command(tool: str, port: int, env: str) -> list[str]:
     """The command line that starts ``tool`` on ``HOST:port``."""
     kedro = str(Path(sys.executable).parent / "kedro")
@@ -62,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     line = command(args.tool, port, args.env)
     print(f"{NAMES[args.tool]} on http://{HOST}:{port} (Ctrl-C stops it)", flush=True)
-    os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
-    os.execv(line[0], line)
+    os.execve(line[0], line, tool_environment())
     return 0  # not reached
 
 
