@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import platform
 import signal
 import subprocess
@@ -110,6 +111,7 @@ class InterruptedRunHook:
     def __init__(self) -> None:
         self._previous: dict[int, object] = {}
         self.signal_name: str | None = None
+        self._deferrals = 0
 
     @hook_impl
     def before_pipeline_run(self) -> None:
@@ -119,6 +121,14 @@ class InterruptedRunHook:
             self._previous[signum] = signal.signal(signum, self._interrupted)
 
     def _interrupted(self, signum: int, frame: object) -> None:
+        if _inside_tracking_store(frame) and self._deferrals < MAX_DEFERRALS:
+            # Interrupting an SQLite write left the store unusable for the KILLED mark (the
+            # run then ended FINISHED): let the write finish, and look again in 20 ms.
+            self._deferrals += 1
+            signal.signal(signal.SIGALRM, lambda _, later: self._interrupted(signum, later))
+            signal.setitimer(signal.ITIMER_REAL, 0.02)
+            return
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
         if self.signal_name is None:
             # Runs before MLflow's own exit handler (atexit runs the last registered first).
             atexit.register(self.end_runs_killed)
@@ -132,7 +142,8 @@ class InterruptedRunHook:
         import mlflow
 
         while mlflow.active_run() is not None:
-            mlflow.set_tag("interrupted", self.signal_name)
+            with contextlib.suppress(Exception):  # the mark that matters is the status
+                mlflow.set_tag("interrupted", self.signal_name)
             mlflow.end_run(status="KILLED")
 
     def _restore(self) -> None:
@@ -147,6 +158,19 @@ class InterruptedRunHook:
     @hook_impl
     def on_pipeline_error(self) -> None:
         self._restore()
+
+
+MAX_DEFERRALS = 250  # 5 s of 20 ms waits for a tracking-store write to finish
+_TRACKING_STORE_MODULES = ("sqlalchemy", "sqlite3", "mlflow.store", "alembic")
+
+
+def _inside_tracking_store(frame: object) -> bool:
+    """True when the interrupted code is inside MLflow's SQL store (or SQLAlchemy)."""
+    while frame is not None:
+        if str(frame.f_globals.get("__name__", "")).startswith(_TRACKING_STORE_MODULES):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _git(*args: str) -> str:

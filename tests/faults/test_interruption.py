@@ -262,3 +262,30 @@ def test_ctrl_c_marks_the_mlflow_run_killed_and_the_next_run_says_it_resumed(tmp
                                  order_by=["start_time DESC"]).iloc[0]
     assert resumed["status"] == "FINISHED"
     assert resumed["tags.resumed_after_epoch"] == str(done)
+
+
+def test_a_signal_inside_a_tracking_store_write_waits_for_the_write_to_finish(monkeypatch):
+    """Ctrl-C landing inside MLflow's SQLite write left the store unusable for the KILLED
+    mark, and the run ended FINISHED: the interruption now waits until the write is done."""
+    import atexit
+    from types import SimpleNamespace
+
+    from pneumonia_kedro.hooks import InterruptedRunHook
+
+    timers: list[float] = []
+    monkeypatch.setattr(signal, "setitimer", lambda which, seconds: timers.append(seconds))
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: None)
+    hook = InterruptedRunHook()
+    inside = SimpleNamespace(f_globals={"__name__": "sqlalchemy.engine.base"},
+                             f_back=SimpleNamespace(f_globals={"__name__": "mlflow"},
+                                                    f_back=None))
+    outside = SimpleNamespace(f_globals={"__name__": "pneumonia_kedro.training.engine"},
+                              f_back=None)
+    hook._interrupted(signal.SIGINT, inside)  # deferred: no exception, a 20 ms timer
+    assert timers == [0.02] and hook.signal_name is None
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            hook._interrupted(signal.SIGINT, outside)
+        assert hook.signal_name == "SIGINT"
+    finally:
+        atexit.unregister(hook.end_runs_killed)
