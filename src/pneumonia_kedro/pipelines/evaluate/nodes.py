@@ -26,7 +26,6 @@ from pneumonia_kedro.inference import predict_cache
 from pneumonia_kedro.labels import boxes_array
 from pneumonia_kedro.metrics import (
     coco_metrics,
-    competition_metric,
     competition_scores,
     froc,
     image_level_metrics,
@@ -135,10 +134,6 @@ def tune_postprocessing(raw_validation_predictions: pd.DataFrame,
             curve.reset_index(drop=True), table)
 
 
-def _any_counted(truth: list[np.ndarray], boxes: list[np.ndarray]) -> bool:
-    return any(len(t) or len(b) for t, b in zip(truth, boxes, strict=True))
-
-
 AGE_BANDS = (0, 18, 40, 60, 80)  # band starts in years: 0-17, 18-39, 40-59, 60-79, 80+
 
 
@@ -162,20 +157,21 @@ def _scores(patients: pd.DataFrame, predictions: pd.DataFrame, all_candidates: p
     counts = resample_counts(len(ids), config.bootstrap)
     confidence = config.bootstrap.confidence
     flagged = probabilities >= threshold
+    # One matching pass for the metric and its interval.
+    per_image_scores = competition_scores(truth, boxes, scores, config.inclusive_iou)
+    counted = ~np.isnan(per_image_scores)
     return {
         "images": len(ids),
         # None where no image counts (only negatives, none with a box): the mean is undefined.
-        "competition_metric": competition_metric(truth, boxes, scores, config.inclusive_iou)
-        if _any_counted(truth, boxes) else None,
+        "competition_metric": float(per_image_scores[counted].mean()) if counted.any()
+        else None,
         **coco_metrics(truth, candidate_boxes, candidate_scores),
         "image_level": image_level_metrics(patients["Target"].tolist(), probabilities,
                                            threshold),
         "froc": froc_result["sensitivity_at_fp_per_image"],
         # Bootstrap over patients (one image each): {"value", "low", "high"} per metric.
         "intervals": {
-            "competition_metric": mean_interval(
-                competition_scores(truth, boxes, scores, config.inclusive_iou), counts,
-                confidence),
+            "competition_metric": mean_interval(per_image_scores, counts, confidence),
             "coco_ap": coco_ap_interval(truth, candidate_boxes, candidate_scores, counts,
                                         confidence),
             "roc_auc": roc_auc_interval(targets, probabilities, counts, confidence),
