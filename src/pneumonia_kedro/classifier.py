@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pneumonia_kedro.config import AT_LEAST_ONE, PROBABILITY, Range
 from pneumonia_kedro.imagecache import ImageCache
+from pneumonia_kedro.inference import CachedImages
 from pneumonia_kedro.models import load_weights_file, weights_version, with_download
 
 logger = logging.getLogger(__name__)
@@ -133,20 +134,16 @@ class TrainedClassifier:
                    payload["info"])
 
 
-class _LabelledImages(Dataset):
-    def __init__(self, cache: ImageCache, targets: pd.Series) -> None:
-        usable = cache.usable.loc[cache.usable["patientId"].isin(set(targets.index))]
-        self.cache = cache
-        self.rows = usable["row"].to_numpy()
-        self.patient_ids = usable["patientId"].tolist()
-        self.targets = targets.reindex(self.patient_ids).to_numpy(np.float32)
+class _LabelledImages(CachedImages):
+    """The cache's images of the patients of ``targets``, each with its 0/1 target."""
 
-    def __len__(self) -> int:
-        return len(self.rows)
+    def __init__(self, cache: ImageCache, targets: pd.Series) -> None:
+        super().__init__(cache, list(targets.index))
+        patient_ids = [record["patientId"] for record in self.records]
+        self.targets = targets.reindex(patient_ids).to_numpy(np.float32)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = torch.from_numpy(np.array(self.cache.images[self.rows[index]], copy=True))[None]
-        return image, torch.tensor(self.targets[index])
+        return super().__getitem__(index), torch.tensor(self.targets[index])
 
 
 @torch.inference_mode()
@@ -167,16 +164,14 @@ def predict_probabilities(classifier: TrainedClassifier, cache: ImageCache,
                           device: torch.device, batch_size: int = 64, hflip: bool = False,
                           patient_ids: list[str] | None = None) -> pd.Series:
     """Opacity probability of each usable image of ``cache``, indexed by patientId."""
-    usable = cache.usable
-    if patient_ids is not None:
-        usable = usable.loc[usable["patientId"].isin(set(patient_ids))]
-    data = _LabelledImages(cache, pd.Series(0, index=usable["patientId"]))
+    data = CachedImages(cache, patient_ids)
     model = classifier.build(device)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False)
     values = [classify(model, images, classifier.image_size, device, hflip)
-              for images, _ in loader]
+              for images in loader]
+    patient_ids = [record["patientId"] for record in data.records]
     return pd.Series(np.concatenate(values) if values else np.zeros(0),
-                     index=pd.Index(data.patient_ids, name="patientId"), name="probability")
+                     index=pd.Index(patient_ids, name="patientId"), name="probability")
 
 
 def train_classifier(train_cache: ImageCache, train_targets: pd.Series,
