@@ -11,6 +11,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from pneumonia_kedro.dicom import DicomFolder
+from pneumonia_kedro.ensemble import Ensemble
 from pneumonia_kedro.imagecache import ImageCache, build
 from pneumonia_kedro.models import TrainedModel, build_model
 from pneumonia_kedro.pipelines.inference.nodes import (
@@ -49,11 +50,12 @@ def run_inference(incoming: Path, folder: Path, params: dict) -> tuple:
     """The inference nodes with an untrained tiny model: (model, dicoms, cache, predictions,
     submission, report)."""
     torch_model = build_model(TINY_MODEL)
-    trained = TrainedModel(config=TINY_MODEL, state_dict=torch_model.state_dict(), info={})
+    trained = Ensemble.of(TrainedModel(config=TINY_MODEL, state_dict=torch_model.state_dict(),
+                                       info={}), None)
     dicoms = DicomFolder.scan(str(incoming))
     build(plan_test_cache(dicoms, trained, params), folder / "cache")
     cache = ImageCache(folder / "cache")
-    predictions = predict_test(trained, None, cache, POSTPROCESSING, params)
+    predictions = predict_test(trained, cache, POSTPROCESSING, params)
     submission, report = write_submission(predictions, cache, dicoms, pd.DataFrame(), params)
     return trained, dicoms, cache, predictions, submission, report
 

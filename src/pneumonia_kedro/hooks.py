@@ -15,6 +15,7 @@ from kedro.framework.hooks import hook_impl
 from kedro.io import DataCatalog
 from kedro.pipeline import Node, Pipeline
 
+from pneumonia_kedro.config import ConfigError
 from pneumonia_kedro.datasets import DicomFolderDataset, LabelsCSVDataset
 from pneumonia_kedro.errors import MissingDataError
 
@@ -95,6 +96,142 @@ class MlflowRunTagsHook:
         # MLflow caps tag values; the start of the message names the file and the problem.
         mlflow.set_tags({"error.node": node.name,
                          "error.message": f"{type(error).__name__}: {error}"[:4000]})
+
+
+class FoldCountHook:
+    """Builds the pipelines for the session's ``split.folds`` (with ``--env`` and
+    ``--params``): the fold namespaces are part of a pipeline's shape."""
+
+    @hook_impl
+    def after_context_created(self, context: KedroContext) -> None:
+        from kedro.framework.project import PACKAGE_NAME, pipelines
+
+        from pneumonia_kedro.pipelines.folds import use_folds
+
+        folds = (context.params.get("split") or {}).get("folds", 1)
+        if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
+            raise ConfigError(f"params:split.folds = {folds!r}: the number of cross-validation "
+                              "folds, a whole number (1: one train/validation split)")
+        if use_folds(folds):
+            pipelines.configure(f"{PACKAGE_NAME}.pipeline_registry")
+
+
+class _FoldRunEnder:
+    """Ends the fold's MLflow child run before the next node starts (tryfirst), so that
+    kedro-mlflow logs that node's parameters in the parent run."""
+
+    def __init__(self, owner: FoldRunsHook) -> None:
+        self.owner = owner
+
+    @hook_impl(tryfirst=True)
+    def before_node_run(self) -> None:
+        self.owner.leave_fold_run()
+
+    @hook_impl(tryfirst=True)
+    def after_pipeline_run(self) -> None:
+        self.owner.end_fold_runs("FINISHED")
+
+    @hook_impl(tryfirst=True)
+    def on_pipeline_error(self) -> None:
+        self.owner.end_fold_runs("FAILED")
+
+
+class FoldRunsHook:
+    """One nested MLflow run per cross-validation fold (``fold_0`` ...) under the run
+    kedro-mlflow opens for ``kedro run``: a fold's nodes log their parameters, curves,
+    metrics and artefacts there; the parent keeps the out-of-fold and ensemble metrics.
+
+    The child runs are made when the pipeline starts, so that nodes running side by side
+    (``--runner ParallelRunner``) find theirs by its ``fold`` tag.
+    """
+
+    TAG = "fold"
+
+    def __init__(self) -> None:
+        self.children: dict[str, str] = {}
+        self.parent: str | None = None
+        self.ender = _FoldRunEnder(self)
+
+    @hook_impl(trylast=True)
+    def before_pipeline_run(self, pipeline: Pipeline) -> None:
+        import mlflow
+
+        run = mlflow.active_run()
+        self.children, self.parent = {}, None
+        folds = sorted({n.namespace.split(".")[0] for n in pipeline.nodes
+                        if n.namespace and n.namespace.startswith("fold_")})
+        if run is None or not folds:
+            return
+        self.parent = run.info.run_id
+        client = mlflow.MlflowClient()
+        for fold in folds:
+            child = client.create_run(run.info.experiment_id, run_name=fold, tags={
+                "mlflow.parentRunId": self.parent, self.TAG: fold})
+            self.children[fold] = child.info.run_id
+        atexit.register(self.end_fold_runs, "KILLED")  # an interrupted run's folds
+
+    def _child_of(self, fold: str) -> str | None:
+        if fold not in self.children:
+            import mlflow
+
+            parent = mlflow.active_run()
+            if parent is None:
+                return None
+            found = mlflow.search_runs(
+                [parent.info.experiment_id], output_format="list",
+                filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
+                              f"tags.{self.TAG} = '{fold}'")
+            if not found:
+                return None
+            self.children[fold] = found[0].info.run_id
+        return self.children[fold]
+
+    @hook_impl(trylast=True)
+    def before_node_run(self, node: Node, inputs: dict) -> None:
+        import mlflow
+
+        fold = (node.namespace or "").split(".")[0]
+        if not fold.startswith("fold_") or mlflow.active_run() is None:
+            return
+        child = self._child_of(fold)
+        if child is None:
+            return
+        mlflow.start_run(run_id=child, nested=True)
+        params = {}
+        for name, value in inputs.items():
+            if name.startswith("params:"):
+                params.update(_flatten(name.removeprefix("params:"), value))
+        for name, value in params.items():
+            if len(str(value)) <= 6000:  # MLflow's limit on a parameter's value
+                mlflow.log_param(name, value)
+
+    def leave_fold_run(self) -> None:
+        import mlflow
+
+        run = mlflow.active_run()
+        if run is not None and run.info.run_id in self.children.values():
+            mlflow.end_run()
+
+    def end_fold_runs(self, status: str) -> None:
+        import mlflow
+
+        self.leave_fold_run()
+        client = mlflow.MlflowClient()
+        for child in self.children.values():
+            with contextlib.suppress(Exception):  # the store may be gone at exit
+                if client.get_run(child).info.status == "RUNNING":
+                    client.set_terminated(child, status)
+        self.children = {}
+
+
+def _flatten(prefix: str, value: object) -> dict[str, object]:
+    """``{"train": {"epochs": 5}}`` as ``{"train.epochs": 5}``, as kedro-mlflow logs it."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat: dict[str, object] = {}
+    for key, inner in value.items():
+        flat.update(_flatten(f"{prefix}.{key}", inner))
+    return flat
 
 
 class InterruptedRunHook:

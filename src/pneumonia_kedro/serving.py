@@ -31,12 +31,11 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from pneumonia_kedro.classifier import TrainedClassifier, classify
 from pneumonia_kedro.dicom.quality import INFERENCE_QUALITY, QualityConfig
+from pneumonia_kedro.ensemble import classify_batch, load_ensemble
 from pneumonia_kedro.errors import DicomError
 from pneumonia_kedro.imagecache import decode_checked, preprocess
 from pneumonia_kedro.inference import detect_original, finalize
-from pneumonia_kedro.models import model_from_state, weights_version
 from pneumonia_kedro.postprocess import predictions_table
 from pneumonia_kedro.prediction import prediction_settings
 from pneumonia_kedro.structured_report import boxes_and_scores, report_bytes
@@ -48,19 +47,17 @@ def _bad_request(message: str) -> MlflowException:
 
 
 class OpacityDetector(mlflow.pyfunc.PythonModel):
-    """Faster R-CNN opacity detector over DICOM files."""
+    """Faster R-CNN opacity detector over DICOM files: one model, or every cross-validation
+    fold's fused (the same ``predict_batch`` as the inference pipeline)."""
 
     def load_context(self, context) -> None:
-        payload = torch.load(context.artifacts["weights"], map_location="cpu",
-                             weights_only=True)
-        self.model = model_from_state(payload["model_config"], payload["state_dict"]).eval()
-        self.version = weights_version(payload["model_config"]["architecture"],
-                                       payload["state_dict"])
-        self.classifier = None
-        if "classifier" in context.artifacts:
-            self.classifier = TrainedClassifier.from_payload(torch.load(
-                context.artifacts["classifier"], map_location="cpu", weights_only=True))
-            self.classifier_model = self.classifier.build()
+        ensemble = load_ensemble(Path(context.artifacts["weights"]),
+                                 Path(context.artifacts["classifier"])
+                                 if "classifier" in context.artifacts else None)
+        self.models = ensemble.build()
+        self.version = ensemble.version
+        self.classifiers = ensemble.classifiers if ensemble.has_classifiers else []
+        self.classifier_models = [c.build() for c in self.classifiers]
         settings = json.loads(Path(context.artifacts["settings"]).read_text())
         self.image_size = int(settings["image_size"])
         self.tta, self.postprocess = prediction_settings(settings["postprocess"])
@@ -128,15 +125,15 @@ class OpacityDetector(mlflow.pyfunc.PythonModel):
             keys_in_batch = predicted[start:start + 8]
             batch = torch.stack([images[key] for key in keys_in_batch])
             for boxes_xywh, scores in detect_original(
-                    [self.model], batch, [letterboxes[key] for key in keys_in_batch], cpu,
+                    self.models, batch, [letterboxes[key] for key in keys_in_batch], cpu,
                     self.tta):
                 raw_boxes.append(boxes_xywh)
                 raw_scores.append(scores)
-            if self.classifier is not None:
-                classifier_p.extend(classify(self.classifier_model, batch,
-                                             self.classifier.image_size, cpu, self.tta.hflip))
+            if self.classifiers:
+                classifier_p.extend(classify_batch(self.classifier_models, self.classifiers,
+                                                   batch, cpu, self.tta.hflip))
         classifier_probabilities = pd.Series(classifier_p, index=predicted, dtype=float) \
-            if self.classifier is not None else None
+            if self.classifiers else None
         final, probabilities = finalize(predictions_table(predicted, raw_boxes, raw_scores),
                                         self.postprocess, predicted, classifier_probabilities)
         sizes = {key: (lb.height, lb.width) for key, lb in letterboxes.items()}

@@ -6,6 +6,8 @@ from omegaconf.resolvers import oc
 
 from pneumonia_kedro.hooks import (
     EnvironmentHook,
+    FoldCountHook,
+    FoldRunsHook,
     InterruptedRunHook,
     MlflowRunTagsHook,
     RawDataPresenceHook,
@@ -15,7 +17,9 @@ from pneumonia_kedro.hooks import (
 # it too, since kedro-telemetry can run before this file is imported).
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 
-HOOKS = (EnvironmentHook(), RawDataPresenceHook(), MlflowRunTagsHook(), InterruptedRunHook())
+_FOLD_RUNS = FoldRunsHook()
+HOOKS = (EnvironmentHook(), FoldCountHook(), RawDataPresenceHook(), MlflowRunTagsHook(),
+         _FOLD_RUNS, _FOLD_RUNS.ender, InterruptedRunHook())
 
 CONFIG_LOADER_ARGS = {
     "base_env": "base",

@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 
 import pandas as pd
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.utils import shuffle
 
 from pneumonia_kedro.config import AT_LEAST_ONE, Range
@@ -23,12 +23,16 @@ class SplitConfig:
     """How many patients to keep per Target and how to split them."""
 
     RANGES = {"n_per_class": AT_LEAST_ONE,
-              "validation_fraction": Range(0, 1, low_open=True, high_open=True)}
+              "validation_fraction": Range(0, 1, low_open=True, high_open=True),
+              "folds": AT_LEAST_ONE}
 
     n_per_class: int | None = 500
     validation_fraction: float = 0.2
     stratify_by_view: bool = False
     seed: int = 42
+    # k > 1: the training patients are also cut into k cross-validation folds; every one of
+    # them is in exactly one fold's validation part.
+    folds: int = 1
 
 
 def sample_patients(patients: pd.DataFrame, n_per_class: int | None, seed: int
@@ -76,6 +80,54 @@ def split_patients(patients: pd.DataFrame, config: SplitConfig
     in_validation = groups.isin(set(groups[validation_groups.index]))
     return (sampled.loc[~in_validation].sort_values("patientId").reset_index(drop=True),
             sampled.loc[in_validation].sort_values("patientId").reset_index(drop=True))
+
+
+def assign_folds(patients: pd.DataFrame, folds: int, by_view: bool, seed: int
+                 ) -> pd.DataFrame:
+    """``patientId`` and ``fold`` (0..folds-1) of every patient: stratified like the split
+    (Target, optionally view), seeded; patients with byte-identical images share a fold.
+
+    A patient's fold is the one whose model never saw it: its out-of-fold predictions come
+    from that fold's model.
+    """
+    if folds < 2:
+        raise ValueError(f"assign_folds needs at least 2 folds, got {folds}")
+    groups = image_groups(patients)
+    representatives = patients.loc[~groups.duplicated()].reset_index(drop=True)
+    labels = strata(representatives, by_view)
+    smallest = labels.value_counts().min()
+    if len(representatives) < folds:
+        raise ValueError(f"split.folds = {folds} but only {len(representatives)} training "
+                         "patients (distinct images): lower split.folds")
+    if smallest < folds:
+        # A stratum smaller than k cannot be in every fold: fall back to Target alone.
+        logger.warning("a stratum has only %d patients, fewer than split.folds=%d; folds are "
+                       "stratified by Target only", smallest, folds)
+        labels = strata(representatives, False)
+        if labels.value_counts().min() < folds:
+            labels = pd.Series("all", index=representatives.index)
+    fold_of_group = {}
+    cutter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for fold, (_, held_out) in enumerate(cutter.split(representatives, labels)):
+        for group in groups.loc[~groups.duplicated()].to_numpy()[held_out]:
+            fold_of_group[group] = fold
+    return pd.DataFrame({"patientId": patients["patientId"].to_numpy(),
+                         "fold": groups.map(fold_of_group).to_numpy(int)}
+                        ).sort_values("patientId").reset_index(drop=True)
+
+
+def fold_patients(patients: pd.DataFrame, patient_folds: pd.DataFrame, fold: int
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The patients a fold trains on (every other fold) and those it validates on (its own)."""
+    fold_of = patients["patientId"].map(patient_folds.set_index("patientId")["fold"])
+    if fold_of.isna().any():
+        missing = patients.loc[fold_of.isna(), "patientId"].head(5).tolist()
+        raise ValueError(f"{int(fold_of.isna().sum())} training patient(s) have no fold "
+                         f"(e.g. {missing}): the fold table is from another split; rerun "
+                         "the split pipeline")
+    own = fold_of.to_numpy(int) == fold
+    return (patients.loc[~own].reset_index(drop=True),
+            patients.loc[own].reset_index(drop=True))
 
 
 def image_groups(patients: pd.DataFrame) -> pd.Series:

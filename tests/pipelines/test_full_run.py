@@ -13,6 +13,7 @@ import pytest
 from kedro.framework.session import KedroSession
 from PIL import Image
 
+from pneumonia_kedro.ensemble import Ensemble
 from pneumonia_kedro.submission import parse_prediction_string
 from tests.conftest import run_session, tiny_demo_project
 
@@ -227,11 +228,12 @@ def test_served_model_answers_like_the_pipeline_and_rejects_bad_requests(
     assert postprocessing["gating"]["rule"] == "product" and postprocessing["tta"]["hflip"]
     params = {"cache": {"workers": 0, "progress": False}, "progress": False}
     dicoms = DicomFolder.scan(str(folder))
-    build(plan_test_cache(dicoms, trained, params), tmp_path / "cache")
+    ensemble = Ensemble.of(trained, classifier)
+    build(plan_test_cache(dicoms, ensemble, params), tmp_path / "cache")
     from pneumonia_kedro.imagecache import ImageCache
 
     cache = ImageCache(tmp_path / "cache")
-    predictions = predict_test(trained, classifier, cache, postprocessing, params)
+    predictions = predict_test(ensemble, cache, postprocessing, params)
     expected, _ = write_submission(predictions, cache, dicoms, pd.DataFrame(), params)
 
     run = mlflow.search_runs(experiment_names=["pneumonia-kedro"]).sort_values(
@@ -315,13 +317,14 @@ def test_inference_can_use_the_mlflow_model_instead_of_the_catalog(demo_run,
     with KedroSession.create(project_path=kedro_project, env="demo") as session:
         catalog_model = session.load_context().catalog.load("trained_model")
     # A different catalog model proves the MLflow one is used.
-    other = TrainedModel(config=catalog_model.config,
-                         state_dict=build_model(catalog_model.config).state_dict(), info={})
+    other = Ensemble.of(TrainedModel(config=catalog_model.config,
+                                     state_dict=build_model(catalog_model.config).state_dict(),
+                                     info={}), None)
     dicoms = DicomFolder.scan(str(kedro_project / "data/01_raw/rsna-demo/stage_2_test_images"))
     build(plan_test_cache(dicoms, other, params), tmp_path / "cache")
     cache = ImageCache(tmp_path / "cache")
     # Neither the catalog's classifier (None here) nor its post-processing is used either.
-    predictions = predict_test(other, None, cache, {"score_threshold": 1.1}, params)
+    predictions = predict_test(other, cache, {"score_threshold": 1.1}, params)
     submission, _ = write_submission(predictions, cache, dicoms, pd.DataFrame(), params)
     expected = pd.read_csv(kedro_project / "data/07_model_output/demo/submission.csv",
                            keep_default_na=False)

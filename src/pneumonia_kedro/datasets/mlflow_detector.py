@@ -11,12 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import torch
 from kedro.io import AbstractDataset, DatasetError
 
 import pneumonia_kedro
-from pneumonia_kedro.classifier import TrainedClassifier
-from pneumonia_kedro.models import TrainedModel
+from pneumonia_kedro.ensemble import Ensemble, load_ensemble, save_ensemble
 
 logger = logging.getLogger(__name__)
 
@@ -35,21 +33,18 @@ def serving_requirements() -> list[str]:
     return [f"{name}=={metadata.version(name).split('+')[0]}" for name in SERVING_DISTRIBUTIONS]
 
 
-def log_detector(model: TrainedModel, settings: dict, name: str = "model",
-                 registered_model_name: str | None = None,
-                 classifier: TrainedClassifier | None = None) -> mlflow.models.model.ModelInfo:
-    """Log ``model`` (and the image-level ``classifier`` that gates it) in the active MLflow
-    run: models from code, weights as tensors only."""
+def log_detector(ensemble: Ensemble, settings: dict, name: str = "model",
+                 registered_model_name: str | None = None) -> mlflow.models.model.ModelInfo:
+    """Log ``ensemble`` (every fold's detector, and the image-level classifiers that gate
+    them) in the active MLflow run as one model: models from code, weights as tensors only."""
     with tempfile.TemporaryDirectory() as folder:
         weights = Path(folder) / "weights.pt"
-        torch.save({"model_config": model.config.to_dict(), "state_dict": model.state_dict},
-                   weights)
+        classifiers = Path(folder) / "classifier.pt"
         settings_file = Path(folder) / "settings.json"
         settings_file.write_text(json.dumps(settings, indent=2))
         artifacts = {"weights": str(weights), "settings": str(settings_file)}
-        if classifier is not None:
-            artifacts["classifier"] = str(Path(folder) / "classifier.pt")
-            torch.save(classifier.to_payload(), artifacts["classifier"])
+        if save_ensemble(ensemble, weights, classifiers):
+            artifacts["classifier"] = str(classifiers)
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(PACKAGE / "serving.py"),
@@ -61,35 +56,25 @@ def log_detector(model: TrainedModel, settings: dict, name: str = "model",
 
 
 @functools.lru_cache(maxsize=2)
-def load_logged_detector(model_uri: str
-                         ) -> tuple[TrainedModel, dict, TrainedClassifier | None]:
-    """The weights (tensors only) and settings of a detector logged by ``log_detector``, and
-    its classifier when it was logged with one.
+def load_logged_detector(model_uri: str) -> tuple[Ensemble, dict]:
+    """The models (tensors only) and settings of an ensemble logged by ``log_detector``.
 
-    Cached: the inference pipeline asks for the same model in two nodes.
+    Cached: the inference pipeline asks for the same model in several nodes.
     """
-    from pneumonia_kedro.classifier import TrainedClassifier
-    from pneumonia_kedro.models import model_config_from_dict
-
     with tempfile.TemporaryDirectory() as folder:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri,
                                                          dst_path=folder))
-        payload = torch.load(local / "artifacts" / "weights.pt", map_location="cpu",
-                             weights_only=True)
+        ensemble = load_ensemble(local / "artifacts" / "weights.pt",
+                                 local / "artifacts" / "classifier.pt",
+                                 info={"model_uri": model_uri})
         settings = json.loads((local / "artifacts" / "settings.json").read_text())
-        classifier_file = local / "artifacts" / "classifier.pt"
-        classifier = TrainedClassifier.from_payload(torch.load(
-            classifier_file, map_location="cpu", weights_only=True)) \
-            if classifier_file.is_file() else None
-    model = TrainedModel(config=model_config_from_dict(payload["model_config"]),
-                         state_dict=payload["state_dict"], info={"model_uri": model_uri})
-    return model, settings, classifier
+    return ensemble, settings
 
 
 class MlflowDetectorDataset(AbstractDataset[dict, None]):
-    """Saving ``{"model": TrainedModel, "settings": {...}, "classifier": TrainedClassifier}``
-    (the classifier optional) logs a servable MLflow model in
-    the run kedro-mlflow opened (and registers it when ``registered_model_name`` is set)."""
+    """Saving ``{"ensemble": Ensemble, "settings": {...}}`` logs one servable MLflow model
+    (every member's weights) in the run kedro-mlflow opened, and registers it when
+    ``registered_model_name`` is set."""
 
     def __init__(self, *, name: str = "model", registered_model_name: str | None = None,
                  metadata: dict[str, Any] | None = None) -> None:
@@ -100,8 +85,8 @@ class MlflowDetectorDataset(AbstractDataset[dict, None]):
     def save(self, data: dict) -> None:
         if mlflow.active_run() is None:
             raise DatasetError("no active MLflow run to log the model in")
-        info = log_detector(data["model"], data["settings"], self._name,
-                            self._registered_model_name, data.get("classifier"))
+        info = log_detector(data["ensemble"], data["settings"], self._name,
+                            self._registered_model_name)
         mlflow.set_tag("model_uri", info.model_uri)
         logger.info("logged the MLflow model %s; serve it with `mlflow models serve -m %s "
                     "--env-manager local -h 127.0.0.1 -p 5001`", info.model_uri, info.model_uri)

@@ -18,9 +18,10 @@ from pneumonia_kedro.bootstrap import (
     roc_auc_interval,
 )
 from pneumonia_kedro.boxes import xywh_to_xyxy
-from pneumonia_kedro.classifier import TrainedClassifier, predict_probabilities
+from pneumonia_kedro.classifier import TrainedClassifier
 from pneumonia_kedro.config import AT_LEAST_ONE, ConfigError, Range, from_params
 from pneumonia_kedro.dicom.quality import INFERENCE_QUALITY, QualityConfig
+from pneumonia_kedro.ensemble import Ensemble, ensemble_probabilities
 from pneumonia_kedro.imagecache import ImageCache
 from pneumonia_kedro.inference import predict_cache
 from pneumonia_kedro.labels import boxes_array
@@ -37,7 +38,7 @@ from pneumonia_kedro.postprocess import (
     per_image,
     postprocess,
 )
-from pneumonia_kedro.prediction import TTAConfig
+from pneumonia_kedro.prediction import TTAConfig, prediction_settings
 from pneumonia_kedro.training import resolve_device
 from pneumonia_kedro.tuning import SearchSpace, cross_fit, search
 
@@ -76,25 +77,34 @@ def _config(params: dict) -> EvaluateConfig:
     return from_params(EvaluateConfig, params, "evaluate")
 
 
-def predict_validation(trained_model: TrainedModel, validation_image_cache: ImageCache,
+def gather_ensemble(*members: TrainedModel | TrainedClassifier) -> Ensemble:
+    """The detector(s) and classifier(s) that predict together: the trained model, or one
+    per cross-validation fold, passed as (detector, classifier) pairs."""
+    return Ensemble.of(*members)
+
+
+def predict_validation(ensemble: Ensemble, image_cache: ImageCache, patients: pd.DataFrame,
                        params: dict) -> pd.DataFrame:
-    """Every box the model proposes on the validation images, in original pixels."""
+    """Every box the model(s) propose on the patients' images, in original pixels."""
     config = _config(params)
     device = resolve_device(config.device)
-    model = trained_model.build(device)
-    return predict_cache([model], validation_image_cache, device, config.batch_size,
-                         config.tta, config.progress, desc="validation")
+    return predict_cache(ensemble.build(device), image_cache, device, config.batch_size,
+                         config.tta, config.progress,
+                         patient_ids=patients["patientId"].tolist(), desc="validation")
 
 
-def predict_validation_probabilities(trained_classifier: TrainedClassifier,
-                                     validation_image_cache: ImageCache, params: dict
-                                     ) -> pd.DataFrame:
-    """The classifier's opacity probability per validation image (mirrored too with
-    ``tta.hflip``, as the detector's boxes are)."""
+def predict_validation_probabilities(ensemble: Ensemble, image_cache: ImageCache,
+                                     patients: pd.DataFrame, params: dict) -> pd.DataFrame:
+    """The classifier's opacity probability per image of the patients (the mean over the
+    ensemble's classifiers; mirrored too with ``tta.hflip``, as the detector's boxes are)."""
     config = _config(params)
     device = resolve_device(config.device)
-    return predict_probabilities(trained_classifier, validation_image_cache, device,
-                                 config.batch_size, config.tta.hflip).reset_index()
+    probabilities = ensemble_probabilities(ensemble, image_cache, device, config.batch_size,
+                                           config.tta.hflip, patients["patientId"].tolist())
+    if probabilities is None:
+        raise ConfigError("the ensemble has no image-level classifier: run the classify "
+                          "pipeline (or the cross_validation pipeline) first")
+    return probabilities.rename("probability").reset_index()
 
 
 def _probabilities(table: pd.DataFrame) -> pd.Series:
@@ -184,7 +194,7 @@ def _scores(patients: pd.DataFrame, predictions: pd.DataFrame, all_candidates: p
 def _breakdowns(patients: pd.DataFrame) -> dict[str, pd.Series]:
     """The columns the report breaks metrics down by, those the patient table has."""
     columns = {name: patients[name] for name in ("view_position", "detailed_class",
-                                                 "patient_sex") if name in patients}
+                                                 "patient_sex", "fold") if name in patients}
     if "patient_age" in patients:
         columns["age_band"] = patients["patient_age"].astype(float).map(age_band)
     return columns
@@ -249,18 +259,42 @@ def evaluate(raw_validation_predictions: pd.DataFrame, validation_patients: pd.D
     probabilities = _probabilities(validation_image_probabilities)
     final, candidates, held_out = held_out_postprocessing(
         raw_validation_predictions, validation_patients, probabilities, config)
+    metrics, headline = _metrics(final, candidates, validation_patients, probabilities,
+                                 postprocessing, config)
+    return {**metrics, "held_out_postprocessing": held_out}, headline, final
+
+
+def evaluate_delivered(raw_predictions: pd.DataFrame, patients: pd.DataFrame,
+                       image_probabilities_table: pd.DataFrame, postprocessing: dict,
+                       params: dict) -> tuple[dict, dict, pd.DataFrame]:
+    """Like ``evaluate``, with the delivered ``postprocessing`` as it is: for patients it was
+    not tuned on (the validation split, when it was tuned on out-of-fold predictions)."""
+    config = _config(params)
+    probabilities = _probabilities(image_probabilities_table)
+    _, chosen = prediction_settings(postprocessing)
+    final = postprocess(raw_predictions, chosen, probabilities=probabilities)
+    candidates = postprocess(raw_predictions, chosen, apply_threshold=False,
+                             probabilities=probabilities)
+    metrics, headline = _metrics(final, candidates, patients, probabilities, postprocessing,
+                                 config)
+    return metrics, headline, final
+
+
+def _metrics(final: pd.DataFrame, candidates: pd.DataFrame, patients: pd.DataFrame,
+             probabilities: pd.Series, postprocessing: dict, config: EvaluateConfig
+             ) -> tuple[dict, dict]:
     # Sensitivity and specificity at the threshold delivered to inference.
     threshold = float(postprocessing["score_threshold"])
-    metrics = {"postprocessing": postprocessing, "held_out_postprocessing": held_out,
-               "overall": _scores(validation_patients, final, candidates, threshold, config),
-               "classifier": classifier_metrics(validation_patients, probabilities,
-                                                postprocessing, config)}
-    for name, values in _breakdowns(validation_patients).items():
+    metrics = {"postprocessing": postprocessing,
+               "overall": _scores(patients, final, candidates, threshold, config),
+               "classifier": classifier_metrics(patients, probabilities, postprocessing,
+                                                config)}
+    for name, values in _breakdowns(patients).items():
         metrics[f"by_{name}"] = {
             str(value): _scores(group, final, candidates, threshold, config)
-            for value, group in validation_patients.groupby(values.fillna("unknown"))
+            for value, group in patients.groupby(values.fillna("unknown"))
         }
-    ids, truth = _truth(validation_patients)
+    ids, truth = _truth(patients)
     metrics["froc_curve"] = froc(truth, *per_image(candidates, ids))["curve"]
     overall = metrics["overall"]
     headline = {
@@ -287,10 +321,10 @@ def evaluate(raw_validation_predictions: pd.DataFrame, validation_patients: pd.D
     # with one class) are left out.
     headline = {k: {"value": float(v), "step": 0} for k, v in headline.items()
                 if v is not None and not np.isnan(v)}
-    logger.info("validation competition metric %s at score threshold %.2f",
+    logger.info("competition metric %s on %d patients at score threshold %.2f",
                 "undefined (no image counts)" if overall["competition_metric"] is None
-                else f"{overall['competition_metric']:.4f}", threshold)
-    return metrics, headline, final
+                else f"{overall['competition_metric']:.4f}", len(patients), threshold)
+    return metrics, headline
 
 
 @dataclass(frozen=True)
@@ -307,11 +341,10 @@ class ServingConfig:
     dicom_sr: bool = False  # answer with a base64 DICOM SR per file (carries patient identity)
 
 
-def package_model(trained_model: TrainedModel, trained_classifier: TrainedClassifier,
-                  postprocessing: dict, params: dict) -> dict:
-    """The trained detector and classifier with the preprocessing and tuned post-processing
-    they are served with."""
+def package_model(ensemble: Ensemble, postprocessing: dict, params: dict) -> dict:
+    """The trained detector(s) and classifier(s) with the preprocessing and tuned
+    post-processing they are served with."""
     config = from_params(ServingConfig, params, "serving")
-    settings = {"image_size": trained_model.config.image_size, "postprocess": postprocessing,
-                **dataclasses.asdict(config)}
-    return {"model": trained_model, "classifier": trained_classifier, "settings": settings}
+    settings = {"image_size": ensemble.image_size, "postprocess": postprocessing,
+                "members": ensemble.names, **dataclasses.asdict(config)}
+    return {"ensemble": ensemble, "settings": settings}

@@ -1,9 +1,10 @@
-"""The evaluate pipeline."""
+"""The evaluate pipeline: the single model on the validation split (``split.folds: 1``)."""
 
 from kedro.pipeline import Node, Pipeline
 
 from .nodes import (
     evaluate,
+    gather_ensemble,
     package_model,
     predict_validation,
     predict_validation_probabilities,
@@ -11,20 +12,43 @@ from .nodes import (
 )
 
 
-def create_pipeline(**kwargs) -> Pipeline:
-    return Pipeline([
+def ensemble_node(members: list[str], name: str = "gather_ensemble_node") -> Node:
+    """The node that makes ``ensemble`` of (detector, classifier) dataset pairs."""
+    return Node(func=gather_ensemble, inputs=members, outputs="ensemble", name=name)
+
+
+def prediction_nodes(patients: str = "validation_patients",
+                     image_cache: str = "validation_image_cache") -> list[Node]:
+    """Raw boxes and classifier probabilities of ``ensemble`` on ``patients``' images."""
+    return [
         Node(
             func=predict_validation,
-            inputs=["trained_model", "validation_image_cache", "params:evaluate"],
+            inputs=["ensemble", image_cache, patients, "params:evaluate"],
             outputs="raw_validation_predictions",
             name="predict_validation_node",
         ),
         Node(
             func=predict_validation_probabilities,
-            inputs=["trained_classifier", "validation_image_cache", "params:evaluate"],
+            inputs=["ensemble", image_cache, patients, "params:evaluate"],
             outputs="validation_image_probabilities",
             name="predict_validation_probabilities_node",
         ),
+    ]
+
+
+def package_node() -> Node:
+    return Node(
+        func=package_model,
+        inputs=["ensemble", "postprocessing", "params:serving"],
+        outputs="mlflow_model",
+        name="log_mlflow_model_node",
+    )
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline([
+        ensemble_node(["trained_model", "trained_classifier"]),
+        *prediction_nodes(),
         Node(
             func=tune_postprocessing,
             inputs=["raw_validation_predictions", "validation_patients",
@@ -40,10 +64,5 @@ def create_pipeline(**kwargs) -> Pipeline:
                      "validation_predictions"],
             name="evaluate_node",
         ),
-        Node(
-            func=package_model,
-            inputs=["trained_model", "trained_classifier", "postprocessing", "params:serving"],
-            outputs="mlflow_model",
-            name="log_mlflow_model_node",
-        ),
+        package_node(),
     ])

@@ -11,14 +11,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from pneumonia_kedro.classifier import TrainedClassifier, predict_probabilities
 from pneumonia_kedro.config import AT_LEAST_ONE, ConfigError, from_params
 from pneumonia_kedro.dicom import DicomFolder
 from pneumonia_kedro.dicom.quality import INFERENCE_QUALITY, QualityConfig
+from pneumonia_kedro.ensemble import Ensemble, ensemble_probabilities
 from pneumonia_kedro.figures import overlay_figure
 from pneumonia_kedro.imagecache import CacheConfig, CachePlan, ImageCache, plan, quality_summary
 from pneumonia_kedro.inference import finalize, predict_cache
-from pneumonia_kedro.models import TrainedModel
 from pneumonia_kedro.prediction import prediction_settings
 from pneumonia_kedro.reporting import capped
 from pneumonia_kedro.structured_report import boxes_and_scores, report_bytes
@@ -41,6 +40,7 @@ class InferenceConfig:
     device: str = "auto"
     no_box: Literal["empty", "whole_image"] = "empty"
     model_uri: str | None = None  # an MLflow model (e.g. models:/m-...) instead of the catalog's
+    models: str = "ensemble"  # ensemble: every fold's model, fused | fold_2: that fold's alone
     overlay_patients: tuple = ()
     progress: bool = True
 
@@ -49,53 +49,49 @@ def _config(params: dict) -> InferenceConfig:
     return from_params(InferenceConfig, params, "inference")
 
 
-def _chosen_model(trained_model: TrainedModel, trained_classifier: TrainedClassifier | None,
-                  postprocessing: dict, config: InferenceConfig
-                  ) -> tuple[TrainedModel, TrainedClassifier | None, dict]:
-    """The catalog's models (latest, or --load-versions) unless an MLflow model URI is given;
-    an MLflow model brings its classifier and the post-processing it was logged with."""
+def _chosen_models(ensemble: Ensemble, postprocessing: dict, config: InferenceConfig
+                   ) -> tuple[Ensemble, dict]:
+    """The catalog's models (the latest versions, or --load-versions; ``inference.models``
+    picks one fold's) unless an MLflow model URI is given; an MLflow model brings its
+    classifiers and the post-processing it was logged with."""
     if not config.model_uri:
-        return trained_model, trained_classifier, postprocessing
+        return ensemble.select(config.models), postprocessing
     from pneumonia_kedro.datasets.mlflow_detector import load_logged_detector
 
-    model, settings, classifier = load_logged_detector(config.model_uri)
+    logged, settings = load_logged_detector(config.model_uri)
     logger.info("inference uses the MLflow model %s", config.model_uri)
-    return model, classifier, settings["postprocess"]
+    return logged.select(config.models), settings["postprocess"]
 
 
-def plan_test_cache(test_dicoms: DicomFolder, trained_model: TrainedModel, params: dict
-                    ) -> CachePlan:
+def plan_test_cache(test_dicoms: DicomFolder, ensemble: Ensemble, params: dict) -> CachePlan:
     """Every file of the folder, converted exactly as the training images were."""
     config = _config(params)
-    model, _, _ = _chosen_model(trained_model, None, {}, config)
+    chosen, _ = _chosen_models(ensemble, {}, config)
     asked = params.get("cache", {}).get("image_size")
-    if asked is not None and asked != model.config.image_size:
+    if asked is not None and asked != chosen.image_size:
         raise ConfigError(
             f"params:inference.cache.image_size = {asked} differs from the model's "
-            f"{model.config.image_size} px: test images are cached at the size the model was "
+            f"{chosen.image_size} px: test images are cached at the size the model was "
             "trained on; leave inference.cache.image_size out")
-    cache_config = CacheConfig(**{**config.cache.__dict__, "image_size": model.config.image_size,
+    cache_config = CacheConfig(**{**config.cache.__dict__, "image_size": chosen.image_size,
                                   "quality": config.quality})
     return plan(test_dicoms, test_dicoms.patient_ids, cache_config)
 
 
-def predict_test(trained_model: TrainedModel, trained_classifier: TrainedClassifier,
-                 test_image_cache: ImageCache, postprocessing: dict, params: dict
-                 ) -> pd.DataFrame:
+def predict_test(ensemble: Ensemble, test_image_cache: ImageCache, postprocessing: dict,
+                 params: dict) -> pd.DataFrame:
     """Post-processed boxes per test image with its image-level probabilities and view."""
     config = _config(params)
-    trained_model, classifier, postprocessing = _chosen_model(
-        trained_model, trained_classifier, postprocessing, config)
+    chosen, postprocessing = _chosen_models(ensemble, postprocessing, config)
     device = resolve_device(config.device)
     # The TTA the post-processing was tuned with: they belong together.
-    tta, chosen = prediction_settings(postprocessing)
-    raw = predict_cache([trained_model.build(device)], test_image_cache, device,
-                        config.batch_size, tta, config.progress, desc="test")
-    classifier_p = predict_probabilities(classifier, test_image_cache, device,
-                                         config.batch_size, tta.hflip) \
-        if classifier is not None else None
+    tta, values = prediction_settings(postprocessing)
+    raw = predict_cache(chosen.build(device), test_image_cache, device, config.batch_size, tta,
+                        config.progress, desc="test")
+    classifier_p = ensemble_probabilities(chosen, test_image_cache, device, config.batch_size,
+                                          tta.hflip)
     index = test_image_cache.usable
-    final, probability = finalize(raw, chosen, index["patientId"].tolist(), classifier_p)
+    final, probability = finalize(raw, values, index["patientId"].tolist(), classifier_p)
     views = index.set_index("patientId")["view_position"]
     final["image_probability"] = final["patientId"].map(probability)
     final["classifier_probability"] = final["patientId"].map(classifier_p) \
@@ -133,15 +129,14 @@ def write_submission(test_predictions: pd.DataFrame, test_image_cache: ImageCach
 
 
 def write_structured_reports(test_predictions: pd.DataFrame, test_image_cache: ImageCache,
-                             test_dicoms: DicomFolder, trained_model: TrainedModel,
+                             test_dicoms: DicomFolder, ensemble: Ensemble,
                              params: dict) -> dict[str, Callable[[], bytes]]:
     """With ``inference.dicom_sr``, one DICOM SR per predicted image (boxes in the source's
     pixels), made one at a time as the dataset writes them; nothing otherwise."""
     config = _config(params)
     if not config.dicom_sr:
         return {}
-    model, _, _ = _chosen_model(trained_model, None, {}, config)
-    version = model.version
+    version = _chosen_models(ensemble, {}, config)[0].version
     by_patient = {pid: rows for pid, rows in test_predictions.groupby("patientId", sort=False)}
 
     def report(patient_id: str) -> Callable[[], bytes]:

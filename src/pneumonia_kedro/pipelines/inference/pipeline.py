@@ -2,6 +2,9 @@
 
 from kedro.pipeline import Node, Pipeline
 
+from pneumonia_kedro.pipelines.evaluate.pipeline import ensemble_node
+from pneumonia_kedro.pipelines.folds import fold_count, member_datasets
+
 from .nodes import (
     draw_overlays,
     plan_test_cache,
@@ -12,17 +15,19 @@ from .nodes import (
 
 
 def create_pipeline(**kwargs) -> Pipeline:
+    folds = kwargs.get("folds", fold_count())
     return Pipeline([
+        # Every fold's model with split.folds > 1 (inference.models may pick one).
+        ensemble_node(member_datasets(folds)),
         Node(
             func=plan_test_cache,
-            inputs=["test_dicoms", "trained_model", "params:inference"],
+            inputs=["test_dicoms", "ensemble", "params:inference"],
             outputs="test_image_cache",
             name="cache_test_images_node",
         ),
         Node(
             func=predict_test,
-            inputs=["trained_model", "trained_classifier", "test_image_cache", "postprocessing",
-                    "params:inference"],
+            inputs=["ensemble", "test_image_cache", "postprocessing", "params:inference"],
             outputs="test_predictions",
             name="predict_test_node",
         ),
@@ -35,7 +40,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         ),
         Node(
             func=write_structured_reports,
-            inputs=["test_predictions", "test_image_cache", "test_dicoms", "trained_model",
+            inputs=["test_predictions", "test_image_cache", "test_dicoms", "ensemble",
                     "params:inference"],
             outputs="structured_reports",
             name="write_structured_reports_node",

@@ -80,19 +80,70 @@ def curve_figures(raw_validation_predictions: pd.DataFrame, validation_patients:
         {"competition metric": threshold_curve["competition_metric"]},
         "score threshold", "competition metric (validation)",
         f"Score threshold: {chosen:.2f} chosen", mark_x=chosen)
-    epochs = training_history["epoch"]
     figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    loss_axis.plot(epochs, training_history["train_loss"], label="train")
-    loss_axis.plot(epochs, training_history["validation_loss"], label="validation")
+    for fold, history in _by_fold(training_history):
+        label = f"{fold} " if fold else ""
+        loss_axis.plot(history["epoch"], history["train_loss"], label=f"{label}train")
+        loss_axis.plot(history["epoch"], history["validation_loss"], "--",
+                       label=f"{label}validation")
+        metric_axis.plot(history["epoch"], history["validation_competition_metric"],
+                         label=fold or None)
     loss_axis.set_xlabel("epoch")
     loss_axis.set_ylabel("loss")
     loss_axis.legend()
-    metric_axis.plot(epochs, training_history["validation_competition_metric"])
+    if "fold" in training_history:
+        metric_axis.legend()
     metric_axis.set_xlabel("epoch")
     metric_axis.set_ylabel("competition metric (validation)")
     figure.tight_layout()
     figures[FIGURE_FILES["training"]] = figure
     return figures
+
+
+def _by_fold(history: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Each cross-validation fold's history (one unnamed history without folds)."""
+    if "fold" not in history:
+        return [("", history)]
+    return [(str(fold), rows) for fold, rows in history.groupby("fold", sort=True)]
+
+
+def _best_epochs(history: pd.DataFrame) -> str:
+    parts = []
+    for fold, rows in _by_fold(history):
+        best = rows.loc[rows["validation_competition_metric"].idxmax()]
+        parts.append(f"{fold + ': ' if fold else ''}{int(best['epoch'])} of {len(rows)}")
+    return ", ".join(parts)
+
+
+def _cross_validation_lines(metrics: dict) -> list[str]:
+    """What the folds were."""
+    folds = metrics["cross_validation"]
+    return [
+        f"Cross-validation: {folds['folds']} folds of the {folds['training_patients']} "
+        "training patients (" + ", ".join(f"{k}: {v}" for k, v in
+                                           folds["patients_per_fold"].items()) + "). Each "
+        "training patient is scored by the one fold model that never saw it (out of fold), "
+        "and the post-processing is tuned on those scores: the table leads with them.",
+        "",
+    ]
+
+
+def _ensemble_lines(metrics: dict, split_report: dict) -> list[str]:
+    """The fold ensemble on the validation split, with the out-of-fold post-processing."""
+    ensemble = metrics["validation_ensemble"]["overall"]
+    return [
+        f"## The fold ensemble on the validation split ({split_report['validation']['patients']}"
+        " patients, never trained or tuned on)",
+        "",
+        "| metric | value [95 % interval] |",
+        "| --- | --- |",
+        f"| competition metric | {_with_interval(ensemble, 'competition_metric')} |",
+        f"| COCO AP | {_with_interval(ensemble, 'coco_ap')} |",
+        f"| image-level ROC AUC | {_with_interval(ensemble, 'roc_auc')} |",
+        f"| sensitivity / specificity | {_with_interval(ensemble, 'sensitivity')} / "
+        f"{_with_interval(ensemble, 'specificity')} |",
+        "",
+    ]
 
 
 def _format(value: object) -> str:
@@ -135,7 +186,8 @@ def write_report(evaluation_metrics: dict, split_report: dict, cache_report: dic
     """A one-page Markdown report: headline numbers, breakdowns and the figures."""
     overall = evaluation_metrics["overall"]
     image = overall["image_level"]
-    best = training_history.loc[training_history["validation_competition_metric"].idxmax()]
+    cross_validated = "cross_validation" in evaluation_metrics
+    scored = "training patients out of fold" if cross_validated else "validation patients"
     lines = [
         "# Evaluation report",
         "",
@@ -144,15 +196,16 @@ def write_report(evaluation_metrics: dict, split_report: dict, cache_report: dic
         f"{split_report['train']['patients']}. Images cached at "
         f"{cache_report['image_size']} px.",
         "",
+        *(_cross_validation_lines(evaluation_metrics) if cross_validated else []),
         "Values with their 95 % bootstrap interval over patients: a difference inside the "
-        "interval is noise. Held out from tuning: each half of the validation patients is "
+        f"interval is noise. Held out from tuning: each half of the {scored} is "
         "scored with the post-processing tuned on the other half.",
         "",
         "| metric | value [95 % interval] |",
         "| --- | --- |",
         f"| competition metric (mean over IoU 0.40-0.75) | "
         f"{_with_interval(overall, 'competition_metric')} |",
-        f"| post-processing (tuned on all validation patients) | "
+        f"| post-processing (tuned on all {scored}) | "
         f"{_tuned(evaluation_metrics['postprocessing'])} |",
         f"| COCO AP | {_with_interval(overall, 'coco_ap')} |",
         f"| COCO AP50 / AP75 | {overall['coco_ap50']:.4f} / {overall['coco_ap75']:.4f} |",
@@ -160,12 +213,13 @@ def write_report(evaluation_metrics: dict, split_report: dict, cache_report: dic
         f"| sensitivity | {_with_interval(overall, 'sensitivity')} |",
         f"| specificity | {_with_interval(overall, 'specificity')} |",
         f"| F1 | {_format(image['f1'])} |",
-        f"| best epoch | {int(best['epoch'])} of {len(training_history)} |",
+        f"| best epoch | {_best_epochs(training_history)} |",
         *_classifier_rows(evaluation_metrics.get("classifier")),
         "",
         "FROC sensitivity at false positives per image: " + ", ".join(
             f"{k}: {v:.3f}" for k, v in overall["froc"].items()),
         "",
+        *(_ensemble_lines(evaluation_metrics, split_report) if cross_validated else []),
     ]
     for breakdown in (key for key in evaluation_metrics if key.startswith("by_")):
         lines += [f"## {breakdown.replace('_', ' ').capitalize()}", "",

@@ -1,0 +1,132 @@
+"""The models that predict together: one detector (and classifier) per cross-validation fold.
+
+With ``split.folds: 1`` the ensemble has one member, the single trained model, so evaluation,
+inference and the served model take the same path for one model as for k. Detectors are
+fused by ``prediction.predict_batch`` (weighted boxes fusion over every model and test-time
+variant in one step); classifiers' probabilities are averaged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pneumonia_kedro.classifier import TrainedClassifier, classify, predict_probabilities
+from pneumonia_kedro.config import ConfigError
+from pneumonia_kedro.imagecache import ImageCache
+from pneumonia_kedro.models import TrainedModel
+
+
+@dataclass
+class Ensemble:
+    """Named members, each a detector with its image-level classifier (or ``None``)."""
+
+    names: list[str]
+    detectors: list[TrainedModel]
+    classifiers: list[TrainedClassifier | None]
+
+    def __post_init__(self) -> None:
+        if not self.detectors or len(self.names) != len(self.detectors) or \
+                len(self.classifiers) != len(self.detectors):
+            raise ValueError("an ensemble needs one name and one classifier slot per detector")
+        sizes = {d.config.image_size for d in self.detectors}
+        if len(sizes) > 1:
+            raise ValueError(f"ensemble members were trained at different image sizes {sizes}")
+
+    @classmethod
+    def of(cls, *members: TrainedModel | TrainedClassifier | None,
+           names: list[str] | None = None) -> Ensemble:
+        """From (detector, classifier) pairs in order, as a Kedro node passes them."""
+        if len(members) % 2:
+            raise ValueError("members come in (detector, classifier) pairs")
+        detectors, classifiers = list(members[0::2]), list(members[1::2])
+        if names is None:
+            names = ["model"] if len(detectors) == 1 else \
+                [f"fold_{i}" for i in range(len(detectors))]
+        return cls(names, detectors, classifiers)
+
+    @property
+    def image_size(self) -> int:
+        return self.detectors[0].config.image_size
+
+    @property
+    def has_classifiers(self) -> bool:
+        return all(c is not None for c in self.classifiers)
+
+    @property
+    def version(self) -> str:
+        """The one member's version, or the architecture, member count and a digest of every
+        member's (what a DICOM SR names as the algorithm version)."""
+        if len(self.detectors) == 1:
+            return self.detectors[0].version
+        digest = hashlib.sha256(",".join(d.version for d in self.detectors).encode())
+        return (f"{self.detectors[0].config.architecture}-x{len(self.detectors)}-"
+                f"{digest.hexdigest()[:12]}")
+
+    def select(self, choice: str) -> Ensemble:
+        """``ensemble``: every member; a member's name (e.g. ``fold_2``): that one alone."""
+        if choice == "ensemble":
+            return self
+        if choice not in self.names:
+            raise ConfigError(f"params:inference.models = {choice!r}: use 'ensemble' or one of "
+                              f"{', '.join(self.names)}")
+        i = self.names.index(choice)
+        return Ensemble([choice], [self.detectors[i]], [self.classifiers[i]])
+
+    def build(self, device: torch.device | str = "cpu") -> list[torch.nn.Module]:
+        return [detector.build(device) for detector in self.detectors]
+
+
+def ensemble_probabilities(ensemble: Ensemble, cache: ImageCache, device: torch.device,
+                           batch_size: int, hflip: bool, patient_ids: list[str] | None = None
+                           ) -> pd.Series | None:
+    """The mean of the members' classifier probabilities per usable image (``None`` without
+    classifiers)."""
+    if not ensemble.has_classifiers:
+        return None
+    each = [predict_probabilities(c, cache, device, batch_size, hflip, patient_ids)
+            for c in ensemble.classifiers]
+    return sum(each[1:], each[0]) / len(each)
+
+
+def classify_batch(models: list[torch.nn.Module], classifiers: list[TrainedClassifier],
+                   images: torch.Tensor, device: torch.device, hflip: bool) -> np.ndarray:
+    """The mean probability of built ``models`` (from ``classifiers``) per uint8 image."""
+    return np.mean([classify(model, images, c.image_size, device, hflip)
+                    for model, c in zip(models, classifiers, strict=True)], axis=0)
+
+
+def save_ensemble(ensemble: Ensemble, weights_file: Path, classifier_file: Path) -> bool:
+    """Tensors-only files of every member (``torch.load(weights_only=True)`` reads them);
+    the classifiers' only when every member has one. True when it wrote them."""
+    torch.save({"members": [{"name": name, "model_config": d.config.to_dict(),
+                             "state_dict": d.state_dict}
+                            for name, d in zip(ensemble.names, ensemble.detectors,
+                                               strict=True)]}, weights_file)
+    if not ensemble.has_classifiers:
+        return False
+    torch.save({"members": [c.to_payload() for c in ensemble.classifiers]}, classifier_file)
+    return True
+
+
+def load_ensemble(weights_file: Path, classifier_file: Path | None = None,
+                  info: dict | None = None) -> Ensemble:
+    """The ensemble ``save_ensemble`` wrote (or a single model's older file)."""
+    from pneumonia_kedro.models import model_config_from_dict
+
+    payload = torch.load(weights_file, map_location="cpu", weights_only=True)
+    members = payload.get("members", [{"name": "model", **payload}])
+    detectors = [TrainedModel(config=model_config_from_dict(m["model_config"]),
+                              state_dict=m["state_dict"], info=dict(info or {}))
+                 for m in members]
+    classifiers: list[TrainedClassifier | None] = [None] * len(detectors)
+    if classifier_file is not None and Path(classifier_file).is_file():
+        saved = torch.load(classifier_file, map_location="cpu", weights_only=True)
+        classifiers = [TrainedClassifier.from_payload(p)
+                       for p in saved.get("members", [saved])]
+    return Ensemble([m["name"] for m in members], detectors, classifiers)
