@@ -49,8 +49,8 @@ $(DEMO_DONE): conf/base/parameters_demo_data.yml src/pneumonia_kedro/demo.py | $
 mlflow-ui: $(INSTALLED)  ## the MLflow UI on http://127.0.0.1:5000 (PORT=... for another port)
 	$(BIN)/python -m pneumonia_kedro.ui mlflow $(if $(PORT),--port $(PORT))
 
-viz: $(INSTALLED)  ## kedro-viz of the demo environment on http://127.0.0.1:4141 (PORT=...)
-	$(BIN)/python -m pneumonia_kedro.ui viz $(if $(PORT),--port $(PORT))
+viz: $(INSTALLED)  ## kedro-viz of the demo environment on http://127.0.0.1:4141 (PORT=..., FOLDS=3)
+	$(BIN)/python -m pneumonia_kedro.ui viz $(if $(PORT),--port $(PORT)) $(if $(FOLDS),--folds $(FOLDS))
 
 # README screenshots, regenerated from the local MLflow store and the current pipelines;
 # Debian's chromium is installed first when missing (root, or sudo).

@@ -70,6 +70,7 @@ def main() -> None:
     from pneumonia_kedro.config import from_params
     from pneumonia_kedro.models import ModelConfig, build_model, to_model_input
     from pneumonia_kedro.postprocess import image_probabilities
+    from pneumonia_kedro.prediction import fuse_variants, prediction_settings
     from pneumonia_kedro.training import CachedDetectionDataset, TrainConfig, fit, train_model
 
     bootstrap_project(ROOT)
@@ -81,7 +82,10 @@ def main() -> None:
         train_patients = catalog.load("train_patients")
         validation_patients = catalog.load("validation_patients")
         classifier_p = catalog.load("validation_image_probabilities")
-        raw = catalog.load("raw_validation_predictions")
+        # Fused at the IoU the evaluation chose (the table keeps the TTA variants apart).
+        tta, _ = prediction_settings(catalog.load("postprocessing"))
+        raw = fuse_variants(catalog.load("raw_validation_predictions"), tta.fusion_iou,
+                            tta.skip_score)
         history = catalog.load("training_history")
     model_config = from_params(ModelConfig, {**params["model"],
                                              "image_size": caches["train"].image_size}, "model")

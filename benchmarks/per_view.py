@@ -31,13 +31,17 @@ def main() -> None:
     from pneumonia_kedro.metrics import competition_scores
     from pneumonia_kedro.pipelines.evaluate.nodes import EvaluateConfig, _truth_by_patient
     from pneumonia_kedro.postprocess import PostprocessConfig, per_image, postprocess
+    from pneumonia_kedro.prediction import fuse_variants, prediction_settings
     from pneumonia_kedro.tuning import halves, search
 
     bootstrap_project(ROOT)
     with KedroSession.create(project_path=ROOT, env="demo") as session:
         context = session.load_context()
         catalog = context.catalog
-        raw = catalog.load("raw_validation_predictions")
+        # Fused at the IoU the evaluation chose (the table keeps the TTA variants apart).
+        tta, _ = prediction_settings(catalog.load("postprocessing"))
+        raw = fuse_variants(catalog.load("raw_validation_predictions"), tta.fusion_iou,
+                            tta.skip_score)
         patients = catalog.load("validation_patients")
         probabilities = catalog.load("validation_image_probabilities") \
             .set_index("patientId")["probability"]

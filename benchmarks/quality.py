@@ -1,6 +1,7 @@
 """What each technique is worth, on several generated data sets, with intervals.
 
     .venv/bin/python benchmarks/quality.py [--datasets 7:0.3 11:0.6 13:0.9] [--out FILE]
+        [--variants plain "+ TTA/fusion" ...] [--folds 3]
 
 For each data set (``seed:difficulty`` of the demo generator) a scratch copy of the project
 generates it and runs the demo configuration end to end (ingest, split, cache, detector,
@@ -12,11 +13,22 @@ patients) with its 95 % bootstrap interval over patients, and the image-level RO
                   and box cap still tuned)
   + gating        the classifier's probability gates the boxes (rule searched)
   + TTA/fusion    and the mirrored image, fused with weighted boxes fusion
-  + shrink        and the box shrink factor searched (everything on: the demo's default)
+  + fusion IoU    and the IoU of that fusion searched (0.4, 0.55, 0.7) with the rest
+  + shrink        TTA/fusion with the box shrink factor searched
   notebook negs   the notebook's whole-image boxes on negatives, plain evaluation
 
-The summary gives, per variant, the mean over data sets and the change against ``plain`` on
-each data set: a technique is a default only if it helps on every one, beyond the noise.
+With ``--folds k`` the same data set is also cross-validated (pipeline cross_validation, the
+demo's evaluation settings), and the validation split is scored with the post-processing
+tuned out of fold, by:
+
+  best fold       each fold's model alone; the best of the k on the validation split (a
+                  choice made on the very patients it is scored on: flattering the single model)
+  k-fold ensemble every fold's model fused (weighted boxes fusion), the served model
+  out of fold     (for reference) the out-of-fold metric on the training patients
+
+The summary gives, per variant, the mean over data sets and the change against the first row
+on each data set (the ensemble: against the best fold): a technique is a default only if it
+helps on every one, beyond the noise.
 """
 
 from __future__ import annotations
@@ -43,6 +55,10 @@ VARIANTS = {
                             "gating_rule": ["none", "product", "geometric", "drop_below"]}},
     "+ TTA/fusion": {"tta": {"hflip": True},
                      "search": {"shrink": [1.0],
+                                "gating_rule": ["none", "product", "geometric",
+                                                "drop_below"]}},
+    "+ fusion IoU": {"tta": {"hflip": True},
+                     "search": {"shrink": [1.0], "fusion_iou": [0.4, 0.55, 0.7],
                                 "gating_rule": ["none", "product", "geometric",
                                                 "drop_below"]}},
     "+ shrink": {"tta": {"hflip": True},
@@ -73,7 +89,53 @@ def _scores(project: Path) -> dict:
             "postprocessing": metrics["postprocessing"]}
 
 
-def run_dataset(seed: int, difficulty: float, scratch: Path, quiet: dict) -> dict:
+def fold_scores(project: Path, folds: int, quiet: dict) -> dict:
+    """Cross-validate with ``folds`` folds; score each fold's model and their ensemble on the
+    validation split with the post-processing tuned out of fold."""
+    from kedro.framework.session import KedroSession
+
+    from pneumonia_kedro.ensemble import Ensemble
+    from pneumonia_kedro.pipelines.evaluate.nodes import (
+        evaluate_delivered,
+        predict_validation,
+        predict_validation_probabilities,
+    )
+
+    params = {**quiet, "split": {"folds": folds}}
+    _session_run(project, ["cross_validation"], params)
+    metrics = json.loads((project / "data/08_reporting/demo/evaluation_metrics.json")
+                         .read_text())
+    with KedroSession.create(project_path=project, env="demo",
+                             runtime_params=params) as session:
+        catalog = session.load_context().catalog
+        ensemble = Ensemble.of(*[catalog.load(f"fold_{i}.{name}") for i in range(folds)
+                                 for name in ("trained_model", "trained_classifier")])
+        postprocessing = catalog.load("postprocessing")
+        cache = catalog.load("validation_image_cache")
+        patients = catalog.load("validation_patients")
+        evaluate = catalog.load("params:evaluate")
+    singles = []
+    for name in ensemble.names:
+        one = ensemble.select(name)
+        single, _, _ = evaluate_delivered(
+            predict_validation(one, cache, patients, evaluate), patients,
+            predict_validation_probabilities(one, cache, patients, evaluate),
+            postprocessing, evaluate)
+        singles.append({"metric": single["overall"]["intervals"]["competition_metric"],
+                        "roc_auc": single["overall"]["intervals"]["roc_auc"], "fold": name})
+    ensemble_overall = metrics["validation_ensemble"]["overall"]["intervals"]
+    return {
+        "best fold": max(singles, key=lambda s: s["metric"]["value"]),
+        f"{folds}-fold ensemble": {"metric": ensemble_overall["competition_metric"],
+                                   "roc_auc": ensemble_overall["roc_auc"]},
+        "out of fold": {"metric": metrics["overall"]["intervals"]["competition_metric"],
+                        "roc_auc": metrics["overall"]["intervals"]["roc_auc"]},
+        "all folds": singles,
+    }
+
+
+def run_dataset(seed: int, difficulty: float, scratch: Path, quiet: dict,
+                variants: list[str], folds: int) -> dict:
     """Generate one data set in a project copy, train, and evaluate every variant."""
     from kedro.framework.startup import bootstrap_project
 
@@ -89,16 +151,23 @@ def run_dataset(seed: int, difficulty: float, scratch: Path, quiet: dict) -> dic
     started = time.perf_counter()
     demo = {"demo_data": {"seed": seed, "difficulty": difficulty}}
     _session_run(project, ["demo_data"], demo)
-    _session_run(project, ["ingest", "split", "cache", "train", "classify"], quiet)
+    _session_run(project, ["ingest", "split", "cache"], quiet)
     results = {}
-    for name, evaluate in VARIANTS.items():
+    if variants:
+        _session_run(project, ["train", "classify"], quiet)
+    for name in variants:
+        if name == "notebook negs":
+            continue
         _session_run(project, ["evaluate"], {**quiet, "evaluate": {**quiet["evaluate"],
-                                                                    **evaluate}})
+                                                                    **VARIANTS[name]}})
         results[name] = _scores(project)
-    _session_run(project, ["train", "evaluate"],
-                 {**quiet, "train": {**quiet["train"], "negative_boxes": "whole_image"},
-                  "evaluate": {**quiet["evaluate"], **VARIANTS["plain"]}})
-    results["notebook negs"] = _scores(project)
+    if "notebook negs" in variants:
+        _session_run(project, ["train", "evaluate"],
+                     {**quiet, "train": {**quiet["train"], "negative_boxes": "whole_image"},
+                      "evaluate": {**quiet["evaluate"], **VARIANTS["plain"]}})
+        results["notebook negs"] = _scores(project)
+    if folds > 1:
+        results.update(fold_scores(project, folds, quiet))
     os.chdir(ROOT)
     return {"seed": seed, "difficulty": difficulty, "seconds": time.perf_counter() - started,
             "variants": results}
@@ -109,22 +178,27 @@ def _cell(interval: dict) -> str:
 
 
 def table(results: list[dict]) -> str:
+    names = [name for name in results[0]["variants"] if name != "all folds"]
     lines = ["| variant | " + " | ".join(f"seed {r['seed']}, difficulty {r['difficulty']}"
-                                         for r in results) + " | mean | change vs plain |",
+                                         for r in results) + f" | mean | change vs {names[0]} |",
              "| --- |" + " --- |" * (len(results) + 2)]
-    for name in [*VARIANTS, "notebook negs"]:
+    for name in names:
+        # The ensemble is compared with the best single fold; the rest with the first row.
+        reference = "best fold" if name.endswith("-fold ensemble") else names[0]
         values = [r["variants"][name]["metric"]["value"] for r in results]
-        changes = [v - r["variants"]["plain"]["metric"]["value"]
+        changes = [v - r["variants"][reference]["metric"]["value"]
                    for v, r in zip(values, results, strict=True)]
         cells = [f"{_cell(r['variants'][name]['metric'])}; AUC "
                  f"{r['variants'][name]['roc_auc']['value']:.3f}" for r in results]
-        change = "" if name == "plain" else \
+        change = "" if name in (names[0], "out of fold") else \
             ", ".join(f"{c:+.3f}" for c in changes) + \
+            (f" vs {reference}" if reference != names[0] else "") + \
             (" (all better)" if all(c > 0 for c in changes) else "")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {np.mean(values):.3f} | "
                      f"{change} |")
-    lines.append("| classifier alone (ROC AUC) | " + " | ".join(
-        _cell(r["variants"]["+ gating"]["classifier_roc_auc"]) for r in results) + " | | |")
+    if "+ gating" in names:
+        lines.append("| classifier alone (ROC AUC) | " + " | ".join(
+            _cell(r["variants"]["+ gating"]["classifier_roc_auc"]) for r in results) + " | | |")
     return "\n".join(lines)
 
 
@@ -133,6 +207,10 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["7:0.3", "11:0.6", "13:0.9"],
                         help="seed:difficulty of each generated data set")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--variants", nargs="*", default=[*VARIANTS, "notebook negs"],
+                        help="which single-model variants to run (none: only the folds)")
+    parser.add_argument("--folds", type=int, default=0,
+                        help="also cross-validate with this many folds (0: no)")
     args = parser.parse_args()
     quiet = {"cache": {"progress": False}, "train": {"progress": False},
              "classifier": {"progress": False}, "evaluate": {"progress": False}}
@@ -140,7 +218,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for spec in args.datasets:
             seed, difficulty = spec.split(":")
-            result = run_dataset(int(seed), float(difficulty), Path(scratch), quiet)
+            result = run_dataset(int(seed), float(difficulty), Path(scratch), quiet,
+                                 args.variants, args.folds)
             results.append(result)
             print(f"seed {seed}, difficulty {difficulty}: {result['seconds']:.0f} s",
                   file=sys.stderr, flush=True)

@@ -2,9 +2,11 @@
 
     make screenshots          # installs Debian's chromium when it is missing, then runs this
 
-Writes docs/images/mlflow_comparison.png (the two most recent training runs compared) and
-docs/images/kedro_viz.png (the default pipeline). The MLflow store needs two training runs
-with different parameters first: the README's "Comparing experiments" makes them.
+Writes docs/images/mlflow_comparison.png (the two most recent training runs compared),
+docs/images/kedro_viz.png (the default pipeline) and docs/images/kedro_viz_folds.png (the
+default pipeline with three cross-validation folds, each a collapsible namespace). The MLflow
+store needs two training runs with different parameters first: the README's "Comparing
+experiments" makes them.
 """
 
 from __future__ import annotations
@@ -76,7 +78,9 @@ def training_runs(tracking_uri: str, experiment: str) -> list:
         return []
     runs = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"])
-    return [run for run in runs if "best_validation_competition_metric" in run.data.metrics]
+    # Top-level runs only: a cross-validation run's folds are its nested child runs.
+    return [run for run in runs if "best_validation_competition_metric" in run.data.metrics
+            and "mlflow.parentRunId" not in run.data.tags]
 
 
 def wait_for(url: str, process: subprocess.Popen, what: str, timeout: float = 180) -> None:
@@ -208,6 +212,14 @@ def main(argv: list[str] | None = None) -> int:
         viz_url = f"http://{HOST}:{args.viz_port}"
         wait_for(f"{viz_url}/api/main", viz, "kedro viz run")
         capture(browser, viz_url, args.out / "kedro_viz.png", "1800,1400",
+                (VIZ_NO_HINTS, CLICK_DISMISS))
+        stop(viz)
+        servers.remove(viz)
+        folds = start(command("viz", args.viz_port, args.env, folds=3), logs / "viz_folds.log",
+                      args.tracking_uri)
+        servers.append(folds)
+        wait_for(f"{viz_url}/api/main", folds, "kedro viz run --params split.folds=3")
+        capture(browser, viz_url, args.out / "kedro_viz_folds.png", "1800,1400",
                 (VIZ_NO_HINTS, CLICK_DISMISS))
     finally:
         for server in servers:

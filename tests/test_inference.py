@@ -142,3 +142,40 @@ def test_default_gate_skips_what_the_model_was_not_trained_for(incoming, tmp_pat
         "not the chest")
     assert "narrow" not in set(predictions["patientId"])
     assert submission.set_index("patientId").loc["narrow", "PredictionString"] == ""
+
+
+def test_variants_kept_apart_then_fused_equal_fusing_while_predicting(incoming, tmp_path):
+    import dataclasses
+
+    import torch
+
+    from pneumonia_kedro.inference import predict_cache
+    from pneumonia_kedro.prediction import TTAConfig, fuse_variants
+
+    torch.manual_seed(0)
+    first = build_model(TINY_MODEL).eval()
+    torch.manual_seed(1)
+    second = build_model(TINY_MODEL).eval()
+    dicoms = DicomFolder.scan(str(incoming))
+    member = Ensemble.of(TrainedModel(config=TINY_MODEL, state_dict=first.state_dict(),
+                                      info={}), None)
+    build(plan_test_cache(dicoms, member, LENIENT), tmp_path / "cache")
+    cache = ImageCache(tmp_path / "cache")  # holds the non-square (letterboxed) image too
+    cpu = torch.device("cpu")
+    tta = TTAConfig(hflip=True)
+    apart = predict_cache([first, second], cache, cpu, 4, tta, False, fused=False)
+    assert set(apart["variants"]) == {4} and set(apart["variant"]) == {0, 1, 2, 3}
+    for iou in (0.3, 0.55, 0.8):
+        fused = predict_cache([first, second], cache, cpu, 4,
+                              dataclasses.replace(tta, fusion_iou=iou), False)
+        later = fuse_variants(apart, iou)
+        order = ["patientId", "score", "x"]
+        fused, later = (t.sort_values(order).reset_index(drop=True) for t in (fused, later))
+        assert list(later.columns) == list(fused.columns) and len(later) == len(fused)
+        assert (later["patientId"] == fused["patientId"]).all()
+        np.testing.assert_allclose(later[["x", "y", "width", "height"]],
+                                   fused[["x", "y", "width", "height"]], atol=1e-3)
+        np.testing.assert_allclose(later["score"], fused["score"], atol=1e-6)
+    one = predict_cache([first], cache, cpu, 4, None, False, fused=False)
+    pd.testing.assert_frame_equal(fuse_variants(one, 0.5),
+                                  predict_cache([first], cache, cpu, 4, None, False))

@@ -112,3 +112,53 @@ def test_report_lists_are_capped_with_their_count():
     reasons = dict.fromkeys(ids[:3], "no file")
     assert capped(reasons, limit=2) == {"count": 3, "first": {"p00000": "no file",
                                                               "p00001": "no file"}}
+
+
+@pytest.mark.parametrize("folds", [2, 3, 5])
+def test_every_patient_is_in_exactly_one_fold_with_all_its_boxes(patients, folds):
+    from pneumonia_kedro.split import assign_folds, fold_patients
+
+    table = assign_folds(patients, folds, by_view=True, seed=3)
+    assert sorted(table["patientId"]) == sorted(patients["patientId"])
+    assert sorted(table["fold"].unique()) == list(range(folds))
+    seen: list[str] = []
+    original = patients.set_index("patientId")
+    for fold in range(folds):
+        train, validation = fold_patients(patients, table, fold)
+        assert not set(train["patientId"]) & set(validation["patientId"])
+        assert len(train) + len(validation) == len(patients)
+        seen += validation["patientId"].tolist()
+        for pid, boxes in zip(validation["patientId"], validation["boxes"], strict=True):
+            assert boxes == original.loc[pid, "boxes"]
+        # Stratified: each fold's share of positives is the whole set's, within one patient.
+        positives = (patients["Target"] == 1).sum() / folds
+        assert abs((validation["Target"] == 1).sum() - positives) <= 1
+    assert sorted(seen) == sorted(patients["patientId"])  # each once: never in two folds
+    again = assign_folds(patients, folds, by_view=True, seed=3)
+    pd.testing.assert_frame_equal(table, again)
+    assert not assign_folds(patients, folds, by_view=True, seed=4).equals(table)
+
+
+def test_patients_with_the_same_image_share_a_fold():
+    from pneumonia_kedro.split import assign_folds
+
+    n = 40
+    patients = pd.DataFrame({
+        "patientId": [f"p{i:02d}" for i in range(n)], "Target": [i % 2 for i in range(n)],
+        "pixel_hash": ["a"] * 6 + ["b"] * 2 + [f"h{i}" for i in range(8, 36)] + [""] * 4})
+    for seed in range(5):
+        fold = assign_folds(patients, 3, by_view=False, seed=seed).set_index("patientId")["fold"]
+        assert fold[[f"p{i:02d}" for i in range(6)]].nunique() == 1
+        assert fold["p06"] == fold["p07"]
+
+
+def test_too_few_patients_for_the_folds_is_refused_by_name(patients):
+    from pneumonia_kedro.split import assign_folds, fold_patients
+
+    with pytest.raises(ValueError, match="split.folds = 5 but only 3 training patients"):
+        assign_folds(patients.head(3), 5, by_view=False, seed=0)
+    table = assign_folds(patients.head(20), 2, by_view=False, seed=0)
+    with pytest.raises(ValueError, match="1 training patient.s. have no fold"):
+        fold_patients(patients.head(21), table, 0)
+    with pytest.raises(ConfigError, match="split.folds"):
+        from_params(SplitConfig, {"folds": 0}, "split")

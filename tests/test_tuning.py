@@ -3,10 +3,13 @@ report: the tuning never sees the patients it is then scored on."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
 
+from pneumonia_kedro import tuning
 from pneumonia_kedro.config import ConfigError
 from pneumonia_kedro.inference import finalize
 from pneumonia_kedro.pipelines.evaluate import nodes as evaluate_nodes
@@ -77,13 +80,13 @@ def test_halves_are_disjoint_cover_everyone_and_split_positives_evenly():
 def test_the_tuning_never_sees_the_patients_it_is_reported_on(monkeypatch):
     patients, raw = _case()
     seen: list[set[str]] = []
-    real_search = evaluate_nodes.search
+    real_search = tuning.search
 
     def spy(raw_predictions, truth, *args, **kwargs):
         seen.append(set(truth))
         return real_search(raw_predictions, truth, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate_nodes, "search", spy)
+    monkeypatch.setattr(tuning, "search", spy)
     config = evaluate_nodes.EvaluateConfig(search=SPACE)
     final, candidates, chosen = evaluate_nodes.held_out_postprocessing(raw, patients, None,
                                                                               config)
@@ -170,3 +173,35 @@ def test_every_combination_searched_scores_as_post_processing_it_would():
         boxes, scores = per_image(postprocess(raw, config, probabilities=probabilities), ids)
         expected = competition_metric([truth[pid] for pid in ids], boxes, scores)
         assert row["competition_metric"] == pytest.approx(expected, abs=1e-12), row
+
+
+def test_the_fusion_iou_is_searched_over_the_variants_kept_apart():
+    from pneumonia_kedro.prediction import TTAConfig, fuse_variants
+    from pneumonia_kedro.tuning import search_with_fusion
+
+    patients, raw = _case()
+    # A second variant: every box shifted a little and scored a little lower.
+    other = raw.assign(x=raw["x"] + 3.0, score=raw["score"] * 0.9)
+    apart = pd.concat([raw.assign(variant=0), other.assign(variant=1)],
+                      ignore_index=True).assign(variants=2)
+    truth = _truth(patients)
+    space = SearchSpace(score_threshold=(0.1, 0.3, 0.5), nms_iou=(0.3,), shrink=(1.0,),
+                        max_boxes=(2,), fusion_iou=(0.3, 0.9))
+    chosen, iou, table = search_with_fusion(apart, truth, PostprocessConfig(), space,
+                                            TTAConfig(hflip=True))
+    assert sorted(table["fusion_iou"].unique()) == [0.3, 0.9]
+    best = table.loc[table["competition_metric"].idxmax()]
+    assert iou == best["fusion_iou"] and chosen.score_threshold == best["score_threshold"]
+    for each in (0.3, 0.9):
+        alone, alone_table = search(fuse_variants(apart, each), truth, PostprocessConfig(),
+                                    space)
+        np.testing.assert_allclose(
+            table.loc[table["fusion_iou"] == each, "competition_metric"],
+            alone_table["competition_metric"])
+    # Without a list the TTA's own fusion IoU is used.
+    _, default_iou, default_table = search_with_fusion(
+        apart, truth, PostprocessConfig(), dataclasses.replace(space, fusion_iou=()),
+        TTAConfig(hflip=True, fusion_iou=0.6))
+    assert default_iou == 0.6 and set(default_table["fusion_iou"]) == {0.6}
+    with pytest.raises(ConfigError, match="search.fusion_iou: 0"):
+        SearchSpace(fusion_iou=(0.0,))

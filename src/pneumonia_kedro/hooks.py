@@ -190,8 +190,12 @@ class FoldRunsHook:
     def before_node_run(self, node: Node, inputs: dict) -> None:
         import mlflow
 
+        from pneumonia_kedro.training import use_fold_device
+
         fold = (node.namespace or "").split(".")[0]
-        if not fold.startswith("fold_") or mlflow.active_run() is None:
+        is_fold = fold.startswith("fold_") and fold[5:].isdigit()
+        use_fold_device(int(fold[5:]) if is_fold else None)
+        if not is_fold or mlflow.active_run() is None:
             return
         child = self._child_of(fold)
         if child is None:

@@ -18,7 +18,7 @@ from pneumonia_kedro.postprocess import (
     postprocess,
     predictions_table,
 )
-from pneumonia_kedro.prediction import TTAConfig, predict_batch
+from pneumonia_kedro.prediction import TTAConfig, predict_batch, predict_variants
 
 
 class CachedImages(Dataset):
@@ -51,24 +51,44 @@ def detect_original(models: Sequence[torch.nn.Module], images: torch.Tensor,
 
 def predict_cache(models: Sequence[torch.nn.Module], cache: ImageCache, device: torch.device,
                   batch_size: int = 16, tta: TTAConfig | None = None, progress: bool = True,
-                  patient_ids: list[str] | None = None, desc: str = "predicting"
-                  ) -> pd.DataFrame:
-    """Raw predictions (every box the model keeps) as a long table in original pixels."""
+                  patient_ids: list[str] | None = None, desc: str = "predicting",
+                  fused: bool = True) -> pd.DataFrame:
+    """Raw predictions (every box the model keeps) as a long table in original pixels.
+
+    ``fused=False`` keeps every model's and TTA variant's boxes apart (columns ``variant``
+    and ``variants``), for ``prediction.fuse_variants`` to fuse at any fusion IoU.
+    """
     data = CachedImages(cache, patient_ids)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False)
-    ids, boxes, scores = [], [], []
+    tables = []
     for start, images in zip(range(0, len(data), batch_size),
                              tqdm(loader, desc=desc, unit="batch", disable=not progress),
                              strict=True):
         records = data.records[start:start + len(images)]
+        ids = [record["patientId"] for record in records]
         letterboxes = [cache.letterbox_from_record(record) for record in records]
-        for record, (box, score) in zip(records, detect_original(models, images, letterboxes,
-                                                                 device, tta),
-                                        strict=True):
-            ids.append(record["patientId"])
-            boxes.append(box)
-            scores.append(score)
-    return predictions_table(ids, boxes, scores)
+        if fused:
+            runs = [predict_batch(models, images, device, tta)]
+        else:
+            runs = predict_variants(models, images, device, tta)
+        for variant, run in enumerate(runs):
+            # Kept apart, boxes are not clipped to the image yet: fusion comes first.
+            table = predictions_table(
+                ids, [xyxy_to_xywh(letterbox.to_original(boxes, clip=fused))
+                      for (boxes, _), letterbox in zip(run, letterboxes, strict=True)],
+                [scores for _, scores in run])
+            if not fused:
+                widths = {pid: lb.width for pid, lb in zip(ids, letterboxes, strict=True)}
+                heights = {pid: lb.height for pid, lb in zip(ids, letterboxes, strict=True)}
+                table = table.assign(variant=variant, variants=len(runs),
+                                     image_width=table["patientId"].map(widths),
+                                     image_height=table["patientId"].map(heights))
+            tables.append(table)
+    if not tables:
+        table = predictions_table([], [], [])
+        return table if fused else table.assign(variant=0, variants=1, image_width=0,
+                                                image_height=0)
+    return pd.concat(tables, ignore_index=True)
 
 
 def finalize(raw: pd.DataFrame, config: PostprocessConfig, patient_ids: list[str],

@@ -18,11 +18,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
+from pneumonia_kedro.boxes import xywh_to_xyxy, xyxy_to_xywh
 from pneumonia_kedro.config import PROBABILITY, ConfigError, Range, from_params
 from pneumonia_kedro.models import detect
-from pneumonia_kedro.postprocess import PostprocessConfig
+from pneumonia_kedro.postprocess import PostprocessConfig, predictions_table
 
 
 @dataclass(frozen=True)
@@ -108,11 +110,11 @@ def _scaled(model: torch.nn.Module, scale: float) -> Iterator[None]:
 
 
 @torch.inference_mode()
-def predict_batch(models: Sequence[torch.nn.Module], images: torch.Tensor,
-                  device: torch.device, tta: TTAConfig | None = None
-                  ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``xyxy`` boxes (pixels of ``images``) and scores per image of a uint8 (B, 1, S, S)
-    batch, from every model in every TTA variant, fused when there is more than one."""
+def predict_variants(models: Sequence[torch.nn.Module], images: torch.Tensor,
+                     device: torch.device, tta: TTAConfig | None = None
+                     ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """Per model and TTA variant (a run), per image of a uint8 (B, 1, S, S) batch: ``xyxy``
+    boxes in the pixels of ``images`` and scores, not fused."""
     tta = tta or TTAConfig()
     size = images.shape[-1]
     runs: list[list[tuple[np.ndarray, np.ndarray]]] = []
@@ -124,7 +126,61 @@ def predict_batch(models: Sequence[torch.nn.Module], images: torch.Tensor,
             runs.append([(mirror_boxes(boxes.numpy(), size) if mirrored
                           else boxes.numpy().astype(np.float64), scores.numpy())
                          for boxes, scores in outputs])
+    return runs
+
+
+def predict_batch(models: Sequence[torch.nn.Module], images: torch.Tensor,
+                  device: torch.device, tta: TTAConfig | None = None
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``xyxy`` boxes (pixels of ``images``) and scores per image of a uint8 (B, 1, S, S)
+    batch, from every model in every TTA variant, fused when there is more than one."""
+    tta = tta or TTAConfig()
+    runs = predict_variants(models, images, device, tta)
     if len(runs) == 1:
         return runs[0]
-    return [fuse([run[i] for run in runs], size, tta.fusion_iou, tta.skip_score)
+    return [fuse([run[i] for run in runs], images.shape[-1], tta.fusion_iou, tta.skip_score)
             for i in range(len(images))]
+
+
+def fuse_variants(raw: pd.DataFrame, iou: float, skip_score: float = 0.0) -> pd.DataFrame:
+    """A table of unfused predictions (``variant`` of ``variants`` runs per row, boxes not yet
+    clipped to their ``image_width`` x ``image_height``, as ``inference.predict_cache(
+    fused=False)`` writes it) fused per image and clipped, as ``predict_batch`` and
+    ``predict_cache`` do it; a table without variants is returned as it is.
+
+    Weighted boxes fusion is unchanged by the letterbox (a shift and a scale per axis), so
+    fusing in original pixels equals fusing in the cache's.
+    """
+    if "variant" not in raw:
+        return raw
+    runs = int(raw["variants"].max()) if len(raw) else 1
+    xyxy = xywh_to_xyxy(raw[["x", "y", "width", "height"]].to_numpy(float))
+    if runs > 1:
+        # Shifted and scaled into [0, 1] as a whole: fusion sees the boxes undistorted.
+        low = float(min(0.0, xyxy.min()))
+        size = float(max(1.0, xyxy.max() - low))
+        ids, fused_boxes, fused_scores = [], [], []
+        scores, variant = raw["score"].to_numpy(float), raw["variant"].to_numpy(int)
+        for patient_id, rows in raw.groupby("patientId", sort=False).indices.items():
+            boxes, image_scores = fuse([(xyxy[rows][variant[rows] == v] - low,
+                                         scores[rows][variant[rows] == v])
+                                        for v in range(runs)], size, iou, skip_score)
+            ids += [patient_id] * len(image_scores)
+            fused_boxes.append(boxes + low)
+            fused_scores.append(image_scores)
+        xyxy = np.concatenate(fused_boxes) if fused_boxes else np.zeros((0, 4))
+        scores = np.concatenate(fused_scores) if fused_scores else np.zeros(0)
+    else:
+        ids, scores = raw["patientId"].tolist(), raw["score"].to_numpy(float)
+    xyxy = np.asarray(xyxy, dtype=np.float64).reshape(-1, 4).copy()
+    if "image_width" in raw:
+        bounds = raw.groupby("patientId")[["image_width", "image_height"]].first()
+        width = bounds["image_width"].reindex(ids).to_numpy(float)[:, None]
+        height = bounds["image_height"].reindex(ids).to_numpy(float)[:, None]
+        xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, width)
+        xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, height)
+    if not ids:
+        return predictions_table([], [], [])
+    box = xyxy_to_xywh(xyxy)
+    return pd.DataFrame({"patientId": ids, "x": box[:, 0], "y": box[:, 1],
+                         "width": box[:, 2], "height": box[:, 3], "score": scores})

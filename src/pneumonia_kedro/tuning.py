@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -26,6 +27,7 @@ from pneumonia_kedro.postprocess import (
     postprocess,
     shrink_boxes,
 )
+from pneumonia_kedro.prediction import TTAConfig, fuse_variants
 
 
 @dataclass(frozen=True)
@@ -38,14 +40,16 @@ class SearchSpace:
     max_boxes: tuple[int, ...] = (2, 3, 4)
     gating_rule: tuple[str, ...] = ("none",)
     gating_threshold: tuple[float, ...] = (0.0,)
+    # The IoU at which the TTA variants' (and folds') boxes are fused; empty: tta.fusion_iou.
+    fusion_iou: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         checks = {"score_threshold": PROBABILITY, "nms_iou": PROBABILITY,
                   "shrink": Range(0, 2, low_open=True), "max_boxes": Range(1),
-                  "gating_threshold": PROBABILITY}
+                  "gating_threshold": PROBABILITY, "fusion_iou": Range(0, 1, low_open=True)}
         for name, allowed in checks.items():
             values = getattr(self, name)
-            if not values:
+            if not values and name != "fusion_iou":
                 raise ConfigError(f"search.{name} lists no value")
             for value in values:
                 if not allowed.contains(value):
@@ -56,7 +60,8 @@ class SearchSpace:
                                   f"{list(GatingConfig.RULES)}")
 
     def size(self) -> int:
-        return int(np.prod([len(getattr(self, f.name)) for f in dataclasses.fields(self)]))
+        return int(np.prod([max(1, len(getattr(self, f.name)))
+                            for f in dataclasses.fields(self)]))
 
 
 def search(raw: pd.DataFrame, truth: dict[str, np.ndarray], base: PostprocessConfig,
@@ -116,6 +121,25 @@ def search(raw: pd.DataFrame, truth: dict[str, np.ndarray], base: PostprocessCon
     return chosen, table
 
 
+def search_with_fusion(raw: pd.DataFrame, truth: dict[str, np.ndarray], base: PostprocessConfig,
+                       space: SearchSpace, tta: TTAConfig,
+                       probabilities: pd.Series | None = None, inclusive: bool = False
+                       ) -> tuple[PostprocessConfig, float, pd.DataFrame]:
+    """``search`` once per fusion IoU of ``space`` (``tta.fusion_iou`` when it lists none)
+    over unfused predictions (``prediction.fuse_variants``): the best post-processing, its
+    fusion IoU, and every combination tried (with a ``fusion_iou`` column)."""
+    best: tuple[PostprocessConfig, float, float] | None = None
+    tables = []
+    for iou in space.fusion_iou or (tta.fusion_iou,):
+        chosen, table = search(fuse_variants(raw, iou, tta.skip_score), truth, base, space,
+                               probabilities, inclusive)
+        metric = float(table["competition_metric"].max())
+        if best is None or metric > best[2]:  # ties keep the earlier (listed first) IoU
+            best = (chosen, float(iou), metric)
+        tables.append(table.assign(fusion_iou=float(iou)))
+    return best[0], best[1], pd.concat(tables, ignore_index=True)
+
+
 def _gated_scores(ordered: np.ndarray, image_p: np.ndarray, rule: str, threshold: float
                   ) -> np.ndarray:
     """Padded box scores (N, P; -inf padding) as ``postprocess.gate`` changes them."""
@@ -140,11 +164,11 @@ def halves(patients: pd.DataFrame, seed: int) -> list[np.ndarray]:
     return [patients["patientId"].to_numpy()[in_first], patients["patientId"].to_numpy()[~in_first]]
 
 
-Tuner = Callable[[Sequence[str]], PostprocessConfig]
+Tuned = TypeVar("Tuned")
 
 
-def cross_fit(patients: pd.DataFrame, tune: Tuner, seed: int = 0
-              ) -> list[tuple[np.ndarray, PostprocessConfig]]:
+def cross_fit(patients: pd.DataFrame, tune: Callable[[Sequence[str]], Tuned], seed: int = 0
+              ) -> list[tuple[np.ndarray, Tuned]]:
     """(patients reported, the post-processing tuned without them) for each half."""
     first, second = halves(patients, seed)
     return [(second, tune(first)), (first, tune(second))]

@@ -3,6 +3,7 @@ do when the port is taken (the one thing they lack: both fail with a traceback t
 
     python -m pneumonia_kedro.ui mlflow [--port 5000]      # make mlflow-ui
     python -m pneumonia_kedro.ui viz [--port 4141]         # make viz
+    python -m pneumonia_kedro.ui viz --folds 3             # make viz FOLDS=3: the fold namespaces
 
 The MLflow UI shows the store of ``conf/<env>/mlflow.yml`` (MLFLOW_TRACKING_URI when set).
 """
@@ -52,13 +53,18 @@ def tool_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     return environment
 
 
-def command(tool: str, port: int, env: str) -> list[str]:
-    """The command line that starts ``tool`` on ``HOST:port``."""
+def command(tool: str, port: int, env: str, folds: int | None = None) -> list[str]:
+    """The command line that starts ``tool`` on ``HOST:port``; for kedro-viz, with
+    ``folds``, the pipelines of that many cross-validation folds (the project's hooks build
+    them, so kedro-viz runs them)."""
     kedro = str(Path(sys.executable).parent / "kedro")
     if tool == "mlflow":
         return [kedro, "mlflow", "ui", "--env", env, "--host", HOST, "--port", str(port)]
-    return [kedro, "viz", "run", "--env", env, "--host", HOST, "--port", str(port),
+    line = [kedro, "viz", "run", "--env", env, "--host", HOST, "--port", str(port),
             "--no-browser"]
+    if folds is not None:
+        line += ["--params", f"split.folds={folds}", "--include-hooks"]
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,12 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("tool", choices=sorted(DEFAULT_PORTS))
     parser.add_argument("--port", type=int, default=None)
     parser.add_argument("--env", default="demo", help="the Kedro environment to show")
+    parser.add_argument("--folds", type=int, default=None,
+                        help="kedro-viz: show the pipelines for this many cross-validation folds")
     args = parser.parse_args(argv)
     port = args.port or DEFAULT_PORTS[args.tool]
     if port_in_use(port):
         print(occupied_port_message(args.tool, port), file=sys.stderr)
         return 1
-    line = command(args.tool, port, args.env)
+    line = command(args.tool, port, args.env, args.folds)
     print(f"{NAMES[args.tool]} on http://{HOST}:{port} (Ctrl-C stops it)", flush=True)
     os.execve(line[0], line, tool_environment())
     return 0  # not reached

@@ -163,8 +163,10 @@ def test_trained_model_reloads_from_the_catalog_with_equal_predictions(demo_run,
     # Made with the TTA that postprocessing.json records (hflip and two scales here).
     tta, _ = prediction_settings(catalog.load("postprocessing"))
     assert tta.hflip and tta.scales == (1.0, 1.25)
+    # Kept per variant (four: two scales x mirror), for the search to fuse at any IoU.
+    assert set(raw["variants"]) == {4}
     again = predict_cache([trained.build()], cache, torch.device("cpu"), tta=tta,
-                          progress=False)
+                          progress=False, fused=False)
     pd.testing.assert_frame_equal(raw.reset_index(drop=True), again.reset_index(drop=True),
                                   check_dtype=False)
 

@@ -20,6 +20,9 @@ pytestmark = pytest.mark.slow
 
 def test_viz_build_shows_every_pipeline_and_dataset_with_layers(tmp_path: Path):
     project = copy_project(tmp_path)
+    # Two cross-validation folds, set where `kedro viz build` reads (conf/local): the fold
+    # namespaces and the dataset factories' fold datasets appear.
+    (project / "conf/local/parameters_split.yml").write_text("split:\n  folds: 2\n")
     kedro = Path(sys.executable).parent / "kedro"
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1"}
     subprocess.run([str(kedro), "viz", "build"], cwd=project, env=env, check=True,
@@ -27,7 +30,13 @@ def test_viz_build_shows_every_pipeline_and_dataset_with_layers(tmp_path: Path):
     graph = json.loads((project / "build/api/main").read_text())
     pipelines = {p["id"] for p in graph["pipelines"]}
     assert pipelines == {"__default__", "demo_data", "ingest", "split", "cache", "train",
-                         "classify", "evaluate", "inference", "report"}
+                         "classify", "evaluate", "cross_validation", "inference", "report"}
+    # Each fold is a collapsible modular pipeline of the default pipeline.
+    assert {"fold_0", "fold_1"} <= set(graph["modular_pipelines"])
+    fold_tasks = {n["full_name"] for n in graph["nodes"] if n["type"] == "task"
+                  and "fold_1" in (n["modular_pipelines"] or [])}
+    assert {"fold_1.train_detector_node", "fold_1.train_classifier_node",
+            "fold_1.predict_validation_node"} <= fold_tasks
     # api/main holds the default pipeline; api/pipelines/<name> each registered pipeline.
     nodes = [n for name in pipelines
              for n in json.loads((project / "build/api/pipelines" / name).read_text())["nodes"]]

@@ -9,6 +9,7 @@ from pneumonia_kedro.training.config import (
     TrainConfig,
     resolve_device,
     seed_everything,
+    use_fold_device,
 )
 from pneumonia_kedro.training.data import (
     CachedDetectionDataset,
@@ -22,4 +23,4 @@ from pneumonia_kedro.training.fit import TrainingResult, train_model
 __all__ = ["AugmentConfig", "CachedDetectionDataset", "CheckpointStore", "EpochBatchSampler",
            "TrainConfig", "TrainingResult", "detection_collate", "predict", "resolve_device",
            "seed_everything", "targets_to", "train_model", "training_fingerprint",
-           "validation_loss", "validation_metric"]
+           "use_fold_device", "validation_loss", "validation_metric"]

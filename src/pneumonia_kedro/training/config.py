@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import random
 from dataclasses import dataclass, field
 from typing import Literal
@@ -78,12 +79,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Set per thread for a cross-validation fold's nodes (hooks.FoldRunsHook): with several
+# GPUs, folds trained side by side (--runner ThreadRunner) each get their own.
+_fold_index: contextvars.ContextVar[int | None] = contextvars.ContextVar("fold_index",
+                                                                        default=None)
+
+
+def use_fold_device(fold_index: int | None) -> None:
+    """``auto`` means GPU ``fold_index`` mod the GPU count in this thread (None: the first)."""
+    _fold_index.set(fold_index)
+
+
 def resolve_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device is 'cuda' but no CUDA GPU is visible; use 'auto' or "
                            "'cpu'")
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        fold = _fold_index.get()
+        return torch.device("cuda" if fold is None
+                            else f"cuda:{fold % torch.cuda.device_count()}")
     return torch.device(requested)
 
 

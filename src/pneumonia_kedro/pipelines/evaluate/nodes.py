@@ -38,9 +38,9 @@ from pneumonia_kedro.postprocess import (
     per_image,
     postprocess,
 )
-from pneumonia_kedro.prediction import TTAConfig, prediction_settings
+from pneumonia_kedro.prediction import TTAConfig, fuse_variants, prediction_settings
 from pneumonia_kedro.training import resolve_device
-from pneumonia_kedro.tuning import SearchSpace, cross_fit, search
+from pneumonia_kedro.tuning import SearchSpace, cross_fit, search_with_fusion
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +85,15 @@ def gather_ensemble(*members: TrainedModel | TrainedClassifier) -> Ensemble:
 
 def predict_validation(ensemble: Ensemble, image_cache: ImageCache, patients: pd.DataFrame,
                        params: dict) -> pd.DataFrame:
-    """Every box the model(s) propose on the patients' images, in original pixels."""
+    """Every box the model(s) propose on the patients' images, in original pixels, per model
+    and TTA variant (``variant`` of ``variants``)."""
     config = _config(params)
     device = resolve_device(config.device)
+    # Unfused: the post-processing search fuses the variants at each fusion IoU it tries.
     return predict_cache(ensemble.build(device), image_cache, device, config.batch_size,
                          config.tta, config.progress,
-                         patient_ids=patients["patientId"].tolist(), desc="validation")
+                         patient_ids=patients["patientId"].tolist(), desc="validation",
+                         fused=False)
 
 
 def predict_validation_probabilities(ensemble: Ensemble, image_cache: ImageCache,
@@ -129,19 +132,21 @@ def tune_postprocessing(raw_validation_predictions: pd.DataFrame,
     combination tried."""
     config = _config(params)
     base = PostprocessConfig(label_shift=config.label_shift)
-    chosen, table = search(raw_validation_predictions, _truth_by_patient(validation_patients),
-                           base, config.search, _probabilities(validation_image_probabilities),
-                           config.inclusive_iou)
-    logger.info("post-processing tuned on %d validation patients over %d combinations: %s",
-                len(validation_patients), config.search.size(), chosen)
-    at_chosen = np.ones(len(table), dtype=bool)
+    chosen, fusion_iou, table = search_with_fusion(
+        raw_validation_predictions, _truth_by_patient(validation_patients), base,
+        config.search, config.tta, _probabilities(validation_image_probabilities),
+        config.inclusive_iou)
+    logger.info("post-processing tuned on %d patients over %d combinations: %s, fusion IoU "
+                "%g", len(validation_patients), config.search.size(), chosen, fusion_iou)
+    at_chosen = (table["fusion_iou"] == fusion_iou).to_numpy(copy=True)
     for name in ("nms_iou", "shrink", "max_boxes"):
         at_chosen &= table[name] == getattr(chosen, name)
     at_chosen &= (table["gating_rule"] == chosen.gating.rule) & \
         (table["gating_threshold"] == chosen.gating.threshold)
     curve = table.loc[at_chosen, ["score_threshold", "competition_metric"]]
-    return ({**dataclasses.asdict(chosen), "tta": dataclasses.asdict(config.tta)},
-            curve.reset_index(drop=True), table)
+    # The TTA it was tuned with, at the fusion IoU chosen: inference predicts with it.
+    tta = {**dataclasses.asdict(config.tta), "fusion_iou": fusion_iou}
+    return ({**dataclasses.asdict(chosen), "tta": tta}, curve.reset_index(drop=True), table)
 
 
 AGE_BANDS = (0, 18, 40, 60, 80)  # band starts in years: 0-17, 18-39, 40-59, 60-79, 80+
@@ -228,18 +233,22 @@ def held_out_postprocessing(raw: pd.DataFrame, patients: pd.DataFrame,
     the values tuned on the other half, and those values."""
     base = PostprocessConfig(label_shift=config.label_shift)
 
-    def tune(ids: list[str]) -> PostprocessConfig:
+    def tune(ids: list[str]) -> tuple[PostprocessConfig, float]:
         tuning = patients.loc[patients["patientId"].isin(set(ids))]
-        return search(raw, _truth_by_patient(tuning), base, config.search, probabilities,
-                      config.inclusive_iou)[0]
+        values, fusion_iou, _ = search_with_fusion(
+            raw, _truth_by_patient(tuning), base, config.search, config.tta, probabilities,
+            config.inclusive_iou)
+        return values, fusion_iou
 
     finals, candidates, chosen = [], [], []
-    for reported, values in cross_fit(patients, tune, config.cross_fit_seed):
-        own = raw.loc[raw["patientId"].isin(set(reported))]
+    for reported, (values, fusion_iou) in cross_fit(patients, tune, config.cross_fit_seed):
+        own = fuse_variants(raw.loc[raw["patientId"].isin(set(reported))], fusion_iou,
+                            config.tta.skip_score)
         finals.append(postprocess(own, values, probabilities=probabilities))
         candidates.append(postprocess(own, values, apply_threshold=False,
                                       probabilities=probabilities))
-        chosen.append({**dataclasses.asdict(values), "patients": len(reported)})
+        chosen.append({**dataclasses.asdict(values), "fusion_iou": fusion_iou,
+                       "patients": len(reported)})
     return (pd.concat(finals, ignore_index=True), pd.concat(candidates, ignore_index=True),
             chosen)
 
@@ -271,10 +280,10 @@ def evaluate_delivered(raw_predictions: pd.DataFrame, patients: pd.DataFrame,
     not tuned on (the validation split, when it was tuned on out-of-fold predictions)."""
     config = _config(params)
     probabilities = _probabilities(image_probabilities_table)
-    _, chosen = prediction_settings(postprocessing)
-    final = postprocess(raw_predictions, chosen, probabilities=probabilities)
-    candidates = postprocess(raw_predictions, chosen, apply_threshold=False,
-                             probabilities=probabilities)
+    tta, chosen = prediction_settings(postprocessing)
+    fused = fuse_variants(raw_predictions, tta.fusion_iou, tta.skip_score)
+    final = postprocess(fused, chosen, probabilities=probabilities)
+    candidates = postprocess(fused, chosen, apply_threshold=False, probabilities=probabilities)
     metrics, headline = _metrics(final, candidates, patients, probabilities, postprocessing,
                                  config)
     return metrics, headline, final

@@ -10,6 +10,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from pneumonia_kedro.figures import image_grid, line_figure
 from pneumonia_kedro.imagecache import ImageCache
 from pneumonia_kedro.postprocess import image_probabilities
+from pneumonia_kedro.prediction import fuse_variants, prediction_settings
 
 FIGURE_FILES = {
     "samples": "samples_with_truth.png",
@@ -57,8 +58,10 @@ def curve_figures(raw_validation_predictions: pd.DataFrame, validation_patients:
                   training_history: pd.DataFrame) -> dict[str, plt.Figure]:
     """Precision-recall, ROC, FROC, threshold-versus-metric and training curves."""
     targets = validation_patients["Target"].to_numpy(int)
-    probabilities = image_probabilities(raw_validation_predictions,
-                                        validation_patients["patientId"].tolist())
+    tta, _ = prediction_settings(evaluation_metrics["postprocessing"])
+    probabilities = image_probabilities(
+        fuse_variants(raw_validation_predictions, tta.fusion_iou, tta.skip_score),
+        validation_patients["patientId"].tolist())
     figures = {}
     if len(np.unique(targets)) == 2:
         precision, recall, _ = precision_recall_curve(targets, probabilities)
@@ -167,8 +170,12 @@ def _tuned(values: dict) -> str:
     gating = values.get("gating", {"rule": "none"})
     rule = gating["rule"] + (f" {gating['threshold']:.2f}" if gating["rule"] == "drop_below"
                              else "")
+    fusion = values.get("tta", {})
+    fused = f", variants fused at IoU {fusion['fusion_iou']:g}" \
+        if fusion.get("hflip") or len(fusion.get("scales", [1.0])) > 1 else ""
     return (f"score threshold {values['score_threshold']:.2f}, NMS IoU {values['nms_iou']:g}, "
-            f"shrink {values['shrink']:g}, at most {values['max_boxes']} boxes, gating {rule}")
+            f"shrink {values['shrink']:g}, at most {values['max_boxes']} boxes, gating {rule}"
+            f"{fused}")
 
 
 def _with_interval(values: dict, name: str) -> str:

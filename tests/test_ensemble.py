@@ -1,0 +1,100 @@
+"""The fold ensemble as data: choosing members, its version, its files, and fused
+predictions that depend on every member."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pneumonia_kedro.classifier import TrainedClassifier, build_classifier
+from pneumonia_kedro.config import ConfigError
+from pneumonia_kedro.ensemble import Ensemble, classify_batch, load_ensemble, save_ensemble
+from pneumonia_kedro.models import TrainedModel, build_model
+from pneumonia_kedro.prediction import predict_batch
+from tests.test_training import TINY_MODEL
+
+
+def _member(seed: int) -> tuple[TrainedModel, TrainedClassifier]:
+    torch.manual_seed(seed)
+    detector = TrainedModel(config=TINY_MODEL, state_dict=build_model(TINY_MODEL).state_dict(),
+                            info={})
+    classifier = TrainedClassifier("resnet18", 32, build_classifier("resnet18").state_dict(),
+                                   {})
+    return detector, classifier
+
+
+@pytest.fixture(scope="module")
+def folds() -> Ensemble:
+    return Ensemble.of(*_member(1), *_member(2))
+
+
+def test_members_are_named_by_fold_and_chosen_by_name(folds: Ensemble):
+    assert folds.names == ["fold_0", "fold_1"] and folds.has_classifiers
+    assert folds.select("ensemble") is folds
+    alone = folds.select("fold_1")
+    assert alone.names == ["fold_1"] and alone.detectors == [folds.detectors[1]]
+    assert alone.version == folds.detectors[1].version
+    assert folds.version.startswith(f"{TINY_MODEL.architecture}-x2-")
+    assert len(folds.version) <= 64  # a DICOM LO value
+    with pytest.raises(ConfigError, match=r"inference.models = 'fold_7'.*fold_0, fold_1"):
+        folds.select("fold_7")
+    single = Ensemble.of(*_member(3))
+    assert single.names == ["model"] and single.version == single.detectors[0].version
+    with pytest.raises(ValueError, match="pairs"):
+        Ensemble.of(folds.detectors[0])
+
+
+def test_files_round_trip_and_a_single_model_s_older_file_still_loads(folds, tmp_path):
+    assert save_ensemble(folds, tmp_path / "weights.pt", tmp_path / "classifier.pt")
+    loaded = load_ensemble(tmp_path / "weights.pt", tmp_path / "classifier.pt")
+    assert loaded.names == folds.names and loaded.version == folds.version
+    assert [c.version for c in loaded.classifiers] == [c.version for c in folds.classifiers]
+    # The format of models logged before there were folds: one model at the top level.
+    detector = folds.detectors[0]
+    torch.save({"model_config": detector.config.to_dict(), "state_dict": detector.state_dict},
+               tmp_path / "old.pt")
+    old = load_ensemble(tmp_path / "old.pt", tmp_path / "missing.pt")
+    assert old.names == ["model"] and old.version == detector.version
+    assert old.classifiers == [None] and not old.has_classifiers
+    without = Ensemble.of(detector, None)
+    assert not save_ensemble(without, tmp_path / "w.pt", tmp_path / "c.pt")
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_the_fused_answer_depends_on_every_member(folds: Ensemble):
+    images = torch.randint(0, 255, (2, 1, 64, 64), dtype=torch.uint8)
+    cpu = torch.device("cpu")
+    models = folds.build()
+    fused = predict_batch(models, images, cpu)
+    alone = [predict_batch([m], images, cpu) for m in models]
+    for i in range(len(images)):
+        assert not any(np.array_equal(fused[i][1], one[i][1]) for one in alone)
+    classifiers = [c.build() for c in folds.classifiers]
+    mean = classify_batch(classifiers, folds.classifiers, images, cpu, hflip=False)
+    each = [classify_batch([m], [c], images, cpu, hflip=False)
+            for m, c in zip(classifiers, folds.classifiers, strict=True)]
+    np.testing.assert_allclose(mean, (each[0] + each[1]) / 2)
+
+
+def test_with_several_gpus_each_fold_thread_gets_its_own(monkeypatch):
+    import threading
+
+    from pneumonia_kedro.training import resolve_device, use_fold_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    seen = {}
+
+    def fold_node(fold: int | None) -> None:  # what the hook and a fold's node do per thread
+        use_fold_device(fold)
+        seen[fold] = resolve_device("auto")
+
+    threads = [threading.Thread(target=fold_node, args=(fold,)) for fold in (0, 1, 2, None)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == {0: torch.device("cuda:0"), 1: torch.device("cuda:1"),
+                    2: torch.device("cuda:0"), None: torch.device("cuda")}
+    assert resolve_device("cpu") == torch.device("cpu")
