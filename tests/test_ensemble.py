@@ -62,6 +62,7 @@ def test_files_round_trip_and_a_single_model_s_older_file_still_loads(folds, tmp
     assert not (tmp_path / "c.pt").exists()
 
 
+@pytest.mark.slow  # two detectors in every variant: outside the quick loop
 def test_the_fused_answer_depends_on_every_member(folds: Ensemble):
     images = torch.randint(0, 255, (2, 1, 64, 64), dtype=torch.uint8)
     cpu = torch.device("cpu")

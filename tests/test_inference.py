@@ -144,6 +144,7 @@ def test_default_gate_skips_what_the_model_was_not_trained_for(incoming, tmp_pat
     assert submission.set_index("patientId").loc["narrow", "PredictionString"] == ""
 
 
+@pytest.mark.slow  # two detectors, four variants, three IoUs: outside the quick loop
 def test_variants_kept_apart_then_fused_equal_fusing_while_predicting(incoming, tmp_path):
     import dataclasses
 
