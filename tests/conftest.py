@@ -67,6 +67,17 @@ def tiny_demo_project(root: Path, monkeypatch: pytest.MonkeyPatch,
     return project
 
 
+def use_run(run: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Make a module's finished run (``{"project", "tracking_uri"}``) the cwd and the MLflow
+    store of this test; returns its project."""
+    import mlflow
+
+    monkeypatch.chdir(run["project"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", run["tracking_uri"])
+    mlflow.set_tracking_uri(run["tracking_uri"])
+    return run["project"]
+
+
 def run_session(project: Path, env: str = "demo", pipelines: list[str] | None = None,
                 params: dict[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
     """Run pipelines in a real KedroSession of ``project`` (already bootstrapped)."""

@@ -16,7 +16,7 @@ from kedro.runner import ThreadRunner
 
 from pneumonia_kedro.config import ConfigError
 from pneumonia_kedro.submission import parse_prediction_string
-from tests.conftest import DEMO_RAW, run_session, tiny_demo_project
+from tests.conftest import DEMO_RAW, run_session, tiny_demo_project, use_run
 from tests.pipelines.test_full_run import TINY_RUN
 
 # Real Kedro sessions: left out of the quick loop (-m 'not slow').
@@ -38,10 +38,7 @@ def cv_run(tmp_path_factory) -> dict:
 
 @pytest.fixture
 def project(cv_run, monkeypatch) -> Path:
-    monkeypatch.chdir(cv_run["project"])
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", cv_run["tracking_uri"])
-    mlflow.set_tracking_uri(cv_run["tracking_uri"])
-    return cv_run["project"]
+    return use_run(cv_run, monkeypatch)
 
 
 def _catalog(project: Path):

@@ -15,7 +15,7 @@ from PIL import Image
 
 from pneumonia_kedro.ensemble import Ensemble
 from pneumonia_kedro.submission import parse_prediction_string
-from tests.conftest import run_session, tiny_demo_project
+from tests.conftest import run_session, tiny_demo_project, use_run
 
 # Real Kedro sessions, servers or subprocesses: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
@@ -59,10 +59,7 @@ def demo_run(tmp_path_factory) -> dict:
 @pytest.fixture
 def kedro_project(demo_run, monkeypatch) -> Path:
     """This module's tests all look at the one demo run's project and MLflow store."""
-    monkeypatch.chdir(demo_run["project"])
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", demo_run["tracking_uri"])
-    mlflow.set_tracking_uri(demo_run["tracking_uri"])
-    return demo_run["project"]
+    return use_run(demo_run, monkeypatch)
 
 
 def test_whole_pipeline_on_demo_data(demo_run, kedro_project: Path):
