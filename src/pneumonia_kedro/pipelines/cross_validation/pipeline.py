@@ -8,7 +8,7 @@ and every fold's model, fused, is evaluated on the validation split and logged a
 MLflow model.
 """
 
-from functools import partial
+from functools import partial, update_wrapper
 
 from kedro.pipeline import Node, Pipeline
 
@@ -47,7 +47,8 @@ def fold_pipeline(index: int) -> Pipeline:
     caches = {"train_image_cache": "train_image_cache",
               "validation_image_cache": "train_image_cache"}
     select = Node(
-        func=partial(select_fold_patients, fold=index),
+        # A named function (Kedro logs and kedro-viz show it), bound to this fold.
+        func=update_wrapper(partial(select_fold_patients, fold=index), select_fold_patients),
         inputs="patient_folds",
         outputs=list(patients.values()),
         name="select_fold_patients_node",
