@@ -100,6 +100,7 @@ def fold_scores(project: Path, folds: int, quiet: dict) -> dict:
         predict_validation,
         predict_validation_probabilities,
     )
+    from pneumonia_kedro.pipelines.folds import member_datasets
 
     params = {**quiet, "split": {"folds": folds}}
     _session_run(project, ["cross_validation"], params)
@@ -108,8 +109,7 @@ def fold_scores(project: Path, folds: int, quiet: dict) -> dict:
     with KedroSession.create(project_path=project, env="demo",
                              runtime_params=params) as session:
         catalog = session.load_context().catalog
-        ensemble = Ensemble.of(*[catalog.load(f"fold_{i}.{name}") for i in range(folds)
-                                 for name in ("trained_model", "trained_classifier")])
+        ensemble = Ensemble.of(*map(catalog.load, member_datasets(folds)))
         postprocessing = catalog.load("postprocessing")
         cache = catalog.load("validation_image_cache")
         patients = catalog.load("validation_patients")

@@ -162,3 +162,12 @@ def test_too_few_patients_for_the_folds_is_refused_by_name(patients):
         fold_patients(patients.head(21), table, 0)
     with pytest.raises(ConfigError, match="split.folds"):
         from_params(SplitConfig, {"folds": 0}, "split")
+
+
+def test_a_fold_s_name_and_index_are_one_mapping():
+    from pneumonia_kedro.split import fold_index, fold_name
+
+    assert [fold_index(fold_name(i)) for i in (0, 3, 12)] == [0, 3, 12]
+    assert fold_name(2) == "fold_2"
+    for other in ("model", "fold_", "fold_x", "fold_2.sub", "my_fold_2", ""):
+        assert fold_index(other) is None, other

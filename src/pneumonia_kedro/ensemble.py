@@ -20,6 +20,7 @@ from pneumonia_kedro.classifier import TrainedClassifier, classify, predict_prob
 from pneumonia_kedro.config import ConfigError
 from pneumonia_kedro.imagecache import ImageCache
 from pneumonia_kedro.models import TrainedModel
+from pneumonia_kedro.split import fold_name
 
 
 @dataclass
@@ -39,15 +40,14 @@ class Ensemble:
             raise ValueError(f"ensemble members were trained at different image sizes {sizes}")
 
     @classmethod
-    def of(cls, *members: TrainedModel | TrainedClassifier | None,
-           names: list[str] | None = None) -> Ensemble:
-        """From (detector, classifier) pairs in order, as a Kedro node passes them."""
+    def of(cls, *members: TrainedModel | TrainedClassifier | None) -> Ensemble:
+        """From (detector, classifier) pairs in order, as a Kedro node passes them: one pair
+        is ``model``, several are the folds ``fold_0`` ..."""
         if len(members) % 2:
             raise ValueError("members come in (detector, classifier) pairs")
         detectors, classifiers = list(members[0::2]), list(members[1::2])
-        if names is None:
-            names = ["model"] if len(detectors) == 1 else \
-                [f"fold_{i}" for i in range(len(detectors))]
+        names = ["model"] if len(detectors) == 1 else \
+            [fold_name(i) for i in range(len(detectors))]
         return cls(names, detectors, classifiers)
 
     @property

@@ -141,15 +141,12 @@ class FoldRunsHook:
     kedro-mlflow opens for ``kedro run``: a fold's nodes log their parameters, curves,
     metrics and artefacts there; the parent keeps the out-of-fold and ensemble metrics.
 
-    The child runs are made when the pipeline starts, so that nodes running side by side
-    (``--runner ParallelRunner``) find theirs by its ``fold`` tag.
+    The child runs are made when the pipeline starts, in this process, so that nodes
+    running side by side (``--runner ThreadRunner``) share them.
     """
-
-    TAG = "fold"
 
     def __init__(self) -> None:
         self.children: dict[str, str] = {}
-        self.parent: str | None = None
         self.ender = _FoldRunEnder(self)
 
     @hook_impl(trylast=True)
@@ -157,48 +154,28 @@ class FoldRunsHook:
         import mlflow
 
         run = mlflow.active_run()
-        self.children, self.parent = {}, None
-        folds = sorted({n.namespace.split(".")[0] for n in pipeline.nodes
-                        if n.namespace and n.namespace.startswith("fold_")})
+        self.children = {}
+        folds = sorted({fold for fold in map(_fold_of, pipeline.nodes) if fold})
         if run is None or not folds:
             return
-        self.parent = run.info.run_id
         client = mlflow.MlflowClient()
         for fold in folds:
             child = client.create_run(run.info.experiment_id, run_name=fold, tags={
-                "mlflow.parentRunId": self.parent, self.TAG: fold})
+                "mlflow.parentRunId": run.info.run_id, "fold": fold})
             self.children[fold] = child.info.run_id
         atexit.register(self.end_fold_runs, "KILLED")  # an interrupted run's folds
-
-    def _child_of(self, fold: str) -> str | None:
-        if fold not in self.children:
-            import mlflow
-
-            parent = mlflow.active_run()
-            if parent is None:
-                return None
-            found = mlflow.search_runs(
-                [parent.info.experiment_id], output_format="list",
-                filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
-                              f"tags.{self.TAG} = '{fold}'")
-            if not found:
-                return None
-            self.children[fold] = found[0].info.run_id
-        return self.children[fold]
 
     @hook_impl(trylast=True)
     def before_node_run(self, node: Node, inputs: dict) -> None:
         import mlflow
 
+        from pneumonia_kedro.split import fold_index
         from pneumonia_kedro.training import use_fold_device
 
-        fold = (node.namespace or "").split(".")[0]
-        is_fold = fold.startswith("fold_") and fold[5:].isdigit()
-        use_fold_device(int(fold[5:]) if is_fold else None)
-        if not is_fold or mlflow.active_run() is None:
-            return
-        child = self._child_of(fold)
-        if child is None:
+        fold = _fold_of(node)
+        use_fold_device(fold_index(fold) if fold else None)
+        child = self.children.get(fold or "")
+        if child is None or mlflow.active_run() is None:
             return
         mlflow.start_run(run_id=child, nested=True)
         params = {}
@@ -226,6 +203,14 @@ class FoldRunsHook:
                 if client.get_run(child).info.status == "RUNNING":
                     client.set_terminated(child, status)
         self.children = {}
+
+
+def _fold_of(node: Node) -> str | None:
+    """The cross-validation fold whose namespace the node is in (``fold_2``), else None."""
+    from pneumonia_kedro.split import fold_index
+
+    top = (node.namespace or "").split(".")[0]
+    return top if fold_index(top) is not None else None
 
 
 def _flatten(prefix: str, value: object) -> dict[str, object]:

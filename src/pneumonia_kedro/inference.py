@@ -39,14 +39,19 @@ class CachedImages(Dataset):
         return torch.from_numpy(np.array(self.cache.images[row], copy=True))[None]
 
 
+def _in_original_pixels(run: list[tuple[np.ndarray, np.ndarray]], letterboxes: list[Letterbox],
+                        clip: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Cache-pixel ``xyxy`` boxes per image as ``xywh`` in the original pixels, scores kept."""
+    return [(xyxy_to_xywh(letterbox.to_original(boxes, clip=clip)), scores)
+            for (boxes, scores), letterbox in zip(run, letterboxes, strict=True)]
+
+
 def detect_original(models: Sequence[torch.nn.Module], images: torch.Tensor,
                     letterboxes: list[Letterbox], device: torch.device,
                     tta: TTAConfig | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """``xywh`` boxes in each image's original pixels, and their scores, for a batch of
     uint8 letterboxed squares (B, 1, S, S): ``predict_batch``, then the letterbox undone."""
-    return [(xyxy_to_xywh(letterbox.to_original(boxes)), scores)
-            for (boxes, scores), letterbox in zip(predict_batch(models, images, device, tta),
-                                                  letterboxes, strict=True)]
+    return _in_original_pixels(predict_batch(models, images, device, tta), letterboxes)
 
 
 def predict_cache(models: Sequence[torch.nn.Module], cache: ImageCache, device: torch.device,
@@ -71,15 +76,14 @@ def predict_cache(models: Sequence[torch.nn.Module], cache: ImageCache, device: 
             runs = [predict_batch(models, images, device, tta)]
         else:
             runs = predict_variants(models, images, device, tta)
+            widths = {pid: lb.width for pid, lb in zip(ids, letterboxes, strict=True)}
+            heights = {pid: lb.height for pid, lb in zip(ids, letterboxes, strict=True)}
         for variant, run in enumerate(runs):
             # Kept apart, boxes are not clipped to the image yet: fusion comes first.
-            table = predictions_table(
-                ids, [xyxy_to_xywh(letterbox.to_original(boxes, clip=fused))
-                      for (boxes, _), letterbox in zip(run, letterboxes, strict=True)],
-                [scores for _, scores in run])
+            mapped = _in_original_pixels(run, letterboxes, clip=fused)
+            table = predictions_table(ids, [boxes for boxes, _ in mapped],
+                                      [scores for _, scores in mapped])
             if not fused:
-                widths = {pid: lb.width for pid, lb in zip(ids, letterboxes, strict=True)}
-                heights = {pid: lb.height for pid, lb in zip(ids, letterboxes, strict=True)}
                 table = table.assign(variant=variant, variants=len(runs),
                                      image_width=table["patientId"].map(widths),
                                      image_height=table["patientId"].map(heights))

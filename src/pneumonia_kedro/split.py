@@ -82,6 +82,20 @@ def split_patients(patients: pd.DataFrame, config: SplitConfig
             sampled.loc[in_validation].sort_values("patientId").reset_index(drop=True))
 
 
+FOLD_PREFIX = "fold_"
+
+
+def fold_name(index: int) -> str:
+    """A fold's name: its Kedro namespace, its MLflow child run and its ensemble member."""
+    return f"{FOLD_PREFIX}{index}"
+
+
+def fold_index(name: str) -> int | None:
+    """The index of a fold's name (``fold_2`` -> 2); None for any other name."""
+    suffix = name.removeprefix(FOLD_PREFIX)
+    return int(suffix) if suffix != name and suffix.isdigit() else None
+
+
 def assign_folds(patients: pd.DataFrame, folds: int, by_view: bool, seed: int
                  ) -> pd.DataFrame:
     """``patientId`` and ``fold`` (0..folds-1) of every patient: stratified like the split
@@ -93,12 +107,14 @@ def assign_folds(patients: pd.DataFrame, folds: int, by_view: bool, seed: int
     if folds < 2:
         raise ValueError(f"assign_folds needs at least 2 folds, got {folds}")
     groups = image_groups(patients)
-    representatives = patients.loc[~groups.duplicated()].reset_index(drop=True)
-    labels = strata(representatives, by_view)
-    smallest = labels.value_counts().min()
+    first_of_group = ~groups.duplicated()
+    representatives = patients.loc[first_of_group].reset_index(drop=True)
+    representative_groups = groups.loc[first_of_group].to_numpy()
     if len(representatives) < folds:
         raise ValueError(f"split.folds = {folds} but only {len(representatives)} training "
                          "patients (distinct images): lower split.folds")
+    labels = strata(representatives, by_view)
+    smallest = labels.value_counts().min()
     if smallest < folds:
         # A stratum smaller than k cannot be in every fold: fall back to Target alone.
         logger.warning("a stratum has only %d patients, fewer than split.folds=%d; folds are "
@@ -109,8 +125,7 @@ def assign_folds(patients: pd.DataFrame, folds: int, by_view: bool, seed: int
     fold_of_group = {}
     cutter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for fold, (_, held_out) in enumerate(cutter.split(representatives, labels)):
-        for group in groups.loc[~groups.duplicated()].to_numpy()[held_out]:
-            fold_of_group[group] = fold
+        fold_of_group.update(dict.fromkeys(representative_groups[held_out], fold))
     return pd.DataFrame({"patientId": patients["patientId"].to_numpy(),
                          "fold": groups.map(fold_of_group).to_numpy(int)}
                         ).sort_values("patientId").reset_index(drop=True)

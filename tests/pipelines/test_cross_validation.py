@@ -167,11 +167,11 @@ def test_a_fold_count_that_is_not_a_whole_number_is_refused_by_name(project: Pat
 
 def test_inference_models_picks_one_fold_instead_of_the_ensemble(project: Path):
     from pneumonia_kedro.ensemble import Ensemble
+    from pneumonia_kedro.pipelines.folds import member_datasets
     from pneumonia_kedro.pipelines.inference.nodes import predict_test
 
     catalog = _catalog(project)
-    ensemble = Ensemble.of(*[catalog.load(f"fold_{i}.{name}") for i in (0, 1)
-                             for name in ("trained_model", "trained_classifier")])
+    ensemble = Ensemble.of(*map(catalog.load, member_datasets(2)))
     cache = catalog.load("test_image_cache")
     postprocessing = {**catalog.load("postprocessing"), "score_threshold": 0.0}
     quiet = {"progress": False}

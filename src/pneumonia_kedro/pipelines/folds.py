@@ -12,13 +12,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pneumonia_kedro.split import fold_name
+
 # Set by the session (FoldCountHook); None: read the configuration.
 _session: dict[str, int | None] = {"folds": None}
 
 
 def fold_names(folds: int) -> list[str]:
     """The Kedro namespaces of the folds: ``fold_0`` ... ``fold_{k-1}``."""
-    return [f"fold_{i}" for i in range(folds)]
+    return [fold_name(i) for i in range(folds)]
 
 
 def member_datasets(folds: int) -> list[str]:

@@ -7,7 +7,7 @@ import logging
 import pandas as pd
 
 from pneumonia_kedro.config import ConfigError, from_params
-from pneumonia_kedro.split import SplitConfig, assign_folds, fold_patients
+from pneumonia_kedro.split import SplitConfig, assign_folds, fold_name, fold_patients
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def assign_patient_folds(train_patients: pd.DataFrame, params: dict) -> pd.DataF
     table = train_patients.merge(folds, on="patientId", how="left", validate="one_to_one")
     sizes = table.groupby("fold")["Target"].agg(["size", "sum"])
     logger.info("%d folds of the %d training patients: %s", config.folds, len(table),
-                ", ".join(f"fold_{i}: {int(r['size'])} ({int(r['sum'])} with opacity)"
+                ", ".join(f"{fold_name(i)}: {int(r['size'])} ({int(r['sum'])} with opacity)"
                           for i, r in sizes.iterrows()))
     return table
 
@@ -44,7 +44,7 @@ def collect_out_of_fold(*fold_tables: pd.DataFrame) -> pd.DataFrame:
 
 def collect_histories(*histories: pd.DataFrame) -> pd.DataFrame:
     """Every fold's per-epoch training history, with its ``fold``."""
-    return pd.concat([history.assign(fold=f"fold_{i}") for i, history in enumerate(histories)],
+    return pd.concat([history.assign(fold=fold_name(i)) for i, history in enumerate(histories)],
                      ignore_index=True)
 
 
@@ -56,7 +56,7 @@ def cross_validation_metrics(out_of_fold_metrics: dict, ensemble_validation_metr
     return {**out_of_fold_metrics,
             "cross_validation": {
                 "folds": int(patient_folds["fold"].nunique()),
-                "patients_per_fold": {f"fold_{i}": int(len(g)) for i, g in folds},
+                "patients_per_fold": {fold_name(i): int(len(g)) for i, g in folds},
                 "training_patients": len(patient_folds),
             },
             "validation_ensemble": ensemble_validation_metrics}

@@ -24,6 +24,7 @@ from pneumonia_kedro.pipelines.evaluate.pipeline import (
     prediction_nodes,
 )
 from pneumonia_kedro.pipelines.folds import fold_count, fold_names, member_datasets
+from pneumonia_kedro.split import fold_name
 
 from .nodes import (
     assign_patient_folds,
@@ -40,7 +41,7 @@ FITTING_PARAMETERS = {"params:model", "params:train", "params:classifier"}
 def fold_pipeline(index: int) -> Pipeline:
     """Fold ``index``: train the detector and classifier on every other fold's patients,
     predict its own."""
-    namespace = f"fold_{index}"
+    namespace = fold_name(index)
     patients = {"train_patients": f"{namespace}.train_patients",
                 "validation_patients": f"{namespace}.validation_patients"}
     # Every fold's patients are in the training cache: it serves as the validation cache.

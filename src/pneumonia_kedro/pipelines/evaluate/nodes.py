@@ -226,6 +226,16 @@ def classifier_metrics(patients: pd.DataFrame, probabilities: pd.Series,
     }
 
 
+def _postprocessed(raw: pd.DataFrame, values: PostprocessConfig, fusion_iou: float,
+                   skip_score: float, probabilities: pd.Series | None
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The variants fused at ``fusion_iou``, then the final boxes (``values`` applied) and
+    the candidates (all but the score threshold) that the metrics score."""
+    fused = fuse_variants(raw, fusion_iou, skip_score)
+    return (postprocess(fused, values, probabilities=probabilities),
+            postprocess(fused, values, apply_threshold=False, probabilities=probabilities))
+
+
 def held_out_postprocessing(raw: pd.DataFrame, patients: pd.DataFrame,
                             probabilities: pd.Series | None, config: EvaluateConfig
                             ) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
@@ -242,11 +252,11 @@ def held_out_postprocessing(raw: pd.DataFrame, patients: pd.DataFrame,
 
     finals, candidates, chosen = [], [], []
     for reported, (values, fusion_iou) in cross_fit(patients, tune, config.cross_fit_seed):
-        own = fuse_variants(raw.loc[raw["patientId"].isin(set(reported))], fusion_iou,
-                            config.tta.skip_score)
-        finals.append(postprocess(own, values, probabilities=probabilities))
-        candidates.append(postprocess(own, values, apply_threshold=False,
-                                      probabilities=probabilities))
+        own = raw.loc[raw["patientId"].isin(set(reported))]
+        final, candidate = _postprocessed(own, values, fusion_iou, config.tta.skip_score,
+                                          probabilities)
+        finals.append(final)
+        candidates.append(candidate)
         chosen.append({**dataclasses.asdict(values), "fusion_iou": fusion_iou,
                        "patients": len(reported)})
     return (pd.concat(finals, ignore_index=True), pd.concat(candidates, ignore_index=True),
@@ -281,9 +291,8 @@ def evaluate_delivered(raw_predictions: pd.DataFrame, patients: pd.DataFrame,
     config = _config(params)
     probabilities = _probabilities(image_probabilities_table)
     tta, chosen = prediction_settings(postprocessing)
-    fused = fuse_variants(raw_predictions, tta.fusion_iou, tta.skip_score)
-    final = postprocess(fused, chosen, probabilities=probabilities)
-    candidates = postprocess(fused, chosen, apply_threshold=False, probabilities=probabilities)
+    final, candidates = _postprocessed(raw_predictions, chosen, tta.fusion_iou, tta.skip_score,
+                                       probabilities)
     metrics, headline = _metrics(final, candidates, patients, probabilities, postprocessing,
                                  config)
     return metrics, headline, final

@@ -12,24 +12,26 @@ from .nodes import (
 )
 
 
-def ensemble_node(members: list[str], name: str = "gather_ensemble_node") -> Node:
+def ensemble_node(members: list[str]) -> Node:
     """The node that makes ``ensemble`` of (detector, classifier) dataset pairs."""
-    return Node(func=gather_ensemble, inputs=members, outputs="ensemble", name=name)
+    return Node(func=gather_ensemble, inputs=members, outputs="ensemble",
+                name="gather_ensemble_node")
 
 
-def prediction_nodes(patients: str = "validation_patients",
-                     image_cache: str = "validation_image_cache") -> list[Node]:
-    """Raw boxes and classifier probabilities of ``ensemble`` on ``patients``' images."""
+def prediction_nodes() -> list[Node]:
+    """Raw boxes and classifier probabilities of ``ensemble`` on the validation patients'
+    images (a fold maps these names to its own patients and the training cache)."""
+    inputs = ["ensemble", "validation_image_cache", "validation_patients", "params:evaluate"]
     return [
         Node(
             func=predict_validation,
-            inputs=["ensemble", image_cache, patients, "params:evaluate"],
+            inputs=inputs,
             outputs="raw_validation_predictions",
             name="predict_validation_node",
         ),
         Node(
             func=predict_validation_probabilities,
-            inputs=["ensemble", image_cache, patients, "params:evaluate"],
+            inputs=inputs,
             outputs="validation_image_probabilities",
             name="predict_validation_probabilities_node",
         ),
