@@ -8,11 +8,13 @@ import pandas as pd
 import pytest
 from kedro.io import DatasetError
 
+from pneumonia_kedro import labels as labels_module
 from pneumonia_kedro.datasets import LabelsCSVDataset
 from pneumonia_kedro.errors import LabelsError
 from pneumonia_kedro.labels import (
     build_patient_table,
     is_safe_patient_id,
+    patient_targets,
     validate_class_info,
     validate_labels,
 )
@@ -126,6 +128,39 @@ def test_unreadable_files_get_a_clear_error(tmp_path, content, expected):
     assert str(path) in str(info.value.__cause__)
 
 
+def test_cells_are_loaded_as_the_text_written(tmp_path):
+    table = write_csv(tmp_path, [HEADER, 'p1, 5 ,1e1,"10",010,1', "p-neg,,,,,0"])
+    assert all(str(dtype) == "string[pyarrow]" for dtype in table.dtypes)
+    assert table.iloc[0].tolist() == ["p1", " 5 ", "1e1", "10", "010", "1"]
+    assert table.iloc[1].tolist() == ["p-neg", "", "", "", "", "0"]
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        ([HEADER, "p-neg,,,,,0", "p1,,,,,0,extra"],
+         "line 3: 7 cell(s) where the header has 6: 'p1,,,,,0,extra'"),
+        ([HEADER, "p1,,,,"], "line 2: 5 cell(s) where the header has 6: 'p1,,,,'"),
+        (["patientId,x,x,width,height,Target", "p1,,,,,0"],
+         r"line 1: column(s) ['x'] appear twice"),
+    ],
+)
+def test_rows_that_do_not_fit_the_header_are_named(tmp_path, lines, expected):
+    with pytest.raises(DatasetError) as info:
+        write_csv(tmp_path, lines)
+    assert isinstance(info.value.__cause__, LabelsError)
+    assert str(info.value.__cause__).endswith(expected)
+
+
+def test_many_problems_are_counted_and_the_first_twenty_listed(tmp_path):
+    with pytest.raises(LabelsError) as info:
+        check(tmp_path, [f"p{i},abc,1,10,10,1" for i in range(25)])
+    message = str(info.value)
+    assert message.startswith("stage_2_train_labels.csv: 25 problem(s):")
+    assert message.count("is not a number") == 20 and "line 21:" in message
+    assert "line 22:" not in message and message.endswith("... and 5 more")
+
+
 def test_header_only_file_has_no_rows(tmp_path):
     with pytest.raises(LabelsError, match="no label rows"):
         check(tmp_path, [])
@@ -193,6 +228,32 @@ def test_a_hundred_thousand_valid_rows(tmp_path):
                       "class": labels["Target"].map({0: "Normal", 1: "Lung Opacity"})}),
         labels.groupby("patientId")["Target"].first(), "class info")
     patients = build_patient_table(labels, classes)
+    # The ingest node passes the row positions it already has: the same table.
+    targets, patient_of_row = patient_targets(labels)
+    pd.testing.assert_frame_equal(build_patient_table(labels, classes, patient_of_row), patients)
+    assert targets.index.is_monotonic_increasing
+    assert targets.index.tolist() == classes.index.tolist() == patients["patientId"].tolist()
+    assert str(patients["patientId"].dtype) == str(patients["detailed_class"].dtype) == "str"
     assert duplicates == 0 and len(patients) == 80_000
     assert int(patients["n_boxes"].sum()) == 40_000
     assert patients.loc[patients["Target"] == 1, "n_boxes"].eq(2).all()
+
+
+def test_ids_are_looked_up_in_parts_as_in_one_table(tmp_path, monkeypatch):
+    # Millions of ids are looked up in parts split by their last character; a tiny part size
+    # makes these few ids take that path. Results and messages must not change.
+    rows = [f"{pid},,,,,0" for pid in ("a1", "b2", "c1", "d3", "e2", "f9", "g1")]
+    labels, _ = validate_labels(write_csv(tmp_path, [HEADER, *rows]), "x.csv")
+    class_rows = [f"{pid},Normal" for pid in ("g1", "a1", "c1", "b2", "e2", "d3", "f9")]
+    class_info = class_table(tmp_path, class_rows)
+    targets, patient_of_row = patient_targets(labels)
+    whole = validate_class_info(class_info, targets, "c.csv")
+    monkeypatch.setattr(labels_module, "_ONE_HASH_TABLE", 2)
+    parts = validate_class_info(class_info, targets, "c.csv")
+    pd.testing.assert_series_equal(parts, whole)
+    pd.testing.assert_frame_equal(build_patient_table(labels, parts),
+                                  build_patient_table(labels, whole, patient_of_row))
+    with pytest.raises(LabelsError, match=r"line 9: patientId x7 has a class but no labels"):
+        validate_class_info(class_table(tmp_path, [*class_rows, "x7,Normal"]), targets, "c.csv")
+    with pytest.raises(LabelsError, match=r"patientId f9 has labels but no class row"):
+        validate_class_info(class_table(tmp_path, class_rows[:-1]), targets, "c.csv")

@@ -2,13 +2,18 @@
 
 Line numbers in messages are those of the CSV file itself: the header is line 1, so the first
 data row is line 2.
+
+A real labels file can have millions of rows, so the checks work on Arrow's text columns and
+on integer patient codes, and format a message only for the problems that get listed: memory
+stays a few times the file's size (``benchmarks/labels_memory.py``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -19,6 +24,11 @@ from pneumonia_kedro.errors import LabelsError
 
 logger = logging.getLogger(__name__)
 
+try:  # glibc only: elsewhere freed memory stays with the process until it is reused
+    _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):
+    _MALLOC_TRIM = None
+
 LABEL_COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
 CLASS_COLUMNS = ("patientId", "class")
 BOX_COLUMNS = ("x", "y", "width", "height")
@@ -28,33 +38,45 @@ DETAILED_CLASSES = (OPACITY_CLASS, *NEGATIVE_CLASSES)
 PATIENT_COLUMNS = ("patientId", "Target", "detailed_class", "n_boxes", "boxes")
 
 # Competition ids are UUIDs; anything that could walk out of a folder is refused.
-_SAFE_PATIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_SAFE_PATIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+# A decimal number, as a CSV cell may hold it once trimmed ("nan" and "inf" are not numbers).
+_NUMBER = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
 _MAX_LISTED_PROBLEMS = 20
+_ONE_HASH_TABLE = 1 << 19  # ids looked up in one hash table (see _index_in)
+_TEXT = pd.StringDtype("pyarrow", na_value=np.nan)  # pandas' "str" (Arrow strings)
 
 
 def is_safe_patient_id(patient_id: object) -> bool:
     """True when ``patient_id`` can be used as a file stem inside a data folder."""
     return (
         isinstance(patient_id, str)
-        and bool(_SAFE_PATIENT_ID.match(patient_id))
+        and bool(_SAFE_PATIENT_ID.fullmatch(patient_id))
         and ".." not in patient_id
     )
 
 
-def _safe_ids(ids: pd.Series) -> pd.Series:
-    """``is_safe_patient_id`` for a whole column at once."""
-    text = ids.astype("string")
-    return (text.str.fullmatch(_SAFE_PATIENT_ID.pattern).fillna(False).astype(bool)
-            & ~text.str.contains("..", regex=False).fillna(False).astype(bool))
+class _Problems:
+    """Problems found so far: every one counted, the first few written out."""
 
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.count = 0
+        self.listed: list[str] = []
 
-def _raise_problems(source: str, problems: list[str]) -> None:
-    if not problems:
-        return
-    shown = "\n  ".join(problems[:_MAX_LISTED_PROBLEMS])
-    more = len(problems) - _MAX_LISTED_PROBLEMS
-    tail = f"\n  ... and {more} more" if more > 0 else ""
-    raise LabelsError(f"{source}: {len(problems)} problem(s):\n  {shown}{tail}")
+    def add(self, indices: Iterable[int] | np.ndarray, describe: Callable[[int], str]) -> None:
+        """Count a problem for each index; describe those that will be listed."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        self.count += len(indices)
+        room = _MAX_LISTED_PROBLEMS - len(self.listed)
+        self.listed.extend(describe(int(i)) for i in indices[:max(room, 0)])
+
+    def raise_any(self) -> None:
+        if not self.count:
+            return
+        shown = "\n  ".join(self.listed)
+        more = self.count - len(self.listed)
+        tail = f"\n  ... and {more} more" if more > 0 else ""
+        raise LabelsError(f"{self.source}: {self.count} problem(s):\n  {shown}{tail}")
 
 
 def _require_columns(table: pd.DataFrame, columns: Iterable[str], source: str) -> None:
@@ -69,46 +91,91 @@ def _require_columns(table: pd.DataFrame, columns: Iterable[str], source: str) -
         logger.warning("%s: ignoring extra column(s) %s", source, extra)
 
 
-def _blank(values: pd.Series) -> pd.Series:
-    return values.isna() | (values.astype("string").str.strip() == "")
+def _is_text(type_: pa.DataType) -> bool:
+    return pa.types.is_string(type_) or pa.types.is_large_string(type_)
 
 
-def _arrow(values: pd.Series | pd.Index) -> pa.ChunkedArray:
-    """The Arrow strings behind a text column, without a copy."""
-    return pa.chunked_array(pa.array(values.array))
+def _text(values: pd.Series | pd.Index) -> pa.ChunkedArray:
+    """The Arrow strings of a text column: those behind it, without a copy, when it has them
+    (the loader's ``string[pyarrow]`` columns and pandas' "str" do)."""
+    if isinstance(values.dtype, pd.StringDtype | pd.ArrowDtype):
+        strings = pa.chunked_array(pa.array(values.array))
+        if _is_text(strings.type):
+            return strings
+    return pa.chunked_array(pa.array(values.astype(_TEXT).array))
 
 
-def _encoded(values: pd.Series) -> pa.DictionaryArray:
-    # Arrow's dictionary encoding: pandas' hashing of millions of strings went through
-    # Python objects and took several times the column's size.
-    return pc.dictionary_encode(_arrow(values), null_encoding="encode").combine_chunks()
+def _release_unused() -> None:
+    # Arrow's allocator and glibc's keep what a hash table of millions of ids or a temporary
+    # array freed; hand it back before the next step needs memory of its own.
+    pa.default_memory_pool().release_unused()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
-def _codes(values: pd.Series) -> np.ndarray:
-    """Integer codes of a text column, in order of first appearance, nulls included."""
-    return _encoded(values).indices.to_numpy(zero_copy_only=False).astype(np.int64)
+def _index_in(values: pa.ChunkedArray, value_set: pa.ChunkedArray) -> np.ndarray:
+    """Each value's position in ``value_set``, -1 where it is absent (``pc.index_in``).
+
+    A hash table of millions of ids needs over twice the labels file; a large set is looked up
+    in parts, split by the ids' last character, so that one part's table exists at a time.
+    """
+    def look_up(part: pa.ChunkedArray, part_set: pa.ChunkedArray) -> np.ndarray:
+        found = pc.index_in(part, value_set=part_set.combine_chunks())
+        return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    if len(value_set) <= _ONE_HASH_TABLE:
+        return look_up(values, value_set)
+    value_keys, set_keys = (pc.utf8_slice_codeunits(v, -1) for v in (values, value_set))
+    positions = np.full(len(values), -1, dtype=np.int64)
+    for key in pc.unique(set_keys).drop_null():
+        in_values, in_set = (pc.fill_null(pc.equal(k, key), False) for k in (value_keys, set_keys))
+        part = look_up(values.filter(in_values), value_set.filter(in_set))
+        set_rows = np.flatnonzero(_bools(in_set))
+        positions[_bools(in_values)] = np.where(part >= 0, set_rows[part], -1)
+        _release_unused()
+    return positions
 
 
-def _sorted_codes(values: pd.Series) -> tuple[np.ndarray, pd.Index]:
-    """``pd.factorize(values, sort=True)`` for a text column without nulls."""
-    encoded = _encoded(values)
-    order = pc.array_sort_indices(encoded.dictionary).to_numpy()
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    codes = rank[encoded.indices.to_numpy(zero_copy_only=False)]
-    uniques = pd.Index(pd.array(encoded.dictionary.take(order), dtype=values.dtype))
-    return codes, uniques
+def _bools(values: pa.Array | pa.ChunkedArray, null: bool = False) -> np.ndarray:
+    return pc.fill_null(values, null).to_numpy(zero_copy_only=False)
 
 
-def _not_in(values: pd.Index, others: pd.Index) -> pd.Index:
-    """The values that ``others`` lacks, sorted (``Index.difference`` with Arrow's hashing)."""
-    missing = pc.invert(pc.is_in(_arrow(values), value_set=_arrow(others).combine_chunks()))
-    return values[missing.to_numpy(zero_copy_only=False)].sort_values()
+def _codes(values: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """Integer codes of text values in order of first appearance (nulls too), and the values."""
+    encoded = pc.dictionary_encode(values, null_encoding="encode").combine_chunks()
+    return encoded.indices.to_numpy(zero_copy_only=False), encoded.dictionary
 
 
-def _duplicated_rows(table: pd.DataFrame, columns: Iterable[str]) -> np.ndarray:
-    """``DataFrame.duplicated(keep="first")`` over text columns, computed on their codes."""
-    return pd.DataFrame({c: _codes(table[c]) for c in columns}).duplicated().to_numpy()
+def _duplicated(patient_codes: np.ndarray, columns: Iterable[pa.ChunkedArray]) -> np.ndarray:
+    """Rows equal to an earlier row: the same patient and the same text in ``columns``.
+
+    Only patients with several rows can repeat one, so only their rows are compared.
+    """
+    duplicated = np.zeros(len(patient_codes), dtype=bool)
+    shared = np.flatnonzero(np.bincount(patient_codes)[patient_codes] > 1)
+    if len(shared):
+        taken = pa.array(shared)
+        rows = pd.DataFrame({"patient": patient_codes[shared]}
+                            | {str(i): _codes(column.take(taken))[0]
+                               for i, column in enumerate(columns)})
+        duplicated[shared] = rows.duplicated().to_numpy()
+    return duplicated
+
+
+def _numbers(values: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """Each cell as a float (NaN where it is blank or not a number), and where it is blank."""
+    trimmed = pc.utf8_trim_whitespace(values)
+    blank = _bools(pc.equal(trimmed, ""), null=True)
+    numeric = pc.fill_null(pc.match_substring_regex(trimmed, _NUMBER), False)
+    numbers = pc.cast(pc.if_else(numeric, trimmed, pa.scalar(None, pa.string())), pa.float64())
+    return pc.fill_null(numbers, np.nan).to_numpy(zero_copy_only=False), blank
+
+
+def _safe_ids(ids: pa.Array) -> np.ndarray:
+    """``is_safe_patient_id`` for many ids at once."""
+    pattern = f"^{_SAFE_PATIENT_ID.pattern}$"
+    return (_bools(pc.match_substring_regex(ids, pattern))
+            & ~_bools(pc.match_substring(ids, "..")))
 
 
 def validate_labels(
@@ -118,75 +185,116 @@ def validate_labels(
 
     Returns the rows with numeric boxes and an int ``Target``, exact duplicate rows dropped,
     and a ``line`` column holding each row's CSV line number; plus the number of duplicates.
-    Raises ``LabelsError`` listing every problem with its line.
+    Raises ``LabelsError`` listing the problems with their lines (the first 20, and a count).
     """
     _require_columns(labels, LABEL_COLUMNS, source)
-    table = labels.loc[:, list(LABEL_COLUMNS)]  # copy-on-write: no copy until changed
-    table.insert(0, "line", np.arange(len(table)) + 2)  # the header is line 1
-    if table.empty:
+    if labels.empty:
         raise LabelsError(f"{source}: no label rows after the header")
+    ids = _text(labels["patientId"])
+    codes, patient_ids = _codes(ids)
+    unsafe = ~_safe_ids(patient_ids)[codes]
+    n_patients = len(patient_ids)
+    del patient_ids  # as large as the id column: messages take ids from rows instead
+    _release_unused()
+    text = {c: _text(labels[c]) for c in (*BOX_COLUMNS, "Target")}
 
-    duplicated = _duplicated_rows(table, LABEL_COLUMNS)
+    duplicated = _duplicated(codes, text.values())
     n_duplicates = int(duplicated.sum())
     if n_duplicates:
-        logger.warning(
-            "%s: dropped %d exact duplicate row(s), first at line %d",
-            source, n_duplicates, table.loc[duplicated, "line"].iloc[0],
-        )
-        table = table.loc[~duplicated]
+        logger.warning("%s: dropped %d exact duplicate row(s), first at line %d",
+                       source, n_duplicates, np.argmax(duplicated) + 2)
+    kept = ~duplicated
 
-    problems: list[str] = []
-    ids = table["patientId"]
-    unsafe = ~_safe_ids(ids)
-    for line, pid in zip(table.loc[unsafe, "line"], ids[unsafe], strict=True):
-        problems.append(f"line {line}: patientId {pid!r} is not a safe file name")
+    def rows(mask: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(mask & kept)
 
-    target = pd.to_numeric(table["Target"], errors="coerce")
-    bad_target = ~target.isin([0, 1])
-    for line, raw in zip(table.loc[bad_target, "line"], table.loc[bad_target, "Target"],
-                         strict=True):
-        problems.append(f"line {line}: Target {raw!r} is not 0 or 1")
+    def cell(column: str, row: int) -> str | None:
+        return (ids if column == "patientId" else text[column])[row].as_py()
 
-    blank = pd.concat([_blank(table[c]) for c in BOX_COLUMNS], axis=1)
-    numeric = table.loc[:, list(BOX_COLUMNS)].apply(pd.to_numeric, errors="coerce")
+    problems = _Problems(source)
+    problems.add(rows(unsafe), lambda i: (
+        f"line {i + 2}: patientId {cell('patientId', i)!r} is not a safe file name"))
+
+    target, _ = _numbers(text["Target"])
+    valid_target = (target == 0) | (target == 1)
+    problems.add(rows(~valid_target), lambda i: (
+        f"line {i + 2}: Target {cell('Target', i)!r} is not 0 or 1"))
+
+    numbers, blank = {}, {}
     for column in BOX_COLUMNS:
-        non_numeric = ~blank[column] & numeric[column].isna()
-        for line, raw in zip(table.loc[non_numeric, "line"], table.loc[non_numeric, column],
-                             strict=True):
-            problems.append(f"line {line}: {column} {raw!r} is not a number")
+        numbers[column], blank[column] = _numbers(text[column])
+        problems.add(rows(~blank[column] & np.isnan(numbers[column])), lambda i, c=column: (
+            f"line {i + 2}: {c} {cell(c, i)!r} is not a number"))
+    no_box = np.logical_and.reduce(list(blank.values()))
+    some_blank = np.logical_or.reduce(list(blank.values()))
+    problems.add(rows(some_blank & ~no_box), lambda i: (
+        f"line {i + 2}: box is incomplete (x, y, width, height must all be set)"))
+    problems.add(rows((target == 1) & no_box), lambda i: f"line {i + 2}: Target 1 row has no box")
+    problems.add(rows((target == 0) & ~no_box), lambda i: f"line {i + 2}: Target 0 row has a box")
 
-    no_box = blank.all(axis=1)
-    partial_box = blank.any(axis=1) & ~no_box
-    for line in table.loc[partial_box, "line"]:
-        problems.append(f"line {line}: box is incomplete (x, y, width, height must all be set)")
-    for line in table.loc[(target == 1) & no_box, "line"]:
-        problems.append(f"line {line}: Target 1 row has no box")
-    for line in table.loc[(target == 0) & ~blank.all(axis=1), "line"]:
-        problems.append(f"line {line}: Target 0 row has a box")
+    x, y, w, h = numbers.values()
+    with np.errstate(invalid="ignore"):
+        has_box = (target == 1) & ~np.isnan(x + y + w + h)
+        not_positive = (w <= 0) | (h <= 0)
+        outside = (x < 0) | (y < 0) | (x + w > image_size) | (y + h > image_size)
 
-    has_box = (target == 1) & ~blank.any(axis=1) & numeric.notna().all(axis=1)
-    x, y, w, h = (numeric[c] for c in BOX_COLUMNS)
-    for line, bx, by, bw, bh in zip(table.loc[has_box, "line"], x[has_box], y[has_box],
-                                    w[has_box], h[has_box], strict=True):
-        if bw <= 0 or bh <= 0:
-            problems.append(f"line {line}: box size {bw:g}x{bh:g} is not positive")
-        elif bx < 0 or by < 0 or bx + bw > image_size or by + bh > image_size:
-            problems.append(
-                f"line {line}: box ({bx:g}, {by:g}, {bw:g}, {bh:g}) lies outside the "
-                f"{image_size}x{image_size} image"
-            )
+    def box_problem(i: int) -> str:
+        if not_positive[i]:
+            return f"line {i + 2}: box size {w[i]:g}x{h[i]:g} is not positive"
+        return (f"line {i + 2}: box ({x[i]:g}, {y[i]:g}, {w[i]:g}, {h[i]:g}) lies outside the "
+                f"{image_size}x{image_size} image")
 
-    valid_target = target.where(~bad_target)
-    conflicting = valid_target.groupby(ids).nunique() > 1
-    for pid in conflicting[conflicting].index:
-        lines = table.loc[ids == pid, "line"].tolist()
-        problems.append(f"lines {lines}: patientId {pid} has conflicting Target values")
-    _raise_problems(source, problems)
+    problems.add(rows(has_box & (not_positive | outside)), box_problem)
 
-    clean = table.assign(Target=target.astype(int))
-    for column in BOX_COLUMNS:
-        clean[column] = numeric[column].astype(float)
-    return clean.reset_index(drop=True), n_duplicates
+    # A patient whose valid Targets are not all equal.
+    counted = valid_target & kept
+    n_valid = np.bincount(codes[counted], minlength=n_patients)
+    n_positive = np.bincount(codes[counted & (target == 1)], minlength=n_patients)
+    conflicting = np.flatnonzero((n_positive > 0) & (n_positive < n_valid))
+    if len(conflicting):
+        first_row = np.full(n_patients, len(codes))
+        np.minimum.at(first_row, codes, np.arange(len(codes)))
+        conflicting_ids = [cell("patientId", row) for row in first_row[conflicting]]
+        by_id = sorted(range(len(conflicting)), key=lambda i: str(conflicting_ids[i]))
+        problems.add(by_id, lambda i: (
+            f"lines {(rows(codes == conflicting[i]) + 2).tolist()}: patientId "
+            f"{conflicting_ids[i]} has conflicting Target values"))
+    problems.raise_any()
+
+    keep = slice(None) if not n_duplicates else np.flatnonzero(kept)
+    clean = pd.DataFrame({
+        "line": (np.arange(len(labels)) + 2)[keep],
+        "patientId": labels["patientId"].iloc[keep].reset_index(drop=True),
+        **{c: numbers[c][keep] for c in BOX_COLUMNS},
+        "Target": target[keep].astype(np.int64),
+    })
+    return clean, n_duplicates
+
+
+def _sorted_unique(ids: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """Each row's position among the sorted distinct ids, and those ids."""
+    codes, distinct = _codes(ids)
+    order = pc.array_sort_indices(distinct).to_numpy()
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return rank[codes], distinct.take(pa.array(order))
+
+
+def patient_targets(labels: pd.DataFrame) -> tuple[pd.Series, np.ndarray]:
+    """The Target of each patient in validated labels, indexed by patientId in sorted order,
+    and each label row's position in that index."""
+    patient_of_row, patient_ids = _sorted_unique(_text(labels["patientId"]))
+    _release_unused()
+    targets = np.zeros(len(patient_ids), dtype=np.int64)
+    targets[patient_of_row] = labels["Target"].to_numpy()  # validated: one per patient
+    index = pd.Index(_series(patient_ids), name="patientId")
+    return pd.Series(targets, index=index, name="Target"), patient_of_row
+
+
+def _series(values: pa.Array) -> pd.Series:
+    """A pandas "str" Series over Arrow strings, without a copy."""
+    return pa.chunked_array([values]).to_pandas(
+        types_mapper=lambda type_: _TEXT if _is_text(type_) else None)
 
 
 def validate_class_info(
@@ -194,68 +302,119 @@ def validate_class_info(
 ) -> pd.Series:
     """Check ``stage_2_detailed_class_info.csv`` against per-patient ``targets``.
 
-    Returns the detailed class per patientId. Every patient needs exactly one known class, and
-    "Lung Opacity" must coincide with Target 1.
+    Returns the detailed class of each patient, indexed like ``targets``. Every patient needs
+    exactly one known class, and "Lung Opacity" must coincide with Target 1.
     """
     _require_columns(class_info, CLASS_COLUMNS, source)
-    table = class_info.loc[:, list(CLASS_COLUMNS)]
-    table.insert(0, "line", np.arange(len(table)) + 2)
-    duplicated = _duplicated_rows(table, CLASS_COLUMNS)
-    if duplicated.any():
-        table = table.loc[~duplicated]
-    problems: list[str] = []
-    unknown = ~table["class"].isin(DETAILED_CLASSES)
-    for line, value in zip(table.loc[unknown, "line"], table.loc[unknown, "class"], strict=True):
-        problems.append(f"line {line}: class {value!r} is not one of {list(DETAILED_CLASSES)}")
-    # Patients by integer code: after dropping duplicates, a second row means a second class.
-    codes = _codes(table["patientId"])
-    first = np.unique(codes, return_index=True)[1]  # codes count from 0 in order of appearance
-    for code in np.flatnonzero(np.bincount(codes) > 1):
-        lines = table["line"].to_numpy()[codes == code].tolist()
-        patient_id = table["patientId"].to_numpy()[codes == code][0]
-        problems.append(f"lines {lines}: patientId {patient_id} has conflicting classes")
-    patient_ids = pd.Index(table["patientId"].iloc[first], name="patientId")
-    classes = pd.Series(table["class"].to_numpy()[first], index=patient_ids, name="class")
-    first_line = pd.Series(table["line"].to_numpy()[first], index=patient_ids)
-    for pid in _not_in(targets.index, classes.index):
-        problems.append(f"patientId {pid} has labels but no class row")
-    # Each class row's Target, looked up with Arrow's hashing (pandas' took 4x the file).
-    position = pc.index_in(_arrow(classes.index), value_set=_arrow(targets.index).combine_chunks())
-    labelled = position.is_valid().to_numpy(zero_copy_only=False)
-    for pid in classes.index[~labelled]:
-        problems.append(f"line {first_line[pid]}: patientId {pid} has a class but no labels")
-    target = targets.to_numpy()[position.fill_null(0).to_numpy(zero_copy_only=False)]
-    is_opacity = (classes == OPACITY_CLASS).to_numpy()
-    disagree = labelled & classes.isin(DETAILED_CLASSES).to_numpy() & (is_opacity != (target == 1))
-    for index in np.flatnonzero(disagree):
-        problems.append(f"line {first_line.iloc[index]}: class {classes.iloc[index]!r} "
-                        f"disagrees with Target {target[index]}")
-    _raise_problems(source, problems)
-    return classes
+    ids, classes = _text(class_info["patientId"]), _text(class_info["class"])
+    labelled_ids = _text(targets.index)
+    n_labelled = len(labelled_ids)
+    # Each row's patient as its position in ``targets``; patients without labels follow them.
+    codes = _index_in(ids, labelled_ids)
+    unlabelled = codes < 0
+    unlabelled_codes, unlabelled_ids = _codes(ids.filter(pa.array(unlabelled)))
+    codes[unlabelled] = n_labelled + unlabelled_codes
+
+    def patient_id(code: int) -> str:
+        return (labelled_ids[code] if code < n_labelled
+                else unlabelled_ids[code - n_labelled]).as_py()
+
+    class_codes = pc.fill_null(pc.index_in(classes, value_set=pa.array(DETAILED_CLASSES)),
+                               -1).to_numpy(zero_copy_only=False)
+    kept = ~_duplicated(codes, [classes])
+    kept_rows = np.flatnonzero(kept)
+    n_patients = n_labelled + len(unlabelled_ids)
+    first_row = np.full(n_patients, len(codes))
+    np.minimum.at(first_row, codes[kept_rows], kept_rows)
+    n_rows = np.bincount(codes[kept_rows], minlength=n_patients)
+
+    problems = _Problems(source)
+    problems.add(np.flatnonzero(kept & (class_codes < 0)), lambda i: (
+        f"line {i + 2}: class {classes[i].as_py()!r} is not one of {list(DETAILED_CLASSES)}"))
+    # After dropping duplicates, a patient's second row means a second class.
+    problems.add(np.flatnonzero(n_rows > 1), lambda code: (
+        f"lines {(np.flatnonzero(kept & (codes == code)) + 2).tolist()}: patientId "
+        f"{patient_id(code)} has conflicting classes"))
+    problems.add(np.flatnonzero(n_rows[:n_labelled] == 0), lambda code: (
+        f"patientId {patient_id(code)} has labels but no class row"))
+    problems.add(np.arange(n_labelled, n_patients), lambda code: (
+        f"line {first_row[code] + 2}: patientId {patient_id(code)} has a class but no labels"))
+    # Each labelled patient's first class row against its Target.
+    target = targets.to_numpy()
+    classified = np.flatnonzero(n_rows[:n_labelled] > 0)
+    first_class = class_codes[first_row[classified]]
+    disagree = (first_class >= 0) & ((first_class == 0) != (target[classified] == 1))
+    problems.add(first_row[classified[disagree]], lambda i: (
+        f"line {i + 2}: class {classes[i].as_py()!r} disagrees with Target "
+        f"{target[codes[i]]}"))
+    problems.raise_any()
+
+    names = pa.DictionaryArray.from_arrays(pa.array(first_class, type=pa.int32()),
+                                           pa.array(DETAILED_CLASSES)).cast(pa.string())
+    return pd.Series(_series(names).array, index=targets.index, name="class")
 
 
-def build_patient_table(labels: pd.DataFrame, classes: pd.Series) -> pd.DataFrame:
-    """One row per patient: Target, detailed class, number of boxes and the ``xywh`` boxes."""
-    codes, patient_ids = _sorted_codes(labels["patientId"])
-    targets = np.zeros(len(patient_ids), dtype=np.int64)
+def _strictly_increasing(values: pa.ChunkedArray) -> bool:
+    n = len(values)
+    return n < 2 or bool(pc.all(pc.less(values.slice(0, n - 1), values.slice(1))).as_py())
+
+
+def _positions(labels: pd.DataFrame, classes: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """``classes`` sorted and limited to the labels' patients, and each row's position in it."""
+    patient_ids = _text(classes.index)
+    if not _strictly_increasing(patient_ids):
+        classes = classes[~classes.index.duplicated()].sort_index()
+        patient_ids = _text(classes.index)
+    codes = _index_in(_text(labels["patientId"]), patient_ids)
+    if (codes < 0).any():
+        missing = labels["patientId"].iloc[int(np.argmax(codes < 0))]
+        raise ValueError(f"patientId {missing} has labels but no detailed class")
+    if (np.bincount(codes, minlength=len(classes)) == 0).any():
+        return _positions(labels, classes[classes.index.isin(labels["patientId"])])
+    return classes, codes
+
+
+def build_patient_table(
+    labels: pd.DataFrame, classes: pd.Series, patient_of_row: np.ndarray | None = None
+) -> pd.DataFrame:
+    """One row per patient, sorted by patientId: Target, detailed class, number of boxes and
+    the ``xywh`` boxes. ``classes`` holds the detailed class of every patient in ``labels``.
+
+    ``patient_of_row``, each label row's position in ``classes``, saves hashing every
+    patientId again; ``patient_targets`` gives it for the index ``validate_class_info`` keeps.
+    """
+    if patient_of_row is None or len(patient_of_row) != len(labels):
+        classes, codes = _positions(labels, classes)
+    else:
+        codes = patient_of_row
+    targets = np.zeros(len(classes), dtype=np.int64)
     targets[codes] = labels["Target"].to_numpy()  # validated: one Target per patient
     positive = labels["Target"].to_numpy() == 1
     # Boxes of each patient in file order: a stable sort by patient, then one split.
     order = np.argsort(codes[positive], kind="stable")
-    rows = labels.loc[positive, list(BOX_COLUMNS)].to_numpy(dtype=np.float64)[order].tolist()
-    n_boxes = np.bincount(codes[positive], minlength=len(patient_ids))
+    corners = labels.loc[positive, list(BOX_COLUMNS)].to_numpy(dtype=np.float64)[order]
+    # One float object per distinct coordinate (whole pixels on the competition's data): a
+    # float of its own for each corner took a third of the table's memory.
+    values, which = np.unique(corners, return_inverse=True)
+    shared = np.empty(len(values), dtype=object)
+    shared[:] = values.tolist()
+    rows = shared[which.reshape(corners.shape)].tolist()
+    del corners, values, which, shared
+    _release_unused()
+    n_boxes = np.bincount(codes[positive], minlength=len(classes))
     ends = np.cumsum(n_boxes)
     # Patients without a box share one empty list: an own list each took more memory than
-    # the labels file on millions of patients.
+    # the labels file on millions of patients. (An Arrow list column would be smaller still,
+    # but pandas cannot read its own Parquet metadata for nested Arrow types back.)
     no_boxes: list = []
-    boxes = np.empty(len(patient_ids), dtype=object)
+    boxes = np.empty(len(classes), dtype=object)
     boxes.fill(no_boxes)
     for index in np.flatnonzero(n_boxes):
         boxes[index] = rows[ends[index] - n_boxes[index]:ends[index]]
     return pd.DataFrame({
-        "patientId": pd.Series(patient_ids),
+        "patientId": pd.Series(classes.index.array).astype(_TEXT),
         "Target": targets,
-        "detailed_class": classes.reindex(patient_ids).to_numpy(),
+        "detailed_class": pd.Series(classes.array).astype(_TEXT),
         "n_boxes": n_boxes.astype(int),
         "boxes": boxes,
     }).loc[:, list(PATIENT_COLUMNS)]

@@ -12,7 +12,12 @@ from pneumonia_kedro.config import AT_LEAST_ONE, from_params
 from pneumonia_kedro.dicom import DicomFolder, header_table
 from pneumonia_kedro.dicom.quality import QualityConfig
 from pneumonia_kedro.errors import MissingDataError
-from pneumonia_kedro.labels import build_patient_table, validate_class_info, validate_labels
+from pneumonia_kedro.labels import (
+    build_patient_table,
+    patient_targets,
+    validate_class_info,
+    validate_labels,
+)
 from pneumonia_kedro.reporting import REPORT_LIMIT, capped
 
 logger = logging.getLogger(__name__)
@@ -49,11 +54,11 @@ def validate_patients(
     labels, n_duplicates = validate_labels(
         train_labels, train_labels.attrs.get("source", "labels CSV"), config.image_size
     )
-    targets = labels.groupby("patientId")["Target"].first()
+    targets, patient_of_row = patient_targets(labels)
     classes = validate_class_info(
         class_info, targets, class_info.attrs.get("source", "class info CSV")
     )
-    patients = build_patient_table(labels, classes)
+    patients = build_patient_table(labels, classes, patient_of_row)
     checks = {"label_rows": len(train_labels), "duplicate_rows_dropped": n_duplicates}
     return patients, checks
 
