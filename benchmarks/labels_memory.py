@@ -6,7 +6,8 @@ Writes a competition-format labels file of ``--rows`` rows (RSNA's mix: 22.5 % p
 patients, 1-4 boxes each) and its class file, then, in a fresh process each, measures the
 peak RSS of: Python with pandas imported (the floor), and loading both CSVs through the
 catalog datasets, validating them and building the patient table (the ingest pipeline's
-first node). Prints both and the ratio of the difference to the labels file's size.
+first node). Prints both, the ratio of the difference to the labels file's size, and the
+seconds the load, checks and table took.
 """
 
 from __future__ import annotations
@@ -21,17 +22,18 @@ from pathlib import Path
 import numpy as np
 
 MEASURE = """
-import resource, sys
+import resource, sys, time
 import pandas as pd
 from pneumonia_kedro.datasets import LabelsCSVDataset
 from pneumonia_kedro.pipelines.ingest.nodes import validate_patients
 floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
 if sys.argv[1] == "ingest":
     labels = LabelsCSVDataset(filepath=sys.argv[2]).load()
     classes = LabelsCSVDataset(filepath=sys.argv[3]).load()
     patients, checks = validate_patients(labels, classes, {})
     assert len(patients) > 0
-print(floor, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(floor, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - start)
 """
 
 
@@ -61,11 +63,12 @@ def write_files(folder: Path, rows: int, seed: int = 0) -> tuple[Path, Path]:
     return labels, classes
 
 
-def peak_rss_mib(*args: str) -> tuple[float, float]:
+def peak_rss_mib(*args: str) -> tuple[float, float, float]:
+    """Peak RSS (MiB) after the imports and at the end, and the seconds the work took."""
     result = subprocess.run([sys.executable, "-c", MEASURE, *args], capture_output=True,
                             text=True, check=True)
-    floor, peak = (int(v) / 1024 for v in result.stdout.split())
-    return floor, peak
+    floor, peak, seconds = (float(v) for v in result.stdout.split())
+    return floor / 1024, peak / 1024, seconds
 
 
 def main() -> None:
@@ -75,12 +78,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         labels, classes = write_files(Path(folder), args.rows)
         size = labels.stat().st_size / 2**20
-        floor, peak = peak_rss_mib("ingest", str(labels), str(classes))
+        floor, peak, seconds = peak_rss_mib("ingest", str(labels), str(classes))
         print(f"labels file: {args.rows:,} rows, {size:.0f} MiB "
               f"(class file {classes.stat().st_size / 2**20:.0f} MiB)")
         print(f"  peak RSS, interpreter and imports   {floor:8.0f} MiB")
         print(f"  peak RSS, load + validate + table   {peak:8.0f} MiB")
         print(f"  (peak - imports) / labels file size  {(peak - floor) / size:8.1f}x")
+        print(f"  load + validate + table took          {seconds:8.1f} s")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 Line numbers in messages are those of the CSV file itself: the header is line 1, so the first
 data row is line 2.
 
-A real labels file can have millions of rows, so the checks work on Arrow's text columns and
-on integer patient codes, and format a message only for the problems that get listed: memory
-stays a few times the file's size (``benchmarks/labels_memory.py``).
+A labels file can have millions of rows, so the checks work on Arrow's text columns and on
+integer patient codes, hash the ids as few times as they can, and format a message only for the
+problems that get listed (``benchmarks/labels_memory.py`` measures the memory).
 """
 
 from __future__ import annotations
@@ -152,11 +152,12 @@ def _duplicated(patient_codes: np.ndarray, columns: Iterable[pa.ChunkedArray]) -
     Only patients with several rows can repeat one, so only their rows are compared.
     """
     duplicated = np.zeros(len(patient_codes), dtype=bool)
-    shared = np.flatnonzero(np.bincount(patient_codes)[patient_codes] > 1)
-    if len(shared):
-        taken = pa.array(shared)
+    shared = np.bincount(patient_codes)[patient_codes] > 1
+    if shared.any():
+        # filter, not take: Arrow's take first joins a column's chunks into one copy
+        mask = pa.array(shared)
         rows = pd.DataFrame({"patient": patient_codes[shared]}
-                            | {str(i): _codes(column.take(taken))[0]
+                            | {str(i): _codes(column.filter(mask))[0]
                                for i, column in enumerate(columns)})
         duplicated[shared] = rows.duplicated().to_numpy()
     return duplicated

@@ -61,7 +61,7 @@ class LabelsCSVDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
             header = self._header(handle.read(65536))
             handle.seek(0)
             table = self._read(handle, header)
-        frame = table.to_pandas(types_mapper={pa.string(): _TEXT}.get, self_destruct=True)
+        frame = table.to_pandas(types_mapper={pa.string(): _TEXT}.get)
         frame.columns = [str(c).strip() for c in frame.columns]
         frame.attrs["source"] = PurePosixPath(path).name
         return frame
