@@ -239,21 +239,42 @@ def test_a_hundred_thousand_valid_rows(tmp_path):
     assert patients.loc[patients["Target"] == 1, "n_boxes"].eq(2).all()
 
 
-def test_ids_are_looked_up_in_parts_as_in_one_table(tmp_path, monkeypatch):
-    # Millions of ids are looked up in parts split by their last character; a tiny part size
+def test_ids_hashed_in_parts_give_what_one_table_gives(tmp_path, monkeypatch):
+    # Millions of ids are hashed in parts split by their last character; a tiny part size
     # makes these few ids take that path. Results and messages must not change.
     rows = [f"{pid},,,,,0" for pid in ("a1", "b2", "c1", "d3", "e2", "f9", "g1")]
-    labels, _ = validate_labels(write_csv(tmp_path, [HEADER, *rows]), "x.csv")
+    rows += ["h1,5,5,10,10,1", "h1,50,50,10,10,1"]
+    table = write_csv(tmp_path, [HEADER, *rows])
     class_rows = [f"{pid},Normal" for pid in ("g1", "a1", "c1", "b2", "e2", "d3", "f9")]
-    class_info = class_table(tmp_path, class_rows)
-    targets, patient_of_row = patient_targets(labels)
-    whole = validate_class_info(class_info, targets, "c.csv")
+    class_info = class_table(tmp_path, [*class_rows, "h1,Lung Opacity", "h1,Lung Opacity"])
+    bad_rows = ["x1,,,,,0", "x1,1,1,10,10,1", "../y2,,,,,0", "z1,,,,,0", "z1,,,,,1"]
+
+    def results() -> tuple:
+        labels, _ = validate_labels(table, "x.csv")
+        targets, patient_of_row = patient_targets(labels)
+        classes = validate_class_info(class_info, targets, "c.csv")
+        with pytest.raises(LabelsError) as bad_labels:
+            check(tmp_path, bad_rows)
+        with pytest.raises(LabelsError) as bad_classes:
+            validate_class_info(class_table(tmp_path, [*class_rows, "h1,Lung Opacity",
+                                                       "x7,Normal"]), targets, "c")
+        return (labels, targets, patient_of_row, classes,
+                build_patient_table(labels, classes, patient_of_row),
+                build_patient_table(labels, classes.iloc[::-1]),
+                str(bad_labels.value), str(bad_classes.value))
+
+    whole = results()
     monkeypatch.setattr(labels_module, "_ONE_HASH_TABLE", 2)
-    parts = validate_class_info(class_info, targets, "c.csv")
-    pd.testing.assert_series_equal(parts, whole)
-    pd.testing.assert_frame_equal(build_patient_table(labels, parts),
-                                  build_patient_table(labels, whole, patient_of_row))
-    with pytest.raises(LabelsError, match=r"line 9: patientId x7 has a class but no labels"):
-        validate_class_info(class_table(tmp_path, [*class_rows, "x7,Normal"]), targets, "c.csv")
-    with pytest.raises(LabelsError, match=r"patientId f9 has labels but no class row"):
-        validate_class_info(class_table(tmp_path, class_rows[:-1]), targets, "c.csv")
+    parts = results()
+    pd.testing.assert_frame_equal(parts[0], whole[0])
+    pd.testing.assert_series_equal(parts[1], whole[1])
+    assert parts[2].tolist() == whole[2].tolist()
+    pd.testing.assert_series_equal(parts[3], whole[3])
+    for table_from_parts, table_from_whole in zip(parts[4:6], whole[4:6], strict=True):
+        pd.testing.assert_frame_equal(table_from_parts, table_from_whole)
+    pd.testing.assert_frame_equal(whole[4], whole[5])
+    assert parts[6:] == whole[6:]
+    assert "lines [2, 3]: patientId x1 has conflicting Target" in whole[6]
+    assert "lines [5, 6]: patientId z1 has conflicting Target" in whole[6]
+    assert "patientId '../y2' is not a safe file name" in whole[6]
+    assert whole[7] == "c: 1 problem(s):\n  line 10: patientId x7 has a class but no labels"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -42,7 +42,7 @@ _SAFE_PATIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 # A decimal number, as a CSV cell may hold it once trimmed ("nan" and "inf" are not numbers).
 _NUMBER = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
 _MAX_LISTED_PROBLEMS = 20
-_ONE_HASH_TABLE = 1 << 19  # ids looked up in one hash table (see _index_in)
+_ONE_HASH_TABLE = 1 << 19  # ids hashed in one table (see _by_last_character)
 _TEXT = pd.StringDtype("pyarrow", na_value=np.nan)  # pandas' "str" (Arrow strings)
 
 
@@ -113,26 +113,31 @@ def _release_unused() -> None:
         _MALLOC_TRIM(0)
 
 
-def _index_in(values: pa.ChunkedArray, value_set: pa.ChunkedArray) -> np.ndarray:
-    """Each value's position in ``value_set``, -1 where it is absent (``pc.index_in``).
-
-    A hash table of millions of ids needs over twice the labels file; a large set is looked up
-    in parts, split by the ids' last character, so that one part's table exists at a time.
-    """
-    def look_up(part: pa.ChunkedArray, part_set: pa.ChunkedArray) -> np.ndarray:
-        found = pc.index_in(part, value_set=part_set.combine_chunks())
-        return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
-
-    if len(value_set) <= _ONE_HASH_TABLE:
-        return look_up(values, value_set)
-    value_keys, set_keys = (pc.utf8_slice_codeunits(v, -1) for v in (values, value_set))
-    positions = np.full(len(values), -1, dtype=np.int64)
-    for key in pc.unique(set_keys).drop_null():
-        in_values, in_set = (pc.fill_null(pc.equal(k, key), False) for k in (value_keys, set_keys))
-        part = look_up(values.filter(in_values), value_set.filter(in_set))
-        set_rows = np.flatnonzero(_bools(in_set))
-        positions[_bools(in_values)] = np.where(part >= 0, set_rows[part], -1)
+def _by_last_character(
+    *arrays: pa.ChunkedArray,
+) -> Iterator[list[tuple[np.ndarray, pa.ChunkedArray]]]:
+    """The rows of ``arrays`` of ids in parts, by the ids' last character: for each part, each
+    array's mask of its rows and those rows. Arrow's hash table for millions of ids needs over
+    twice the labels file; a part's needs a sixteenth of that for UUIDs (a hex digit last)."""
+    if max(map(len, arrays)) <= _ONE_HASH_TABLE:
+        yield [(np.ones(len(array), dtype=bool), array) for array in arrays]
+        return
+    keys = [pc.utf8_slice_codeunits(array, -1) for array in arrays]
+    for key in set().union(*(pc.unique(k).to_pylist() for k in keys)):
+        masks = [_bools(pc.is_null(k) if key is None else pc.equal(k, key)) for k in keys]
+        yield [(mask, array.filter(pa.array(mask))) for mask, array in zip(masks, arrays,
+                                                                             strict=True)]
         _release_unused()
+
+
+def _index_in(values: pa.ChunkedArray, value_set: pa.ChunkedArray) -> np.ndarray:
+    """Each value's position in ``value_set``, -1 where it is absent (``pc.index_in``)."""
+    positions = np.full(len(values), -1, dtype=np.int64)
+    for (rows, part), (set_rows, part_set) in _by_last_character(values, value_set):
+        found = pc.index_in(part, value_set=part_set.combine_chunks())
+        found = pc.fill_null(found, -1).to_numpy(zero_copy_only=False)
+        hit = found >= 0
+        positions[np.flatnonzero(rows)[hit]] = np.flatnonzero(set_rows)[found[hit]]
     return positions
 
 
@@ -169,7 +174,10 @@ def _numbers(values: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     blank = _bools(pc.equal(trimmed, ""), null=True)
     numeric = pc.fill_null(pc.match_substring_regex(trimmed, _NUMBER), False)
     numbers = pc.cast(pc.if_else(numeric, trimmed, pa.scalar(None, pa.string())), pa.float64())
-    return pc.fill_null(numbers, np.nan).to_numpy(zero_copy_only=False), blank
+    numbers = pc.fill_null(numbers, np.nan).to_numpy(zero_copy_only=False)
+    # numpy's own memory (a one-chunk column comes back as a read-only view of Arrow's), so
+    # the validated table can be changed in place like any DataFrame
+    return numbers if numbers.flags.writeable else numbers.copy(), blank
 
 
 def _safe_ids(ids: pa.Array) -> np.ndarray:
@@ -192,7 +200,7 @@ def validate_labels(
     if labels.empty:
         raise LabelsError(f"{source}: no label rows after the header")
     ids = _text(labels["patientId"])
-    codes, patient_ids = _codes(ids)
+    codes, patient_ids = _sorted_unique(ids)
     unsafe = ~_safe_ids(patient_ids)[codes]
     n_patients = len(patient_ids)
     del patient_ids  # as large as the id column: messages take ids from rows instead
@@ -268,17 +276,25 @@ def validate_labels(
         "patientId": labels["patientId"].iloc[keep].reset_index(drop=True),
         **{c: numbers[c][keep] for c in BOX_COLUMNS},
         "Target": target[keep].astype(np.int64),
-    })
+    }, copy=False)  # the arrays are this function's own: a copy would double them
     return clean, n_duplicates
 
 
 def _sorted_unique(ids: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
-    """Each row's position among the sorted distinct ids, and those ids."""
-    codes, distinct = _codes(ids)
-    order = pc.array_sort_indices(distinct).to_numpy()
+    """Each row's position among the sorted distinct ids (null last), and those ids."""
+    codes = np.empty(len(ids), dtype=np.int64)
+    distinct: list[pa.Array] = []
+    n_distinct = 0
+    for [(rows, part)] in _by_last_character(ids):
+        part_codes, part_distinct = _codes(part)
+        codes[rows] = part_codes + n_distinct
+        n_distinct += len(part_distinct)
+        distinct.append(part_distinct)
+    all_distinct = pa.concat_arrays(distinct) if distinct else pa.array([], pa.string())
+    order = pc.array_sort_indices(all_distinct).to_numpy()
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
-    return rank[codes], distinct.take(pa.array(order))
+    return rank[codes], all_distinct.take(pa.array(order))
 
 
 def patient_targets(labels: pd.DataFrame) -> tuple[pd.Series, np.ndarray]:
@@ -418,7 +434,7 @@ def build_patient_table(
         "detailed_class": pd.Series(classes.array).astype(_TEXT),
         "n_boxes": n_boxes.astype(int),
         "boxes": boxes,
-    }).loc[:, list(PATIENT_COLUMNS)]
+    }, copy=False).loc[:, list(PATIENT_COLUMNS)]
 
 
 def boxes_array(boxes: object) -> np.ndarray:
