@@ -123,7 +123,8 @@ def _by_last_character(
         yield [(np.ones(len(array), dtype=bool), array) for array in arrays]
         return
     keys = [pc.utf8_slice_codeunits(array, -1) for array in arrays]
-    for key in set().union(*(pc.unique(k).to_pylist() for k in keys)):
+    characters = set().union(*(pc.unique(k).to_pylist() for k in keys))
+    for key in sorted(characters, key=lambda c: (c is not None, c or "")):
         masks = [_bools(pc.is_null(k) if key is None else pc.equal(k, key)) for k in keys]
         yield [(mask, array.filter(pa.array(mask))) for mask, array in zip(masks, arrays,
                                                                              strict=True)]
