@@ -1,13 +1,14 @@
 """Peak memory of reading and validating a very large labels CSV, against the file's size.
 
-    .venv/bin/python benchmarks/labels_memory.py [--rows 3900000]
+    .venv/bin/python benchmarks/labels_memory.py [--rows 3900000] [--steps]
 
 Writes a competition-format labels file of ``--rows`` rows (RSNA's mix: 22.5 % positive
-patients, 1-4 boxes each) and its class file, then, in a fresh process each, measures the
-peak RSS of: Python with pandas imported (the floor), and loading both CSVs through the
-catalog datasets, validating them and building the patient table (the ingest pipeline's
-first node). Prints both, the ratio of the difference to the labels file's size, and the
-seconds the load, checks and table took.
+patients, 1-4 boxes each) and its class file, then, in a fresh process, measures the peak
+RSS after the imports (the floor) and after loading both CSVs through the catalog datasets,
+validating them and building the patient table (the ingest pipeline's first node). Prints
+both, the ratio of the difference to the labels file's size, and the seconds the load,
+checks and table took. ``--steps`` adds, from a second fresh process, the resident memory
+after each of the node's steps.
 """
 
 from __future__ import annotations
@@ -34,6 +35,41 @@ if sys.argv[1] == "ingest":
     patients, checks = validate_patients(labels, classes, {})
     assert len(patients) > 0
 print(floor, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - start)
+"""
+
+# The calls validate_patients makes, one at a time: resident and peak MiB after each.
+STEPS = """
+import resource, sys
+from pneumonia_kedro.datasets import LabelsCSVDataset
+from pneumonia_kedro.labels import (
+    build_patient_table, patient_targets, validate_class_info, validate_labels)
+
+
+def resident():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+floor = resident()
+
+
+def show(step):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"  {step:34s} {resident() - floor:6.0f} MiB (peak so far {peak - floor:6.0f})")
+
+
+labels = LabelsCSVDataset(filepath=sys.argv[1]).load()
+show("labels CSV loaded")
+class_info = LabelsCSVDataset(filepath=sys.argv[2]).load()
+show("class CSV loaded")
+validated, _ = validate_labels(labels)
+show("labels validated")
+targets, patient_of_row = patient_targets(validated)
+show("sorted patient ids and Targets")
+classes = validate_class_info(class_info, targets)
+show("classes validated")
+patients = build_patient_table(validated, classes, patient_of_row)
+show("patient table built")
 """
 
 
@@ -74,6 +110,8 @@ def peak_rss_mib(*args: str) -> tuple[float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=3_900_000)
+    parser.add_argument("--steps", action="store_true",
+                        help="also print the resident memory after each step of the node")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         labels, classes = write_files(Path(folder), args.rows)
@@ -85,6 +123,10 @@ def main() -> None:
         print(f"  peak RSS, load + validate + table   {peak:8.0f} MiB")
         print(f"  (peak - imports) / labels file size  {(peak - floor) / size:8.1f}x")
         print(f"  load + validate + table took          {seconds:8.1f} s")
+        if args.steps:
+            print("resident memory above the imports, step by step:")
+            subprocess.run([sys.executable, "-c", STEPS, str(labels), str(classes)],
+                           check=True)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,9 @@ class LabelsCSVDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
                 convert_options=pa_csv.ConvertOptions(
                     column_types=dict.fromkeys(header, pa.string()),
                     strings_can_be_null=False, quoted_strings_can_be_null=False),
+                # Arrow's default allocator kept ~80 MiB of the reader's scratch memory per
+                # file of 3.9 M rows; the system allocator hands it back.
+                memory_pool=pa.system_memory_pool(),
             )
         except pa.ArrowInvalid as exc:
             if bad_rows:
