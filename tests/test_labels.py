@@ -115,7 +115,9 @@ def test_bom_and_windows_line_endings_are_accepted(tmp_path):
     [
         (b"", "empty file"),
         (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary file, not a CSV"),
-        ("patientId,x,y,width,height,Target\nJosé,,,,,0\n".encode("latin-1"), "not UTF-8"),
+        ("patientId,x,y,width,height,Target\nJosé,,,,,0\n".encode("latin-1"),
+         r"not UTF-8 text \(invalid UTF-8 in column 'patientId'\); save it as UTF-8"),
+        ("patientId,Ré\n".encode("latin-1"), r"not UTF-8 text \(invalid UTF-8 in the header"),
     ],
 )
 def test_unreadable_files_get_a_clear_error(tmp_path, content, expected):

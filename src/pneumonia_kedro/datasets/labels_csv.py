@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -77,7 +78,7 @@ class LabelsCSVDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
         try:
             names = next(csv.reader([first_line.decode("utf-8-sig")]))
         except UnicodeDecodeError as exc:
-            raise self._not_utf8(exc.reason) from None
+            raise self._not_utf8(f"invalid UTF-8 in the header: {exc.reason}") from None
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise LabelsError(f"{self._filepath}: line 1: column(s) {repeated} appear twice")
@@ -109,7 +110,10 @@ class LabelsCSVDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
             if bad_rows:
                 raise LabelsError(f"{self._filepath}: {bad_rows[0]}") from None
             if "UTF8" in str(exc):
-                raise self._not_utf8(str(exc).split(": ", 1)[-1]) from None
+                column = re.search(r"column #(\d+)", str(exc))
+                where = (f"column {header[int(column[1])]!r}"
+                         if column and int(column[1]) < len(header) else "a cell")
+                raise self._not_utf8(f"invalid UTF-8 in {where}") from None
             raise LabelsError(f"{self._filepath}: not a readable CSV ({exc})") from None
 
     def _not_utf8(self, reason: str) -> LabelsError:
