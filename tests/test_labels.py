@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from kedro.io import DatasetError
 
-from pneumonia_kedro import labels as labels_module
+from pneumonia_kedro import text_columns
 from pneumonia_kedro.datasets import LabelsCSVDataset
 from pneumonia_kedro.errors import LabelsError
 from pneumonia_kedro.labels import (
@@ -66,6 +66,9 @@ def test_good_file_gives_one_row_per_patient_with_all_boxes(tmp_path):
         (["p1,5,5,10,-3,1"], r"line 2: box size 10x-3 is not positive"),
         (["p1,900,5,200,10,1"], r"line 2: box \(900, 5, 200, 10\) lies outside the 1024x1024"),
         (["p1,-1,5,20,10,1"], r"lies outside"),
+        # infinite cells: each checked alone (inf + -inf is NaN, not a missing number)
+        (["p1,1e999,5,-1e999,10,1"], r"line 2: box size -infx10 is not positive"),
+        (["p1,1e308,5,1e308,10,1"], r"line 2: box \(1e\+308, 5, 1e\+308, 10\) lies outside"),
         (["../etc/passwd,,,,,0"], r"line 2: patientId '../etc/passwd' is not a safe file name"),
         (["a/b,,,,,0"], r"patientId 'a/b' is not a safe file name"),
         (["/abs,,,,,0"], r"patientId '/abs' is not a safe file name"),
@@ -266,7 +269,7 @@ def test_ids_hashed_in_parts_give_what_one_table_gives(tmp_path, monkeypatch):
                 str(bad_labels.value), str(bad_classes.value))
 
     whole = results()
-    monkeypatch.setattr(labels_module, "_ONE_HASH_TABLE", 2)
+    monkeypatch.setattr(text_columns, "ONE_HASH_TABLE", 2)
     parts = results()
     pd.testing.assert_frame_equal(parts[0], whole[0])
     pd.testing.assert_series_equal(parts[1], whole[1])

@@ -10,10 +10,9 @@ problems that get listed (``benchmarks/labels_memory.py`` measures the memory).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -21,13 +20,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pneumonia_kedro.errors import LabelsError
+from pneumonia_kedro.text_columns import (
+    TEXT,
+    arrow_text,
+    bools,
+    codes_of,
+    index_in,
+    pandas_text,
+    release_unused,
+    sorted_codes,
+    strictly_increasing,
+)
 
 logger = logging.getLogger(__name__)
-
-try:  # glibc only: elsewhere freed memory stays with the process until it is reused
-    _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-except (OSError, AttributeError):
-    _MALLOC_TRIM = None
 
 LABEL_COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
 CLASS_COLUMNS = ("patientId", "class")
@@ -42,8 +47,6 @@ _SAFE_PATIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 # A decimal number, as a CSV cell may hold it once trimmed ("nan" and "inf" are not numbers).
 _NUMBER = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
 _MAX_LISTED_PROBLEMS = 20
-_ONE_HASH_TABLE = 1 << 19  # ids hashed in one table (see _by_last_character)
-_TEXT = pd.StringDtype("pyarrow", na_value=np.nan)  # pandas' "str" (Arrow strings)
 
 
 def is_safe_patient_id(patient_id: object) -> bool:
@@ -91,67 +94,6 @@ def _require_columns(table: pd.DataFrame, columns: Iterable[str], source: str) -
         logger.warning("%s: ignoring extra column(s) %s", source, extra)
 
 
-def _is_text(type_: pa.DataType) -> bool:
-    return pa.types.is_string(type_) or pa.types.is_large_string(type_)
-
-
-def _text(values: pd.Series | pd.Index) -> pa.ChunkedArray:
-    """The Arrow strings of a text column: those behind it, without a copy, when it has them
-    (the loader's ``string[pyarrow]`` columns and pandas' "str" do)."""
-    if isinstance(values.dtype, pd.StringDtype | pd.ArrowDtype):
-        strings = pa.chunked_array(pa.array(values.array))
-        if _is_text(strings.type):
-            return strings
-    return pa.chunked_array(pa.array(values.astype(_TEXT).array))
-
-
-def _release_unused() -> None:
-    # Arrow's allocator and glibc's keep what a hash table of millions of ids or a temporary
-    # array freed; hand it back before the next step needs memory of its own.
-    pa.default_memory_pool().release_unused()
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
-def _by_last_character(
-    *arrays: pa.ChunkedArray,
-) -> Iterator[list[tuple[np.ndarray, pa.ChunkedArray]]]:
-    """The rows of ``arrays`` of ids in parts, by the ids' last character: for each part, each
-    array's mask of its rows and those rows. Arrow's hash table for millions of ids needs over
-    twice the labels file; a part's needs a sixteenth of that for UUIDs (a hex digit last)."""
-    if max(map(len, arrays)) <= _ONE_HASH_TABLE:
-        yield [(np.ones(len(array), dtype=bool), array) for array in arrays]
-        return
-    keys = [pc.utf8_slice_codeunits(array, -1) for array in arrays]
-    characters = set().union(*(pc.unique(k).to_pylist() for k in keys))
-    for key in sorted(characters, key=lambda c: (c is not None, c or "")):
-        masks = [_bools(pc.is_null(k) if key is None else pc.equal(k, key)) for k in keys]
-        yield [(mask, array.filter(pa.array(mask))) for mask, array in zip(masks, arrays,
-                                                                             strict=True)]
-        _release_unused()
-
-
-def _index_in(values: pa.ChunkedArray, value_set: pa.ChunkedArray) -> np.ndarray:
-    """Each value's position in ``value_set``, -1 where it is absent (``pc.index_in``)."""
-    positions = np.full(len(values), -1, dtype=np.int64)
-    for (rows, part), (set_rows, part_set) in _by_last_character(values, value_set):
-        found = pc.index_in(part, value_set=part_set.combine_chunks())
-        found = pc.fill_null(found, -1).to_numpy(zero_copy_only=False)
-        hit = found >= 0
-        positions[np.flatnonzero(rows)[hit]] = np.flatnonzero(set_rows)[found[hit]]
-    return positions
-
-
-def _bools(values: pa.Array | pa.ChunkedArray, null: bool = False) -> np.ndarray:
-    return pc.fill_null(values, null).to_numpy(zero_copy_only=False)
-
-
-def _codes(values: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
-    """Integer codes of text values in order of first appearance (nulls too), and the values."""
-    encoded = pc.dictionary_encode(values, null_encoding="encode").combine_chunks()
-    return encoded.indices.to_numpy(zero_copy_only=False), encoded.dictionary
-
-
 def _duplicated(patient_codes: np.ndarray, columns: Iterable[pa.ChunkedArray]) -> np.ndarray:
     """Rows equal to an earlier row: the same patient and the same text in ``columns``.
 
@@ -163,7 +105,7 @@ def _duplicated(patient_codes: np.ndarray, columns: Iterable[pa.ChunkedArray]) -
         # filter, not take: Arrow's take first joins a column's chunks into one copy
         mask = pa.array(shared)
         rows = pd.DataFrame({"patient": patient_codes[shared]}
-                            | {str(i): _codes(column.filter(mask))[0]
+                            | {str(i): codes_of(column.filter(mask))[0]
                                for i, column in enumerate(columns)})
         duplicated[shared] = rows.duplicated().to_numpy()
     return duplicated
@@ -172,7 +114,7 @@ def _duplicated(patient_codes: np.ndarray, columns: Iterable[pa.ChunkedArray]) -
 def _numbers(values: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """Each cell as a float (NaN where it is blank or not a number), and where it is blank."""
     trimmed = pc.utf8_trim_whitespace(values)
-    blank = _bools(pc.equal(trimmed, ""), null=True)
+    blank = bools(pc.equal(trimmed, ""), null=True)
     numeric = pc.fill_null(pc.match_substring_regex(trimmed, _NUMBER), False)
     numbers = pc.cast(pc.if_else(numeric, trimmed, pa.scalar(None, pa.string())), pa.float64())
     numbers = pc.fill_null(numbers, np.nan).to_numpy(zero_copy_only=False)
@@ -184,8 +126,8 @@ def _numbers(values: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
 def _safe_ids(ids: pa.Array) -> np.ndarray:
     """``is_safe_patient_id`` for many ids at once."""
     pattern = f"^{_SAFE_PATIENT_ID.pattern}$"
-    return (_bools(pc.match_substring_regex(ids, pattern))
-            & ~_bools(pc.match_substring(ids, "..")))
+    return (bools(pc.match_substring_regex(ids, pattern))
+            & ~bools(pc.match_substring(ids, "..")))
 
 
 def validate_labels(
@@ -200,13 +142,13 @@ def validate_labels(
     _require_columns(labels, LABEL_COLUMNS, source)
     if labels.empty:
         raise LabelsError(f"{source}: no label rows after the header")
-    ids = _text(labels["patientId"])
-    codes, patient_ids = _sorted_unique(ids)
+    ids = arrow_text(labels["patientId"])
+    codes, patient_ids = sorted_codes(ids)
     unsafe = ~_safe_ids(patient_ids)[codes]
     n_patients = len(patient_ids)
     del patient_ids  # as large as the id column: messages take ids from rows instead
-    _release_unused()
-    text = {c: _text(labels[c]) for c in (*BOX_COLUMNS, "Target")}
+    release_unused()
+    text = {c: arrow_text(labels[c]) for c in (*BOX_COLUMNS, "Target")}
 
     duplicated = _duplicated(codes, text.values())
     n_duplicates = int(duplicated.sum())
@@ -243,8 +185,8 @@ def validate_labels(
     problems.add(rows((target == 0) & ~no_box), lambda i: f"line {i + 2}: Target 0 row has a box")
 
     x, y, w, h = numbers.values()
-    with np.errstate(invalid="ignore"):
-        has_box = (target == 1) & ~np.isnan(x + y + w + h)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN and 1e308-sized cells
+        has_box = (target == 1) & ~(np.isnan(x) | np.isnan(y) | np.isnan(w) | np.isnan(h))
         not_positive = (w <= 0) | (h <= 0)
         outside = (x < 0) | (y < 0) | (x + w > image_size) | (y + h > image_size)
 
@@ -281,38 +223,15 @@ def validate_labels(
     return clean, n_duplicates
 
 
-def _sorted_unique(ids: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
-    """Each row's position among the sorted distinct ids (null last), and those ids."""
-    codes = np.empty(len(ids), dtype=np.int64)
-    distinct: list[pa.Array] = []
-    n_distinct = 0
-    for [(rows, part)] in _by_last_character(ids):
-        part_codes, part_distinct = _codes(part)
-        codes[rows] = part_codes + n_distinct
-        n_distinct += len(part_distinct)
-        distinct.append(part_distinct)
-    all_distinct = pa.concat_arrays(distinct) if distinct else pa.array([], pa.string())
-    order = pc.array_sort_indices(all_distinct).to_numpy()
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    return rank[codes], all_distinct.take(pa.array(order))
-
-
 def patient_targets(labels: pd.DataFrame) -> tuple[pd.Series, np.ndarray]:
     """The Target of each patient in validated labels, indexed by patientId in sorted order,
     and each label row's position in that index."""
-    patient_of_row, patient_ids = _sorted_unique(_text(labels["patientId"]))
-    _release_unused()
+    patient_of_row, patient_ids = sorted_codes(arrow_text(labels["patientId"]))
+    release_unused()
     targets = np.zeros(len(patient_ids), dtype=np.int64)
     targets[patient_of_row] = labels["Target"].to_numpy()  # validated: one per patient
-    index = pd.Index(_series(patient_ids), name="patientId")
+    index = pd.Index(pandas_text(patient_ids), name="patientId")
     return pd.Series(targets, index=index, name="Target"), patient_of_row
-
-
-def _series(values: pa.Array) -> pd.Series:
-    """A pandas "str" Series over Arrow strings, without a copy."""
-    return pa.chunked_array([values]).to_pandas(
-        types_mapper=lambda type_: _TEXT if _is_text(type_) else None)
 
 
 def validate_class_info(
@@ -324,13 +243,13 @@ def validate_class_info(
     exactly one known class, and "Lung Opacity" must coincide with Target 1.
     """
     _require_columns(class_info, CLASS_COLUMNS, source)
-    ids, classes = _text(class_info["patientId"]), _text(class_info["class"])
-    labelled_ids = _text(targets.index)
+    ids, classes = arrow_text(class_info["patientId"]), arrow_text(class_info["class"])
+    labelled_ids = arrow_text(targets.index)
     n_labelled = len(labelled_ids)
     # Each row's patient as its position in ``targets``; patients without labels follow them.
-    codes = _index_in(ids, labelled_ids)
+    codes = index_in(ids, labelled_ids)
     unlabelled = codes < 0
-    unlabelled_codes, unlabelled_ids = _codes(ids.filter(pa.array(unlabelled)))
+    unlabelled_codes, unlabelled_ids = codes_of(ids.filter(pa.array(unlabelled)))
     codes[unlabelled] = n_labelled + unlabelled_codes
 
     def patient_id(code: int) -> str:
@@ -369,21 +288,16 @@ def validate_class_info(
 
     names = pa.DictionaryArray.from_arrays(pa.array(first_class, type=pa.int32()),
                                            pa.array(DETAILED_CLASSES)).cast(pa.string())
-    return pd.Series(_series(names).array, index=targets.index, name="class")
-
-
-def _strictly_increasing(values: pa.ChunkedArray) -> bool:
-    n = len(values)
-    return n < 2 or bool(pc.all(pc.less(values.slice(0, n - 1), values.slice(1))).as_py())
+    return pd.Series(pandas_text(names).array, index=targets.index, name="class")
 
 
 def _positions(labels: pd.DataFrame, classes: pd.Series) -> tuple[pd.Series, np.ndarray]:
     """``classes`` sorted and limited to the labels' patients, and each row's position in it."""
-    patient_ids = _text(classes.index)
-    if not _strictly_increasing(patient_ids):
+    patient_ids = arrow_text(classes.index)
+    if not strictly_increasing(patient_ids):
         classes = classes[~classes.index.duplicated()].sort_index()
-        patient_ids = _text(classes.index)
-    codes = _index_in(_text(labels["patientId"]), patient_ids)
+        patient_ids = arrow_text(classes.index)
+    codes = index_in(arrow_text(labels["patientId"]), patient_ids)
     if (codes < 0).any():
         missing = labels["patientId"].iloc[int(np.argmax(codes < 0))]
         raise ValueError(f"patientId {missing} has labels but no detailed class")
@@ -418,7 +332,7 @@ def build_patient_table(
     shared[:] = values.tolist()
     rows = shared[which.reshape(corners.shape)].tolist()
     del corners, values, which, shared
-    _release_unused()
+    release_unused()
     n_boxes = np.bincount(codes[positive], minlength=len(classes))
     ends = np.cumsum(n_boxes)
     # Patients without a box share one empty list: an own list each took more memory than
@@ -430,9 +344,9 @@ def build_patient_table(
     for index in np.flatnonzero(n_boxes):
         boxes[index] = rows[ends[index] - n_boxes[index]:ends[index]]
     return pd.DataFrame({
-        "patientId": pd.Series(classes.index.array).astype(_TEXT),
+        "patientId": pd.Series(classes.index.array).astype(TEXT),
         "Target": targets,
-        "detailed_class": pd.Series(classes.array).astype(_TEXT),
+        "detailed_class": pd.Series(classes.array).astype(TEXT),
         "n_boxes": n_boxes.astype(int),
         "boxes": boxes,
     }, copy=False).loc[:, list(PATIENT_COLUMNS)]
