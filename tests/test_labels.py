@@ -236,6 +236,8 @@ def test_a_hundred_thousand_valid_rows(tmp_path):
     # The ingest node passes the row positions it already has: the same table.
     targets, patient_of_row = patient_targets(labels)
     pd.testing.assert_frame_equal(build_patient_table(labels, classes, patient_of_row), patients)
+    with pytest.raises(ValueError, match="99999 positions for 100000 label rows"):
+        build_patient_table(labels, classes, patient_of_row[:-1])
     assert targets.index.is_monotonic_increasing
     assert targets.index.tolist() == classes.index.tolist() == patients["patientId"].tolist()
     assert str(patients["patientId"].dtype) == str(patients["detailed_class"].dtype) == "str"

@@ -315,8 +315,11 @@ def build_patient_table(
     ``patient_of_row``, each label row's position in ``classes``, saves hashing every
     patientId again; ``patient_targets`` gives it for the index ``validate_class_info`` keeps.
     """
-    if patient_of_row is None or len(patient_of_row) != len(labels):
+    if patient_of_row is None:
         classes, codes = _positions(labels, classes)
+    elif len(patient_of_row) != len(labels):
+        raise ValueError(f"patient_of_row has {len(patient_of_row)} positions for "
+                         f"{len(labels)} label rows")
     else:
         codes = patient_of_row
     targets = np.zeros(len(classes), dtype=np.int64)
