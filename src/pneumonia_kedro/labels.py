@@ -143,6 +143,8 @@ def validate_labels(
     if labels.empty:
         raise LabelsError(f"{source}: no label rows after the header")
     ids = arrow_text(labels["patientId"])
+    # Sorted although only codes are needed here: unsorted codes were 20 % faster but the
+    # node then peaked at 7.4x the labels file instead of 7.1x (labels_memory.py, 3.9 M rows).
     codes, patient_ids = sorted_codes(ids)
     unsafe = ~_safe_ids(patient_ids)[codes]
     n_patients = len(patient_ids)
