@@ -19,7 +19,7 @@ from pneumonia_kedro.errors import LabelsError, MissingDataError
 # Arrow strings as pandas holds them: the reader's columns become DataFrame columns without a
 # copy. (pandas' default "str" dtype would convert every column to 64-bit offsets, a copy that
 # cost a third more than the strings themselves.)
-_TEXT = pd.ArrowDtype(pa.string())
+_ARROW_STRING = pd.ArrowDtype(pa.string())
 
 
 class LabelsCSVDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
@@ -62,7 +62,7 @@ class LabelsCSVDataset(AbstractDataset[pd.DataFrame, pd.DataFrame]):
             header = self._header(handle.read(65536))
             handle.seek(0)
             table = self._read(handle, header)
-        frame = table.to_pandas(types_mapper={pa.string(): _TEXT}.get)
+        frame = table.to_pandas(types_mapper={pa.string(): _ARROW_STRING}.get)
         frame.columns = [str(c).strip() for c in frame.columns]
         frame.attrs["source"] = PurePosixPath(path).name
         return frame
