@@ -142,14 +142,18 @@ def competition_file() -> bytes:
     return one_demo_file(seed=2)
 
 
-def test_competition_files_are_read_without_pydicom_and_agree_with_it(competition_file):
-    from pneumonia_kedro.dicom.reader import _decode_fast
-
-    fast = _decode_fast(competition_file, "c.dcm", None)
+def test_competition_files_decode_with_libjpeg_turbo_and_agree_with_pydicom(competition_file):
+    image = decode(competition_file, "c.dcm")
     reference = pydicom.dcmread(io.BytesIO(competition_file))
-    assert (fast.height, fast.width) == (1024, 1024)
-    assert fast.view_position == reference.ViewPosition
-    assert np.abs(fast.pixels.astype(int) - reference.pixel_array.astype(int)).max() <= 1
+    assert image.transfer_syntax == "1.2.840.10008.1.2.4.50"  # JPEG Baseline: the fast path
+    assert (image.height, image.width) == image.pixels.shape == (1024, 1024)
+    assert image.view_position == reference.ViewPosition and image.padding is None
+    assert np.abs(image.pixels.astype(int) - reference.pixel_array.astype(int)).max() <= 1
+    # Decoded reduced in the DCT domain for a 512 px cache: the same field of view, halved.
+    halved = decode(competition_file, "c.dcm", target_size=512)
+    assert (halved.height, halved.width) == (1024, 1024) and halved.pixels.shape == (512, 512)
+    block_means = image.pixels.reshape(512, 2, 512, 2).mean(axis=(1, 3))
+    assert np.abs(halved.pixels - block_means).mean() < 2
 
 
 @pytest.mark.parametrize("cut", [200, 1000, 50_000])

@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 from kedro.io import DatasetError
 
-from pneumonia_kedro import text_columns
 from pneumonia_kedro.datasets import LabelsCSVDataset
 from pneumonia_kedro.errors import LabelsError
 from pneumonia_kedro.labels import (
@@ -135,7 +134,7 @@ def test_unreadable_files_get_a_clear_error(tmp_path, content, expected):
 
 def test_cells_are_loaded_as_the_text_written(tmp_path):
     table = write_csv(tmp_path, [HEADER, 'p1, 5 ,1e1,"10",010,1', "p-neg,,,,,0"])
-    assert all(str(dtype) == "string[pyarrow]" for dtype in table.dtypes)
+    assert all(str(dtype) == "str" for dtype in table.dtypes)
     assert table.iloc[0].tolist() == ["p1", " 5 ", "1e1", "10", "010", "1"]
     assert table.iloc[1].tolist() == ["p-neg", "", "", "", "", "0"]
 
@@ -228,60 +227,53 @@ def test_a_hundred_thousand_valid_rows(tmp_path):
     table = write_csv(tmp_path, [HEADER, *negatives, *positives])
     assert len(table) == 100_000
     labels, duplicates = validate_labels(table, table.attrs["source"])
+    targets = patient_targets(labels)
     classes = validate_class_info(
         pd.DataFrame({"patientId": labels["patientId"],
                       "class": labels["Target"].map({0: "Normal", 1: "Lung Opacity"})}),
-        labels.groupby("patientId")["Target"].first(), "class info")
+        targets, "class info")
     patients = build_patient_table(labels, classes)
-    # The ingest node passes the row positions it already has: the same table.
-    targets, patient_of_row = patient_targets(labels)
-    pd.testing.assert_frame_equal(build_patient_table(labels, classes, patient_of_row), patients)
-    with pytest.raises(ValueError, match="99999 positions for 100000 label rows"):
-        build_patient_table(labels, classes, patient_of_row[:-1])
     assert targets.index.is_monotonic_increasing
     assert targets.index.tolist() == classes.index.tolist() == patients["patientId"].tolist()
     assert str(patients["patientId"].dtype) == str(patients["detailed_class"].dtype) == "str"
     assert duplicates == 0 and len(patients) == 80_000
     assert int(patients["n_boxes"].sum()) == 40_000
     assert patients.loc[patients["Target"] == 1, "n_boxes"].eq(2).all()
+    first = patients.loc[patients["patientId"] == "p0000007"].iloc[0]
+    assert first["boxes"] == [[107.0, 200.0, 150.0, 207.0], [107.0, 500.0, 120.0, 207.0]]
 
 
-def test_ids_hashed_in_parts_give_what_one_table_gives(tmp_path, monkeypatch):
-    # Millions of ids are hashed in parts split by their last character; a tiny part size
-    # makes these few ids take that path. Results and messages must not change.
+def test_patients_out_of_order_give_sorted_tables_and_messages(tmp_path):
     rows = [f"{pid},,,,,0" for pid in ("a1", "b2", "c1", "d3", "e2", "f9", "g1")]
     rows += ["h1,5,5,10,10,1", "h1,50,50,10,10,1"]
-    table = write_csv(tmp_path, [HEADER, *rows])
+    labels, _ = validate_labels(write_csv(tmp_path, [HEADER, *rows]), "x.csv")
+    targets = patient_targets(labels)
+    assert targets.index.tolist() == ["a1", "b2", "c1", "d3", "e2", "f9", "g1", "h1"]
+    assert targets.tolist() == [0] * 7 + [1]
     class_rows = [f"{pid},Normal" for pid in ("g1", "a1", "c1", "b2", "e2", "d3", "f9")]
-    class_info = class_table(tmp_path, [*class_rows, "h1,Lung Opacity", "h1,Lung Opacity"])
-    bad_rows = ["x1,,,,,0", "x1,1,1,10,10,1", "../y2,,,,,0", "z1,,,,,0", "z1,,,,,1"]
+    classes = validate_class_info(
+        class_table(tmp_path, [*class_rows, "h1,Lung Opacity", "h1,Lung Opacity"]), targets, "c")
+    assert classes.index.tolist() == targets.index.tolist()
+    patients = build_patient_table(labels, classes)
+    # Any order of the classes, and classes of patients without labels, give the same table.
+    extra = pd.Series(["Normal"], index=["zz"])
+    pd.testing.assert_frame_equal(build_patient_table(labels, pd.concat([classes.iloc[::-1],
+                                                                         extra])), patients)
+    assert patients.loc[7, "boxes"] == [[5.0, 5.0, 10.0, 10.0], [50.0, 50.0, 10.0, 10.0]]
+    with pytest.raises(ValueError, match="patientId h1 has labels but no detailed class"):
+        build_patient_table(labels, classes.iloc[:-1])
 
-    def results() -> tuple:
-        labels, _ = validate_labels(table, "x.csv")
-        targets, patient_of_row = patient_targets(labels)
-        classes = validate_class_info(class_info, targets, "c.csv")
-        with pytest.raises(LabelsError) as bad_labels:
-            check(tmp_path, bad_rows)
-        with pytest.raises(LabelsError) as bad_classes:
-            validate_class_info(class_table(tmp_path, [*class_rows, "h1,Lung Opacity",
-                                                       "x7,Normal"]), targets, "c")
-        return (labels, targets, patient_of_row, classes,
-                build_patient_table(labels, classes, patient_of_row),
-                build_patient_table(labels, classes.iloc[::-1]),
-                str(bad_labels.value), str(bad_classes.value))
-
-    whole = results()
-    monkeypatch.setattr(text_columns, "ONE_HASH_TABLE", 2)
-    parts = results()
-    pd.testing.assert_frame_equal(parts[0], whole[0])
-    pd.testing.assert_series_equal(parts[1], whole[1])
-    assert parts[2].tolist() == whole[2].tolist()
-    pd.testing.assert_series_equal(parts[3], whole[3])
-    for table_from_parts, table_from_whole in zip(parts[4:6], whole[4:6], strict=True):
-        pd.testing.assert_frame_equal(table_from_parts, table_from_whole)
-    pd.testing.assert_frame_equal(whole[4], whole[5])
-    assert parts[6:] == whole[6:]
-    assert "lines [2, 3]: patientId x1 has conflicting Target" in whole[6]
-    assert "lines [5, 6]: patientId z1 has conflicting Target" in whole[6]
-    assert "patientId '../y2' is not a safe file name" in whole[6]
-    assert whole[7] == "c: 1 problem(s):\n  line 10: patientId x7 has a class but no labels"
+    bad_rows = ["z1,,,,,0", "z1,,,,,1", "x1,,,,,0", "x1,1,1,10,10,1", "../y2,,,,,0"]
+    with pytest.raises(LabelsError) as bad_labels:
+        check(tmp_path, bad_rows)
+    assert str(bad_labels.value) == (
+        "stage_2_train_labels.csv: 4 problem(s):\n"
+        "  line 6: patientId '../y2' is not a safe file name\n"
+        "  line 3: Target 1 row has no box\n"
+        "  lines [4, 5]: patientId x1 has conflicting Target values\n"
+        "  lines [2, 3]: patientId z1 has conflicting Target values")
+    with pytest.raises(LabelsError) as bad_classes:
+        validate_class_info(class_table(tmp_path, [*class_rows, "h1,Lung Opacity",
+                                                   "x7,Normal"]), targets, "c")
+    assert str(bad_classes.value) == (
+        "c: 1 problem(s):\n  line 10: patientId x7 has a class but no labels")

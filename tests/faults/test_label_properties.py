@@ -1,23 +1,20 @@
 """Property-based tests: no labels table makes validation fail with anything but LabelsError,
-and what passes validation keeps every box inside the image."""
+and what passes validation keeps every box inside the image.
+
+Tables are drawn as valid competition rows, some with random cells or ids mixed in, so that
+both outcomes occur; the test checks that each does, often enough to mean something."""
 
 from __future__ import annotations
 
-from unittest import mock
+from collections import Counter
 
 import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pneumonia_kedro import text_columns
 from pneumonia_kedro.errors import LabelsError
-from pneumonia_kedro.labels import (
-    LABEL_COLUMNS,
-    build_patient_table,
-    patient_targets,
-    validate_labels,
-)
+from pneumonia_kedro.labels import LABEL_COLUMNS, build_patient_table, validate_labels
 
 cells = st.one_of(
     st.just(""),
@@ -27,53 +24,56 @@ cells = st.one_of(
     st.integers(-2000, 2000).map(str), st.text(max_size=8),
 )
 ids = st.one_of(st.sampled_from(["p1", "p2", "p3"]), st.text(max_size=12))
-rows = st.lists(st.tuples(ids, cells, cells, cells, cells, cells), min_size=0, max_size=12)
+random_rows = st.tuples(ids, cells, cells, cells, cells, cells)
+# Valid rows: negatives and positives never share an id, boxes lie inside 1024 x 1024.
+coordinate = st.one_of(st.integers(0, 500).map(str), st.floats(0, 500).map("{:.1f}".format))
+size = st.one_of(st.integers(1, 500).map(str), st.floats(1, 500).map("{:.1f}".format))
+negative_rows = st.integers(0, 5).map(lambda i: (f"n{i}", "", "", "", "", "0"))
+positive_rows = st.tuples(st.integers(0, 5).map("p-{}".format), coordinate, coordinate, size,
+                          size, st.just("1"))
+valid_rows = st.lists(st.one_of(negative_rows, positive_rows), min_size=1, max_size=12)
+mixed_rows = st.tuples(valid_rows, st.lists(random_rows, min_size=1, max_size=3)).map(
+    lambda drawn: drawn[0] + drawn[1])
+# About half the drawn tables valid, the others with random rows mixed in or all random.
+all_random_rows = st.lists(random_rows, max_size=12)
+tables = st.sampled_from([valid_rows, valid_rows, mixed_rows, all_random_rows]).flatmap(
+    lambda kind: kind)
 
 
-@pytest.mark.slow
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rows=rows)
-def test_validation_raises_only_its_own_error_and_accepted_boxes_lie_inside(rows):
+def check_one(rows: list[tuple]) -> str:
+    """Validate one table; return whether it was accepted, checking what must hold."""
     table = pd.DataFrame(rows, columns=list(LABEL_COLUMNS))
     try:
         labels, _ = validate_labels(table, "fuzz.csv")
     except LabelsError as error:
         assert str(error).startswith("fuzz.csv:")
-        return
+        return "rejected"
     boxes = labels.loc[labels["Target"] == 1]
     assert (boxes["width"] > 0).all() and (boxes["height"] > 0).all()
     assert (boxes["x"] >= 0).all() and (boxes["x"] + boxes["width"] <= 1024).all()
     assert (boxes["y"] >= 0).all() and (boxes["y"] + boxes["height"] <= 1024).all()
     assert set(labels.loc[labels["Target"] == 0, "x"].dropna()) == set()
+    assert labels["line"].is_monotonic_increasing and labels["line"].min() >= 2
     patients = build_patient_table(labels, pd.Series("Normal", index=labels["patientId"]
                                                      .unique()))
-    assert patients["patientId"].is_unique
+    assert patients["patientId"].is_unique and patients["patientId"].is_monotonic_increasing
     assert int(patients["n_boxes"].sum()) == len(boxes)
-
-
-def outcome(table: pd.DataFrame) -> tuple:
-    try:
-        labels, _ = validate_labels(table, "fuzz.csv")
-    except LabelsError as error:
-        return (str(error),)
-    targets, patient_of_row = patient_targets(labels)
-    return labels, targets, patient_of_row.tolist()
+    assert patients["boxes"].map(len).tolist() == patients["n_boxes"].tolist()
+    return "accepted"
 
 
 @pytest.mark.slow
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rows=rows)
-def test_ids_hashed_in_parts_give_the_same_outcome(rows):
-    # Millions of ids are hashed in parts by their last character; with a part size of one id
-    # every table here takes that path.
-    table = pd.DataFrame(rows, columns=list(LABEL_COLUMNS))
-    whole = outcome(table)
-    with mock.patch.object(text_columns, "ONE_HASH_TABLE", 1):
-        parts = outcome(table)
-    assert len(parts) == len(whole)
-    if len(whole) == 1:
-        assert parts == whole
-    else:
-        pd.testing.assert_frame_equal(parts[0], whole[0])
-        pd.testing.assert_series_equal(parts[1], whole[1])
-        assert parts[2] == whole[2]
+def test_validation_raises_only_its_own_error_and_accepted_boxes_lie_inside():
+    outcomes: Counter[str] = Counter()
+
+    @settings(max_examples=300, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(rows=tables)
+    def run(rows: list[tuple]) -> None:
+        outcomes[check_one(rows)] += 1
+
+    run()
+    # Both outcomes occur often: the checks above ran on accepted tables, not on none.
+    total = sum(outcomes.values())
+    assert outcomes["accepted"] >= 0.3 * total, outcomes
+    assert outcomes["rejected"] >= 0.2 * total, outcomes

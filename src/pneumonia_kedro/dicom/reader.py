@@ -1,9 +1,11 @@
 """DICOM files to uint8 grayscale images.
 
-Competition files (8-bit MONOCHROME2 JPEG Baseline) take a fast path: the encapsulated JPEG
-frame goes straight to libjpeg-turbo (OpenCV), four times faster than pydicom's default plugins.
-Everything else goes through pydicom and ``luts.to_display_uint8``: padding, modality LUT, VOI
-LUT or the first window, and MONOCHROME1 inverted so that air is dark as in the training data.
+pydicom's public API parses every file (``benchmarks/header_speed.py`` measured what a reader
+of its own would save). Competition files (8-bit MONOCHROME2 JPEG Baseline) then take a fast
+path: the encapsulated JPEG frame goes straight to libjpeg-turbo (OpenCV), four times faster
+than pydicom's default plugins. Everything else goes through pydicom's decoders and
+``luts.to_display_uint8``: padding, modality LUT, VOI LUT or the first window, and
+MONOCHROME1 inverted so that air is dark as in the training data.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pydicom
 import pydicom.config
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filereader import read_dataset, read_preamble
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     JPEG2000TransferSyntaxes,
@@ -112,9 +114,10 @@ def _check_inflated_size(data: bytes, name: str) -> None:
     if DeflatedExplicitVRLittleEndian.encode("ascii") not in data[:1024]:
         return  # not a deflated file (its transfer syntax sits in the first few hundred bytes)
     stream = io.BytesIO(data)
-    try:
+    try:  # leaves the stream where the file meta group (0002,xxxx) ends
         read_preamble(stream, False)
-        _read_file_meta_info(stream)
+        read_dataset(stream, is_implicit_VR=False, is_little_endian=True,
+                     stop_when=lambda tag, vr, length: tag >> 16 != 2)
     except Exception:
         return  # pydicom's own parse reports the damage
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
@@ -345,123 +348,17 @@ def _pixel_array(ds: pydicom.Dataset, name: str) -> np.ndarray:
         ) from None
 
 
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
-             b"UT", b"UV"}
-_FAST_TAGS = {
-    (0x0028, 0x0002): "SamplesPerPixel", (0x0028, 0x0004): "PhotometricInterpretation",
-    (0x0028, 0x0008): "NumberOfFrames", (0x0028, 0x0010): "Rows",
-    (0x0028, 0x0011): "Columns", (0x0028, 0x0101): "BitsStored",
-    (0x0018, 0x5101): "ViewPosition", (0x0018, 0x0015): "BodyPartExamined",
-    (0x0028, 0x0301): "BurnedInAnnotation",
-}
-# Their presence sends a file to the general path: window, rescale, LUTs, pixel padding.
-_GENERAL_PATH_TAGS = {(0x0028, 0x1050), (0x0028, 0x1052), (0x0028, 0x1053), (0x0028, 0x3000),
-                      (0x0028, 0x3010), (0x0028, 0x0120), (0x0028, 0x0121)}
-
-
-class _NotFastPath(Exception):
-    """The file is not a plain competition JPEG; use pydicom."""
-
-
-def _competition_frame(data: bytes) -> tuple[bytes, dict]:
-    """The JPEG frame and a few header values of a competition-style file, read directly.
-
-    Explicit VR little endian, JPEG Baseline, one encapsulated frame, no sequences, no LUTs:
-    anything else raises ``_NotFastPath``, and pydicom reads the file instead. Skipping
-    pydicom's full parse saves about a millisecond per file when building the cache.
-    """
-    if len(data) < 144 or data[128:132] != b"DICM":
-        raise _NotFastPath
-    view = memoryview(data)
-    position, syntax, values = 132, None, {}
-    while True:
-        if position + 8 > len(data):
-            raise _NotFastPath
-        group, element = int.from_bytes(view[position:position + 2], "little"), \
-            int.from_bytes(view[position + 2:position + 4], "little")
-        vr = bytes(view[position + 4:position + 6])
-        if vr in _LONG_VRS:
-            length = int.from_bytes(view[position + 8:position + 12], "little")
-            start = position + 12
-        else:
-            length = int.from_bytes(view[position + 6:position + 8], "little")
-            start = position + 8
-        if (group, element) == (0x7FE0, 0x0010):
-            if syntax != JPEGBaseline8Bit or length != 0xFFFFFFFF:
-                raise _NotFastPath
-            return _single_fragment(view, start), values
-        if length == 0xFFFFFFFF or vr == b"SQ" or (group, element) in _GENERAL_PATH_TAGS:
-            raise _NotFastPath
-        end = start + length
-        if end > len(data):
-            raise _NotFastPath
-        if (group, element) == (0x0002, 0x0010):
-            syntax = bytes(view[start:end]).rstrip(b"\x00 ").decode("ascii")
-        elif (group, element) in _FAST_TAGS:
-            raw = bytes(view[start:end])
-            values[_FAST_TAGS[(group, element)]] = (
-                int.from_bytes(raw[:2], "little") if vr == b"US"
-                else raw.rstrip(b"\x00 ").decode("ascii", "replace"))
-        position = end
-
-
-def _single_fragment(view: memoryview, position: int) -> bytes:
-    """The one frame of encapsulated pixel data starting at ``position`` (after the tag)."""
-    fragments = []
-    first = True
-    while position + 8 <= len(view):
-        tag = bytes(view[position:position + 4])
-        length = int.from_bytes(view[position + 4:position + 8], "little")
-        position += 8
-        if tag == b"\xfe\xff\xdd\xe0":  # sequence delimiter
-            break
-        if tag != b"\xfe\xff\x00\xe0" or position + length > len(view):
-            raise _NotFastPath
-        if first:
-            first = False  # the basic offset table
-        else:
-            fragments.append(bytes(view[position:position + length]))
-        position += length
-    else:
-        raise _NotFastPath
-    if not fragments:
-        raise _NotFastPath
-    return b"".join(fragments)
-
-
-def _decode_fast(data: bytes, name: str, target_size: int | None) -> DicomImage:
-    frame, values = _competition_frame(data)
-    if (values.get("SamplesPerPixel", 1) != 1 or values.get("BitsStored") != 8
-            or values.get("PhotometricInterpretation") != "MONOCHROME2"
-            or values.get("NumberOfFrames", "1").strip() not in ("", "1")
-            or "Rows" not in values or "Columns" not in values):
-        raise _NotFastPath
-    rows, columns = values["Rows"], values["Columns"]
-    reduction = _reduction(rows, columns, target_size)
-    pixels = cv2.imdecode(np.frombuffer(frame, dtype=np.uint8), _REDUCED_READS[reduction])
-    if pixels is None or pixels.shape != (rows // reduction, columns // reduction):
-        raise _NotFastPath  # let the general path name the problem
-    return DicomImage(pixels=pixels, view_position=values.get("ViewPosition", ""),
-                      transfer_syntax=JPEGBaseline8Bit, height=rows, width=columns,
-                      body_part=values.get("BodyPartExamined", ""),
-                      burned_in_annotation=values.get("BurnedInAnnotation", ""))
-
-
 def decode(data: bytes, name: str, target_size: int | None = None) -> DicomImage:
     """Turn the bytes of one DICOM file into one uint8 grayscale image with air dark.
 
     With ``target_size``, competition JPEGs may be decoded reduced (by 2, 4 or 8) as long as
     the longer side stays at least ``target_size``: the caller resizes to that anyway.
     """
-    try:
-        return _decode_fast(data, name, target_size)
-    except (_NotFastPath, ValueError, UnicodeDecodeError):
-        pass
     with _damage_named(name):
-        return _decode_general(data, name, target_size)
+        return _decode(data, name, target_size)
 
 
-def _decode_general(data: bytes, name: str, target_size: int | None) -> DicomImage:
+def _decode(data: bytes, name: str, target_size: int | None) -> DicomImage:
     ds = _parse(data, name)
     _check_single_grayscale(ds, name)
     transfer_syntax = ds.file_meta.get("TransferSyntaxUID")

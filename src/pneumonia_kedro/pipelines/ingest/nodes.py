@@ -54,11 +54,10 @@ def validate_patients(
     labels, n_duplicates = validate_labels(
         train_labels, train_labels.attrs.get("source", "labels CSV"), config.image_size
     )
-    targets, patient_of_row = patient_targets(labels)
     classes = validate_class_info(
-        class_info, targets, class_info.attrs.get("source", "class info CSV")
+        class_info, patient_targets(labels), class_info.attrs.get("source", "class info CSV")
     )
-    patients = build_patient_table(labels, classes, patient_of_row)
+    patients = build_patient_table(labels, classes)
     checks = {"label_rows": len(train_labels), "duplicate_rows_dropped": n_duplicates}
     return patients, checks
 
