@@ -138,3 +138,27 @@ def test_harder_demo_has_fainter_opacities_and_the_things_a_detector_must_ignore
         from pneumonia_kedro.config import from_params
 
         from_params(DemoConfig, {"difficulty": 1.5}, "demo_data")
+
+
+def test_the_render_node_yields_files_in_chunks_that_the_folder_dataset_writes(
+        sampled, tmp_path, monkeypatch):
+    from pneumonia_kedro.datasets import DicomFolderDataset
+    from pneumonia_kedro.pipelines.demo_data import nodes
+
+    _, train, _ = sampled
+    params = {**CONFIG.__dict__}
+    monkeypatch.setattr(nodes, "RENDER_CHUNK", 3)
+    chunks = list(nodes.render_images(train, params))
+    assert [len(chunk) for chunk in chunks] == [3, 3, 2]
+    first = train.iloc[0].to_dict()
+    assert chunks[0][first["patientId"]] == demo_file(first["patientId"], first,
+                                                      first["boxes"], CONFIG)
+    dataset = DicomFolderDataset(path=str(tmp_path / "images"))
+    for chunk in chunks:  # as Kedro saves a generator node's chunks
+        dataset.save(chunk)
+    folder = dataset.load()
+    assert sorted(folder.patient_ids) == sorted(train["patientId"])
+    assert folder.read_bytes(first["patientId"]) == chunks[0][first["patientId"]]
+    assert not list((tmp_path / "images").glob("*.partial*"))
+    # No patients: still one (empty) chunk, so Kedro saves the output.
+    assert list(nodes.render_images(train.iloc[:0], params)) == [{}]

@@ -9,12 +9,22 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from kedro.io import DatasetError
 
-from pneumonia_kedro import imagecache
 from pneumonia_kedro.boxes import Letterbox, xywh_to_xyxy, xyxy_to_xywh
 from pneumonia_kedro.dicom import DicomFolder
 from pneumonia_kedro.errors import DicomError
-from pneumonia_kedro.imagecache import CacheConfig, ImageCache, build, plan, preprocess
+from pneumonia_kedro.imagecache import (
+    CacheConfig,
+    ImageCache,
+    build,
+    decode_chunks,
+    files,
+    plan,
+    preprocess,
+    read_state,
+)
+from pneumonia_kedro.imagecache import decoding as imagecache
 from tests.conftest import write_demo_dicoms
 
 
@@ -33,9 +43,16 @@ def copy_folder(source: Path, target: Path) -> Path:
 def test_cache_holds_every_image_letterboxed(demo_folder, tmp_path):
     folder = DicomFolder.scan(str(demo_folder))
     config = CacheConfig(image_size=64, workers=0, chunk_size=3, progress=False)
-    stats = build(plan(folder, folder.patient_ids, config), tmp_path / "cache")
+    figures = build(plan(folder, folder.patient_ids, config), tmp_path / "cache")
     cache = ImageCache(tmp_path / "cache")
-    assert stats == {"decoded": 7, "reused": 0}
+    assert {k: figures[k] for k in ("images", "decoded", "reused", "skipped")} == {
+        "images": 7, "decoded": 7, "reused": 0, "skipped": 0}
+    # Seconds are rounded to the millisecond: images/s lies within that rounding.
+    seconds = figures["seconds"]
+    assert seconds > 0
+    assert 7 / (seconds + 0.0005) - 0.05 <= figures["images_per_second"] \
+        <= 7 / max(seconds - 0.0005, 1e-9) + 0.05
+    assert cache.manifest["build"] == figures  # what the cache report shows
     assert cache.images.shape == (7, 64, 64) and cache.images.dtype == np.uint8
     assert cache.index["patientId"].tolist() == folder.patient_ids
     assert (cache.index["scale_x"] == 64 / 1024).all()
@@ -57,9 +74,11 @@ def test_rerun_with_nothing_changed_decodes_nothing_and_size_change_rebuilds(dem
                                                                              tmp_path):
     folder = DicomFolder.scan(str(demo_folder))
     config = CacheConfig(image_size=32, workers=0, progress=False)
-    build(plan(folder, folder.patient_ids, config), tmp_path / "c")
-    assert build(plan(folder, folder.patient_ids, config), tmp_path / "c") == {
-        "decoded": 0, "reused": 7}
+    first = build(plan(folder, folder.patient_ids, config), tmp_path / "c")
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "c").rglob("*")}
+    # Untouched: the manifest keeps the figures of the build that made the cache.
+    assert build(plan(folder, folder.patient_ids, config), tmp_path / "c") == first
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "c").rglob("*")} == before
     bigger = CacheConfig(image_size=48, workers=0, progress=False)
     assert build(plan(folder, folder.patient_ids, bigger), tmp_path / "c")["decoded"] == 7
     assert ImageCache(tmp_path / "c").images.shape == (7, 48, 48)
@@ -85,7 +104,8 @@ def test_interrupted_build_resumes_to_an_identical_cache(demo_folder, tmp_path, 
         build(cache_plan, tmp_path / "resumed")
     assert not (tmp_path / "resumed" / "index.parquet").exists()
     monkeypatch.setattr(imagecache, "_decode_rows", real_decode_rows)
-    assert build(cache_plan, tmp_path / "resumed") == {"decoded": 3, "reused": 4}
+    figures = build(cache_plan, tmp_path / "resumed")
+    assert (figures["decoded"], figures["reused"]) == (3, 4)
     reference, resumed = ImageCache(tmp_path / "reference"), ImageCache(tmp_path / "resumed")
     np.testing.assert_array_equal(reference.images, resumed.images)
     assert reference.index.equals(resumed.index)
@@ -103,7 +123,7 @@ def test_a_kill_between_a_chunk_and_its_bookkeeping_then_another_chunk_size(demo
     config = CacheConfig(image_size=64, workers=0, chunk_size=3, progress=False)
     build(plan(folder, folder.patient_ids, config), tmp_path / "reference")
 
-    real_write = imagecache._write_atomic
+    real_write = files._write_atomic
     writes = {"n": 0}
 
     def killed_after_second_record(path, data):
@@ -112,14 +132,14 @@ def test_a_kill_between_a_chunk_and_its_bookkeeping_then_another_chunk_size(demo
         if path.parent.name == "records" and writes["n"] == 3:  # manifest, two records
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(imagecache, "_write_atomic", killed_after_second_record)
+    monkeypatch.setattr(files, "_write_atomic", killed_after_second_record)
     with pytest.raises(KeyboardInterrupt):
         build(plan(folder, folder.patient_ids, config), tmp_path / "resumed")
-    monkeypatch.setattr(imagecache, "_write_atomic", real_write)
+    monkeypatch.setattr(files, "_write_atomic", real_write)
     other = CacheConfig(image_size=64, workers=0, chunk_size=2, progress=False)
     assert plan(folder, [], other).fingerprint() == plan(folder, [], config).fingerprint()
-    assert build(plan(folder, folder.patient_ids, other), tmp_path / "resumed") == {
-        "decoded": 1, "reused": 6}
+    figures = build(plan(folder, folder.patient_ids, other), tmp_path / "resumed")
+    assert (figures["decoded"], figures["reused"]) == (1, 6)
     reference, resumed = ImageCache(tmp_path / "reference"), ImageCache(tmp_path / "resumed")
     assert resumed.index["patientId"].tolist() == folder.patient_ids  # each once
     assert reference.index.equals(resumed.index)
@@ -127,17 +147,67 @@ def test_a_kill_between_a_chunk_and_its_bookkeeping_then_another_chunk_size(demo
     assert not (tmp_path / "resumed" / "done.npy").exists()
 
 
-def test_the_dataset_asks_the_cache_module_whether_a_cache_is_complete(demo_folder, tmp_path):
-    from pneumonia_kedro.datasets import ImageCacheDataset
+def test_the_datasets_write_chunks_and_read_what_is_finished(demo_folder, tmp_path):
+    from pneumonia_kedro.datasets import ImageCacheDataset, ImageCacheStateDataset
 
     folder = DicomFolder.scan(str(demo_folder))
     dataset = ImageCacheDataset(path=str(tmp_path / "cache"))
-    assert not dataset.exists()
-    dataset.save(plan(folder, folder.patient_ids, CacheConfig(image_size=32, workers=0,
-                                                              progress=False)))
-    assert dataset.exists() and len(dataset.load()) == 7
+    state = ImageCacheStateDataset(path=str(tmp_path / "cache"))
+    assert not dataset.exists() and state.load().fingerprint is None
+    cache_plan = plan(folder, folder.patient_ids, CacheConfig(image_size=32, workers=0,
+                                                              chunk_size=3, progress=False))
+    chunks = decode_chunks(cache_plan, state.load())
+    start, first = next(chunks), next(chunks)
+    assert start.start["images"] == 7 and first.rows == [0, 1, 2]
+    dataset.save(start)
+    dataset.save(first)
+    assert not dataset.exists()  # started, not complete
+    finished = state.load()
+    assert finished.fingerprint == cache_plan.fingerprint() and not finished.complete
+    assert [r["row"] for r in finished.records] == [0, 1, 2]
+    for chunk in decode_chunks(cache_plan, finished):  # a new run resumes after the chunk
+        assert chunk.start is None and 0 not in chunk.rows
+        dataset.save(chunk)
+    assert dataset.exists() and len(dataset.load()) == 7 and state.load().complete
+    with pytest.raises(DatasetError, match="read-only"):
+        state.save(finished)
     (tmp_path / "cache" / "index.parquet").unlink()  # a damaged cache is not a complete one
     assert not dataset.exists()
+
+
+def test_a_build_yields_one_chunk_also_when_nothing_needs_decoding(demo_folder, tmp_path):
+    folder = DicomFolder.scan(str(demo_folder))
+    config = CacheConfig(image_size=32, workers=0, progress=False)
+    build(plan(folder, folder.patient_ids, config), tmp_path / "c")
+    (chunk,) = decode_chunks(plan(folder, folder.patient_ids, config), read_state(tmp_path / "c"))
+    assert chunk.start is None and chunk.rows == [] and chunk.index is None
+    assert chunk.build is None  # nothing to write
+    empty = list(decode_chunks(plan(folder, [], config), read_state(tmp_path / "none")))
+    assert empty[0].start["images"] == 0 and empty[-1].build["images"] == 0
+    build(plan(folder, [], config), tmp_path / "none")
+    assert len(ImageCache(tmp_path / "none")) == 0
+
+
+def test_workers_hand_back_a_few_chunks_at_a_time(demo_folder, tmp_path, monkeypatch):
+    """Pixels travel back from the workers: only a few chunks may wait in memory at once."""
+    folder = DicomFolder.scan(str(demo_folder))
+    config = CacheConfig(image_size=32, workers=1, chunk_size=1, progress=False)
+    submitted = []
+    real_submit = imagecache.ProcessPoolExecutor.submit
+
+    def counting_submit(self, fn, *args):
+        submitted.append(args[1][0][0])
+        return real_submit(self, fn, *args)
+
+    monkeypatch.setattr(imagecache.ProcessPoolExecutor, "submit", counting_submit)
+    chunks = decode_chunks(plan(folder, folder.patient_ids, config),
+                           read_state(tmp_path / "c"))
+    assert next(chunks).start is not None
+    first = next(chunks)
+    assert len(submitted) == 3  # two in flight before the first came back, one more after
+    rest = list(chunks)
+    assert sorted(first.rows + [row for chunk in rest for row in chunk.rows]) == list(range(7))
+    assert sorted(submitted) == list(range(7)) and rest[-1].build["decoded"] == 7
 
 
 def test_bad_file_stops_the_build_or_is_skipped_and_reported(demo_folder, tmp_path):

@@ -130,3 +130,26 @@ def test_a_source_without_uids_gets_a_clear_error():
     with pytest.raises(DicomError, match=r"^/in/x\.dcm: no StudyInstanceUID: a structured "
                                          "report cannot reference this image"):
         report_bytes(buffer.getvalue(), "/in/x.dcm", [], [], None, "v")
+
+
+def test_the_report_folder_holds_exactly_this_runs_reports(source, tmp_path):
+    from kedro.io import DatasetError
+
+    from pneumonia_kedro.datasets import DicomFolderDataset
+
+    folder = tmp_path / "structured_reports"
+    first_run = DicomFolderDataset(path=str(folder), overwrite=True)
+    first_run.save({"a": b"1", "b": b"2"})
+    first_run.save({"c": b"3"})  # a later chunk of the same run adds its files
+    assert sorted(p.name for p in folder.iterdir()) == ["a.dcm", "b.dcm", "c.dcm"]
+    second_run = DicomFolderDataset(path=str(folder), overwrite=True)
+    second_run.save({"b": b"22"})  # the run's first chunk clears the earlier run's files
+    second_run.save({})
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == {"b.dcm": b"22"}
+    empty_run = DicomFolderDataset(path=str(folder), overwrite=True)
+    empty_run.save({})  # dicom_sr off: the node's one empty chunk
+    assert list(folder.iterdir()) == []
+    with pytest.raises(DatasetError, match="unsafe patientId"):
+        empty_run.save({"../escape": b"x"})
+    with pytest.raises(DatasetError, match="read-only"):
+        DicomFolderDataset(path=str(folder), read_only=True).save({"d": b"4"})

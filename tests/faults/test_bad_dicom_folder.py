@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-from kedro.io import DatasetError
 from pydicom.data import get_testdata_file
 
 from pneumonia_kedro.errors import DicomError, MissingDataError
@@ -131,14 +130,10 @@ def test_strict_ingest_stops_naming_every_unreadable_or_rejected_file(project, m
 
 
 def test_strict_cache_stops_at_a_bad_file_with_its_name_and_reason(project, monkeypatch):
-    # The cache is built when its dataset saves, so Kedro wraps the error in a DatasetError.
-    with pytest.raises(DatasetError) as info:
+    # The cache node decodes: its DicomError reaches the user as it is, not wrapped.
+    with pytest.raises(DicomError) as info:
         run(project, monkeypatch, ingest={"on_missing_image": "exclude"})
-    cause = info.value
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    assert isinstance(cause, DicomError)
-    message = str(cause)
+    message = str(info.value)
     names = [case for case in CONTENT_CASES if case not in HEADER_UNREADABLE
              and f"bad_{case}.dcm: " in message]
     assert len(names) == 1, message

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import fsspec
@@ -14,14 +14,14 @@ from pneumonia_kedro.dicom import DicomFolder
 from pneumonia_kedro.labels import is_safe_patient_id
 
 
-class DicomFolderDataset(AbstractDataset[Mapping[str, "bytes | Callable[[], bytes]"], DicomFolder]):
+class DicomFolderDataset(AbstractDataset[Mapping[str, bytes], DicomFolder]):
     """Loads a lazy, picklable ``DicomFolder`` (file index only; bytes are read on demand).
 
-    Saving takes a mapping of patientId to file bytes, or to a callable returning them (so a
-    generator writes one file at a time), and writes each file atomically (temporary name, then
-    rename), so an interrupted save never leaves a half-written ``.dcm``. With
-    ``overwrite: true`` (outputs such as structured reports, never raw data) the folder's
-    earlier ``.dcm`` files are removed first, so it holds exactly what the last run wrote.
+    Saving takes a mapping of patientId to file bytes and writes each file atomically
+    (temporary name, then rename), so an interrupted save never leaves a half-written ``.dcm``.
+    A generator node saves its chunks one after another; each adds its files. With
+    ``overwrite: true`` (outputs such as structured reports, never raw data) the first save of
+    a run removes the folder's earlier ``.dcm`` files, so it holds exactly what this run wrote.
 
     Example catalog entry::
 
@@ -47,26 +47,27 @@ class DicomFolderDataset(AbstractDataset[Mapping[str, "bytes | Callable[[], byte
         self._storage_options = {**(credentials or {}), **(fs_args or {})}
         self.metadata = metadata
         self._read_only = read_only
+        self._cleared = False  # by this run's first save (a run uses one instance)
 
     def load(self) -> DicomFolder:
         return DicomFolder.scan(self._path, self._suffix, self._storage_options)
 
-    def save(self, data: Mapping[str, bytes | Callable[[], bytes]]) -> None:
+    def save(self, data: Mapping[str, bytes]) -> None:
         refuse_if_read_only(self._read_only, self._path)
         fs, root = fsspec.core.url_to_fs(self._path, **self._storage_options)
         fs.makedirs(root, exist_ok=True)
-        if self._overwrite:
+        if self._overwrite and not self._cleared:
             for stale in fs.glob(f"{root}/*{self._suffix}"):
                 fs.rm(stale)
+            self._cleared = True
         for patient_id, content in data.items():
             if not is_safe_patient_id(patient_id):
                 raise DatasetError(f"{self._path}: refusing to write unsafe patientId "
                                    f"{patient_id!r}")
-            payload = content() if callable(content) else content
             target = f"{root}/{patient_id}{self._suffix}"
             partial = f"{target}.partial-{os.getpid()}"
             with fs.open(partial, "wb") as handle:
-                handle.write(payload)
+                handle.write(content)
             fs.mv(partial, target)
 
     def _exists(self) -> bool:

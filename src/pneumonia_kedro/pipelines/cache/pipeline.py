@@ -1,26 +1,20 @@
-"""The cache pipeline."""
+"""The cache pipeline: each split's images decoded by a generator node, chunk by chunk."""
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import plan_cache, report_cache
+from .nodes import cache_images, report_cache
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
-        Node(
-            func=plan_cache,
-            inputs=["train_patients", "train_dicoms", "params:cache",
-                    "params:ingest"],
-            outputs="train_image_cache",
-            name="cache_train_images_node",
-        ),
-        Node(
-            func=plan_cache,
-            inputs=["validation_patients", "train_dicoms", "params:cache",
-                    "params:ingest"],
-            outputs="validation_image_cache",
-            name="cache_validation_images_node",
-        ),
+        *(Node(
+            func=cache_images,
+            # The state is a read-only view of the same folder: what is already finished.
+            inputs=[f"{split}_patients", "train_dicoms", "params:cache", "params:ingest",
+                    f"{split}_image_cache_state"],
+            outputs=f"{split}_image_cache",
+            name=f"cache_{split}_images_node",
+        ) for split in ("train", "validation")),
         Node(
             func=report_cache,
             inputs=["train_image_cache", "validation_image_cache"],

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
+from collections.abc import Iterator
 
 import pandas as pd
 
 from pneumonia_kedro.config import from_params
 from pneumonia_kedro.demo import DemoConfig, demo_file, sample_demo_patients
+
+RENDER_CHUNK = 32  # files per saved chunk: memory holds one chunk's files
 
 
 def sample_patients(
@@ -23,13 +24,14 @@ def sample_patients(
     return labels, class_info, train, test
 
 
-def render_images(patients: pd.DataFrame, params: dict) -> dict[str, Callable[[], bytes]]:
-    """One lazily rendered DICOM per patient, with an opacity inside each of its boxes."""
+def render_images(patients: pd.DataFrame, params: dict) -> Iterator[dict[str, bytes]]:
+    """One DICOM per patient, with an opacity inside each of its boxes, yielded in chunks
+    that Kedro saves as they come (at least one, empty when there are no patients)."""
     config = from_params(DemoConfig, params, "demo_data")
-    return {
-        row["patientId"]: partial(demo_file, row["patientId"], row, row["boxes"], config)
-        for row in patients.to_dict("records")
-    }
+    records = patients.to_dict("records")
+    for start in range(0, max(len(records), 1), RENDER_CHUNK):
+        yield {row["patientId"]: demo_file(row["patientId"], row, row["boxes"], config)
+               for row in records[start:start + RENDER_CHUNK]}
 
 
 def sample_submission(test: pd.DataFrame) -> pd.DataFrame:

@@ -1,0 +1,186 @@
+"""The image cache on disk: reading a cache (``ImageCache``, ``read_state``) and writing a
+build's chunks (``write_chunk``). No decoding here."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pneumonia_kedro.boxes import Letterbox
+from pneumonia_kedro.reporting import capped
+
+# Bump when preprocess() or the DICOM conversion changes what it writes, so that old caches
+# are rebuilt (3: VOI LUT output range, pixel padding as air).
+PREPROCESSING_VERSION = 3
+INDEX_COLUMNS = ("patientId", "row", "status", "reason", "flags", "view_position", "height",
+                 "width", "size", "scale_x", "scale_y", "offset_x", "offset_y")
+
+
+@dataclass
+class CacheState:
+    """What a cache folder holds: the fingerprint it was started with (None: no cache),
+    whether it is complete, and the records of its finished chunks."""
+
+    path: Path
+    fingerprint: str | None = None
+    complete: bool = False
+    records: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class CacheChunk:
+    """One piece of a build, as the cache node yields it and its dataset writes it: the
+    manifest of a new cache (``start``), decoded ``rows`` (their ``images`` and ``records``),
+    or the finished ``index`` with the build's figures (``build``, which marks it complete)."""
+
+    start: dict | None = None
+    rows: list[int] = field(default_factory=list)
+    images: np.ndarray | None = None
+    records: list[dict] = field(default_factory=list)
+    index: pd.DataFrame | None = None
+    build: dict | None = None
+
+
+class ImageCache:
+    """A built cache: ``images`` (memory-mapped, read-only) and ``index``; picklable by path."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._images: np.ndarray | None = None
+        self._index: pd.DataFrame | None = None
+
+    @property
+    def manifest(self) -> dict:
+        return json.loads((self.path / "manifest.json").read_text())
+
+    @property
+    def images(self) -> np.ndarray:
+        if self._images is None:
+            self._images = np.load(self.path / "images.npy", mmap_mode="r")
+        return self._images
+
+    @property
+    def index(self) -> pd.DataFrame:
+        if self._index is None:
+            self._index = pd.read_parquet(self.path / "index.parquet")
+        return self._index
+
+    @property
+    def image_size(self) -> int:
+        return int(self.manifest["image_size"])
+
+    @property
+    def usable(self) -> pd.DataFrame:
+        """Index rows of images that decoded (skipped files are left out)."""
+        return self.index.loc[self.index["status"] == "ok"].reset_index(drop=True)
+
+    def letterbox(self, patient_id: str) -> Letterbox:
+        row = self.index.set_index("patientId").loc[patient_id]
+        return self.letterbox_from_record({"patientId": patient_id, **row.to_dict()})
+
+    @staticmethod
+    def letterbox_from_record(record: dict) -> Letterbox:
+        """The geometry stored in one index row."""
+        return Letterbox(
+            height=int(record["height"]), width=int(record["width"]), size=int(record["size"]),
+            scale_x=float(record["scale_x"]), scale_y=float(record["scale_y"]),
+            offset_x=int(record["offset_x"]), offset_y=int(record["offset_y"]),
+        )
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
+
+
+def quality_summary(index: pd.DataFrame) -> dict:
+    """The quality gate's flags of a cache: a count per check, and the flags per file
+    (capped like every list in the reports)."""
+    flags = index["flags"].fillna("") if "flags" in index else pd.Series([], dtype=str)
+    flagged = index.loc[flags != "", ["patientId"]].assign(flags=flags[flags != ""])
+    counts: dict[str, int] = {}
+    for text in flagged["flags"]:
+        for check in {item.split(":", 1)[0] for item in text.split("; ")}:
+            counts[check] = counts.get(check, 0) + 1
+    files = dict(zip(flagged["patientId"], flagged["flags"], strict=True))
+    return {"counts": dict(sorted(counts.items())), "files": capped(files)}
+
+
+def is_complete(path: Path, fingerprint: str | None = None) -> bool:
+    """A finished cache at ``path`` (built from ``fingerprint``, when one is given)."""
+    manifest = path / "manifest.json"
+    if not manifest.is_file() or not (path / "index.parquet").is_file():
+        return False
+    content = json.loads(manifest.read_text())
+    return bool(content.get("complete", False)) and \
+        fingerprint in (None, content.get("fingerprint"))
+
+
+def read_state(path: str | Path) -> CacheState:
+    """What the cache at ``path`` holds: its fingerprint and every finished chunk's records
+    (row order), or nothing when there is no cache there."""
+    path = Path(path)
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return CacheState(path=path)
+    records = []
+    for chunk_file in sorted((path / "records").glob("*.json")):
+        records.extend(json.loads(chunk_file.read_text()))
+    return CacheState(path=path, fingerprint=json.loads(manifest.read_text())["fingerprint"],
+                      complete=is_complete(path),
+                      records=sorted(records, key=lambda record: record["row"]))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write under a temporary name, then rename: a reader never sees half a file. No fsync:
+    the page cache outlives a killed process, which is the interruption resumed from."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def write_chunk(path: str | Path, chunk: CacheChunk) -> None:
+    """Write one chunk of a build into the cache folder at ``path``: start a new cache (the
+    folder cleared, the image array allocated), rows into the array and then their record
+    (the note that they are done), the index, and last the manifest marked complete."""
+    path = Path(path)
+    if chunk.start is not None:
+        if path.exists():
+            shutil.rmtree(path)
+        (path / "records").mkdir(parents=True)
+        shape = (chunk.start["images"], chunk.start["image_size"], chunk.start["image_size"])
+        partial = path / "images.partial.npy"
+        np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape).flush()
+        os.replace(partial, path / "images.npy")
+        _write_atomic(path / "manifest.json", json.dumps(chunk.start, indent=2).encode())
+    if chunk.records:
+        images = np.load(path / "images.npy", mmap_mode="r+")
+        rows = np.asarray(chunk.rows)
+        if rows[-1] - rows[0] + 1 == len(rows):  # consecutive rows: one slice, no gather
+            images[rows[0]:rows[-1] + 1] = chunk.images
+        else:
+            images[rows] = chunk.images
+        # No msync: written pages live in the page cache, which survives the process being
+        # killed (the resume case) and reaches the disk by the kernel's writeback. Only a
+        # power loss during a build could lose rows already marked done: delete the cache.
+        del images
+        # Named by the chunk's first row, which no earlier record holds (it was not done).
+        _write_atomic(path / "records" / f"{chunk.rows[0]:08d}.json",
+                      json.dumps(chunk.records).encode())
+    if chunk.index is not None:
+        chunk.index.to_parquet(path / "index.partial.parquet", index=False)
+        os.replace(path / "index.partial.parquet", path / "index.parquet")
+    if chunk.build is not None:
+        manifest = json.loads((path / "manifest.json").read_text())
+        manifest.update(complete=True, build=chunk.build)
+        _write_atomic(path / "manifest.json", json.dumps(manifest, indent=2).encode())
