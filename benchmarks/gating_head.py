@@ -71,7 +71,7 @@ def main() -> None:
     from pneumonia_kedro.models import ModelConfig, build_model, to_model_input
     from pneumonia_kedro.postprocess import image_probabilities
     from pneumonia_kedro.prediction import fuse_variants, prediction_settings
-    from pneumonia_kedro.training import CachedDetectionDataset, TrainConfig, fit, train_model
+    from pneumonia_kedro.training import CachedDetectionDataset, TrainConfig, detector, train_model
 
     bootstrap_project(ROOT)
     with KedroSession.create(project_path=ROOT, env="demo") as session:
@@ -94,7 +94,7 @@ def main() -> None:
     train_data = CachedDetectionDataset(caches["train"], train_patients, config.negative_boxes,
                                         config.augment)
     validation_data = CachedDetectionDataset(caches["validation"], validation_patients)
-    fit.build_model = lambda cfg: JointImageHead(build_model(cfg))  # the one change
+    detector.build_model = lambda cfg: JointImageHead(build_model(cfg))  # the one change
     started = time.perf_counter()
     result = train_model(model_config, config, train_data, validation_data)
     seconds = time.perf_counter() - started

@@ -1,8 +1,9 @@
 """Training-step throughput over the image cache: images/s, data-wait share, peak memory.
 
 Shared by ``train_speed.py`` (CPU, here) and ``gpu_check.py`` (one NVIDIA GPU). A step is a
-real training step of the project's loop pieces: the cache dataset and DataLoader, uint8 to
-the device, forward, backward, SGD; on CUDA each step is synchronised so times are honest.
+real training step of the project's loop pieces: the cache dataset and DataLoader, the
+detector task's transfer to the device and loss (as ``training.engine`` calls them), backward,
+SGD; on CUDA each step is synchronised so times are honest.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from dataclasses import replace
 import torch
 from torch.utils.data import DataLoader
 
-from pneumonia_kedro.models import ModelConfig, build_model, to_model_input
+from pneumonia_kedro.models import ModelConfig
 from pneumonia_kedro.training import (
     AugmentConfig,
     CachedDetectionDataset,
+    DetectorTask,
     EpochBatchSampler,
+    TrainConfig,
     detection_collate,
-    targets_to,
 )
 
 
@@ -28,7 +30,10 @@ def measure(model_config: ModelConfig, dataset: CachedDetectionDataset, batch_si
             channels_last: bool = False, num_workers: int = 0) -> dict:
     """Time ``steps`` training steps after ``warmup`` untimed ones."""
     torch.manual_seed(0)
-    model = build_model(replace(model_config, image_size=dataset.size)).to(device)
+    # The engine's own pieces of a step: the detector task's device transfer and loss.
+    task = DetectorTask(replace(model_config, image_size=dataset.size), TrainConfig(), dataset,
+                        dataset)
+    model = task.build().to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
@@ -55,12 +60,11 @@ def measure(model_config: ModelConfig, dataset: CachedDetectionDataset, batch_si
     images = 0
     for step in range(warmup + steps):
         started = time.perf_counter()
-        batch_images, batch_targets = next(stream)
+        batch = next(stream)
         ready = time.perf_counter()
-        inputs = to_model_input(batch_images, device, channels_last)
-        targets = targets_to(batch_targets, device)
+        moved = task.to_device(batch, device, channels_last)
         with torch.autocast(device.type, enabled=amp):
-            loss = sum(model(inputs, targets).values())
+            loss = sum(task.losses(model, moved).values())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -71,7 +75,7 @@ def measure(model_config: ModelConfig, dataset: CachedDetectionDataset, batch_si
         if step >= warmup:
             wait += ready - started
             compute += finished - ready
-            images += len(batch_images)
+            images += len(batch[0])
     total = wait + compute
     return {
         "images_per_second": images / total,

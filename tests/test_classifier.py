@@ -53,9 +53,11 @@ def test_a_clear_signal_is_learned_and_the_best_epoch_reloads(tmp_path):
     train_cache, train_targets = synthetic_cache(tmp_path / "train", 48, seed=1)
     validation_cache, validation_targets = synthetic_cache(tmp_path / "validation", 24, seed=2)
     config = ClassifierConfig(architecture="resnet18", pretrained="none", epochs=4,
-                              batch_size=8, learning_rate=0.003, progress=False, seed=0)
-    trained, history = train_classifier(train_cache, train_targets, validation_cache,
-                                        validation_targets, config, torch.device("cpu"))
+                              batch_size=8, learning_rate=0.003, progress=False, seed=0,
+                              device="cpu")
+    trained, result = train_classifier(train_cache, train_targets, validation_cache,
+                                       validation_targets, config)
+    history = pd.DataFrame(result.history)
     assert history["epoch"].tolist() == [1, 2, 3, 4]
     assert trained.info["validation_roc_auc"] == history["validation_roc_auc"].max() >= 0.95
     assert trained.image_size == SIZE  # image_size null: the cache's
@@ -74,11 +76,55 @@ def test_a_clear_signal_is_learned_and_the_best_epoch_reloads(tmp_path):
 def test_same_seed_same_classifier(tmp_path):
     cache, targets = synthetic_cache(tmp_path / "cache", 16, seed=3)
     config = ClassifierConfig(architecture="mobilenet_v3_small", pretrained="none", epochs=1,
-                              batch_size=8, progress=False, seed=4)
-    first, _ = train_classifier(cache, targets, cache, targets, config, torch.device("cpu"))
-    second, _ = train_classifier(cache, targets, cache, targets, config, torch.device("cpu"))
-    for key, value in first.state_dict.items():
-        torch.testing.assert_close(value, second.state_dict[key], rtol=0, atol=0)
+                              batch_size=8, progress=False, seed=4, device="cpu")
+    first, _ = train_classifier(cache, targets, cache, targets, config)
+    second, _ = train_classifier(cache, targets, cache, targets, config)
+    assert_same_weights(first.state_dict, second.state_dict)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        torch.testing.assert_close(value, b[key], rtol=0, atol=0, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def _stop_after(epochs: int):
+    """An epoch callback that interrupts training like Ctrl-C once ``epochs`` are done."""
+    def callback(metrics: dict, epoch: int) -> None:
+        if epoch == epochs:
+            raise KeyboardInterrupt
+
+    return callback
+
+
+def test_an_interrupted_classifier_resumes_to_the_uninterrupted_weights(tmp_path):
+    """The classifier trains through the detector's engine: checkpoints after every epoch,
+    and a resumed run ends with exactly the weights of an uninterrupted one (on the CPU)."""
+    from pneumonia_kedro.training import CheckpointStore
+
+    train_cache, train_targets = synthetic_cache(tmp_path / "train", 24, seed=5)
+    validation_cache, validation_targets = synthetic_cache(tmp_path / "validation", 12, seed=6)
+    config = ClassifierConfig(architecture="resnet18", pretrained="none", epochs=3,
+                              batch_size=8, learning_rate=0.003, progress=False, seed=1,
+                              device="cpu")
+    data = (train_cache, train_targets, validation_cache, validation_targets, config)
+    full, full_result = train_classifier(*data, CheckpointStore(tmp_path / "full", "fp"))
+    store = CheckpointStore(tmp_path / "interrupted", "fp")
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(*data, store, on_epoch_end=_stop_after(2))
+    assert torch.load(store.last_file, weights_only=True)["epoch"] == 1
+    curve: list[int] = []
+    resumed, result = train_classifier(*data, store,
+                                       on_epoch_end=lambda metrics, epoch: curve.append(epoch))
+    assert result.resumed_after_epoch == 2 and full_result.resumed_after_epoch == 0
+    assert curve == [1, 2, 3]  # the replayed epochs reach the new run's curve too
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert resumed.info["best_epoch"] == full.info["best_epoch"]
+    assert_same_weights(full.state_dict, resumed.state_dict)
+    assert_same_weights(torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"],
+                        torch.load(store.last_file, weights_only=True)["model"])
+    # The per-step cosine schedule continued where it stopped: the same last learning rate.
+    assert result.history[-1]["learning_rate"] == full_result.history[-1]["learning_rate"]
 
 
 def test_offline_imagenet_weights_fail_with_the_file_to_provide(tmp_path, monkeypatch):
@@ -98,3 +144,24 @@ def test_settings_are_checked_by_name():
         from_params(ClassifierConfig, {"architecture": "vit_h_14"}, "classifier")
     with pytest.raises(ConfigError, match="classifier.epochs = 0"):
         from_params(ClassifierConfig, {"epochs": 0}, "classifier")
+
+
+@pytest.mark.slow
+def test_the_classifier_trains_data_parallel_in_two_gloo_processes(tmp_path):
+    """DDP through the shared engine: two CPU processes each take half of every global batch;
+    rank 0 validates, checkpoints and returns the result."""
+    from pneumonia_kedro.training import CheckpointStore
+
+    cache, targets = synthetic_cache(tmp_path / "cache", 16, seed=7)
+    config = ClassifierConfig(architecture="resnet18", pretrained="none", epochs=2,
+                              batch_size=8, progress=False, seed=2, device="cpu", world_size=2)
+    with pytest.raises(ValueError, match="classifier.batch_size 7 must be a multiple"):
+        train_classifier(cache, targets, cache, targets,
+                         ClassifierConfig(batch_size=7, world_size=2, device="cpu"))
+    trained, result = train_classifier(cache, targets, cache, targets, config,
+                                       CheckpointStore(tmp_path / "checkpoints", "fp"))
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert all(np.isfinite(h["train_loss"]) for h in result.history)
+    last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert last["epoch"] == 1 and last["settings"]["world_size"] == 2
+    assert trained.state_dict.keys() == last["model"].keys()

@@ -203,11 +203,16 @@ def test_train_loss_is_the_mean_over_ranks(tmp_path):
 def test_grad_scaler_state_round_trips_through_a_checkpoint(tmp_path):
     """The CPU side of an exact AMP resume: the loss scale and its growth tracker are saved
     with the last checkpoint and restored (the GPU check covers the CUDA side)."""
+    from pneumonia_kedro.training import Optimisation
     from pneumonia_kedro.training.checkpoints import restore, resume_state
 
+    def optimisation(model: torch.nn.Module) -> Optimisation:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        return Optimisation(optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1))
+
     model = torch.nn.Linear(3, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    trained = optimisation(model)
+    optimizer = trained.optimizer
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
     for _ in range(2):  # two good steps: the growth tracker counts them
         optimizer.zero_grad()
@@ -216,21 +221,18 @@ def test_grad_scaler_state_round_trips_through_a_checkpoint(tmp_path):
         scaler.update()
     scaler.update(new_scale=256.0)
     store = CheckpointStore(tmp_path, "fp")
-    store.save_last(resume_state(model, optimizer, scheduler, scaler, epoch=0))
+    store.save_last(resume_state(model, trained, scaler, epoch=0))
 
     fresh = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
     fresh_model = torch.nn.Linear(3, 1)
-    fresh_optimizer = torch.optim.SGD(fresh_model.parameters(), lr=0.1)
-    restore(store.load_last(), fresh_model, fresh_optimizer,
-            torch.optim.lr_scheduler.StepLR(fresh_optimizer, step_size=1), fresh)
+    restore(store.load_last(), fresh_model, optimisation(fresh_model), fresh)
     assert fresh.get_scale() == 256.0
     assert fresh.state_dict() == scaler.state_dict()
     assert "rng" not in store.load_last()  # epochs reseed from seed + epoch: nothing to keep
     # A checkpoint of a run without AMP restores into an enabled scaler without complaint.
     disabled = torch.amp.GradScaler("cpu", enabled=False)
-    store.save_last(resume_state(model, optimizer, scheduler, disabled, epoch=0))
-    restore(store.load_last(), fresh_model, fresh_optimizer,
-            torch.optim.lr_scheduler.StepLR(fresh_optimizer, step_size=1), fresh)
+    store.save_last(resume_state(model, trained, disabled, epoch=0))
+    restore(store.load_last(), fresh_model, optimisation(fresh_model), fresh)
     assert fresh.get_scale() == 256.0
 
 
@@ -294,3 +296,84 @@ def test_world_size_auto_is_one_process_per_visible_gpu(monkeypatch):
     assert auto_world_size("cpu") == 1
     with pytest.raises(Exception, match="world_size"):
         from_params(TrainConfig, {"world_size": "all"}, "train")
+
+
+def test_auto_device_places_fold_i_on_gpu_i_mod_the_gpu_count(monkeypatch):
+    """The device comes from the parameters; a cross-validation fold's index (bound to its
+    nodes) picks its GPU, so folds trained side by side each get their own."""
+    from pneumonia_kedro.training import resolve_device
+
+    assert resolve_device("auto", fold=1) == torch.device("cpu")  # no GPU here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [resolve_device("auto", fold) for fold in (0, 1, 2, None)] == [
+        torch.device("cuda:0"), torch.device("cuda:1"), torch.device("cuda:0"),
+        torch.device("cuda")]
+    assert resolve_device("cpu", fold=1) == torch.device("cpu")
+    assert resolve_device("cuda", fold=1) == torch.device("cuda")
+
+
+def test_a_fold_keeps_its_checkpoints_in_its_own_subfolder(tmp_path):
+    from pneumonia_kedro.training import checkpoint_store
+
+    assert checkpoint_store(None, "fp") is None
+    assert checkpoint_store(str(tmp_path), "fp").path == tmp_path
+    fold = checkpoint_store(str(tmp_path), "fp", fold=2)
+    assert fold.path == tmp_path / "fold_2" and fold.fingerprint == "fp"
+
+
+def test_fewer_patients_than_a_batch_still_train_one_batch():
+    from pneumonia_kedro.training import EpochBatchSampler
+
+    assert list(EpochBatchSampler(3, 4, seed=0)) != [] and len(EpochBatchSampler(3, 4, 0)) == 1
+    assert len(EpochBatchSampler(9, 4, 0)) == 2  # the last partial batch is dropped
+    assert list(EpochBatchSampler(3, 4, 0, rank=0, world_size=2)) == []  # DDP: none
+
+
+def test_epoch_logger_writes_curves_to_a_real_mlflow_store(tmp_path):
+    """One logger for the detector and the classifier (prefixed), by run id: what a DDP
+    rank-0 process, outside the node's process, can use."""
+    import mlflow
+
+    from pneumonia_kedro.training import MlflowEpochLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("curves", artifact_location=str(tmp_path / "art"))
+    run_id = client.create_run(experiment).info.run_id
+    assert MlflowEpochLogger.for_active_run() is None  # outside a tracked run
+    detector = MlflowEpochLogger(uri, run_id)
+    classifier = MlflowEpochLogger(uri, run_id, prefix="classifier_")
+    for epoch, loss in ((1, 0.9), (2, 0.5)):
+        detector({"train_loss": loss, "validation_competition_metric": loss / 10}, epoch)
+    classifier({"validation_roc_auc": 0.75}, 1)
+    history = {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+               for key in ("train_loss", "validation_competition_metric",
+                           "classifier_validation_roc_auc")}
+    assert history == {"train_loss": [(1, 0.9), (2, 0.5)],
+                       "validation_competition_metric": [(1, 0.09), (2, 0.05)],
+                       "classifier_validation_roc_auc": [(1, 0.75)]}
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(experiment_id=experiment) as run:
+            active = MlflowEpochLogger.for_active_run(prefix="classifier_")
+        assert (active.tracking_uri, active.run_id, active.prefix) == (
+            uri, run.info.run_id, "classifier_")
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def test_final_metrics_say_whether_a_run_resumed():
+    from pneumonia_kedro.training import TrainingResult, final_metrics, history_table
+
+    history = [{"epoch": e, "validation_competition_metric": 0.1 * e} for e in (1, 2, 3)]
+    resumed = TrainingResult({}, {}, 3, 0.3, history, resumed_after_epoch=2)
+    assert final_metrics(resumed, "validation_competition_metric") == {
+        "best_epoch": {"value": 3.0, "step": 0},
+        "best_validation_competition_metric": {"value": 0.3, "step": 0},
+        "resumed_after_epoch": {"value": 2.0, "step": 0}}
+    assert history_table(resumed)["resumed_from_checkpoint"].tolist() == [True, True, False]
+    scratch = TrainingResult({}, {}, 3, 0.3, history)
+    assert final_metrics(scratch, "x")["resumed_after_epoch"]["value"] == 0.0
+    assert not history_table(scratch)["resumed_from_checkpoint"].any()

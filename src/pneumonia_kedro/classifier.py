@@ -10,13 +10,11 @@ picks (``postprocess.GatingConfig``).
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -24,13 +22,14 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader, default_collate
 
-from pneumonia_kedro.config import AT_LEAST_ONE, PROBABILITY, Range
+from pneumonia_kedro.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, PROBABILITY, Range
 from pneumonia_kedro.imagecache import ImageCache
 from pneumonia_kedro.inference import CachedImages
 from pneumonia_kedro.models import load_weights_file, weights_version, with_download
+from pneumonia_kedro.training import CheckpointStore, Optimisation, TrainingResult, fit_task
+from pneumonia_kedro.training.engine import EpochCallback
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +46,8 @@ class ClassifierConfig:
 
     RANGES = {"image_size": AT_LEAST_ONE, "epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE,
               "learning_rate": Range(0, low_open=True), "weight_decay": Range(0),
-              "horizontal_flip": PROBABILITY}
+              "horizontal_flip": PROBABILITY, "grad_clip_norm": POSITIVE,
+              "num_workers": NON_NEGATIVE, "world_size": AT_LEAST_ONE}
 
     architecture: Architecture = "resnet18"
     pretrained: str = "imagenet"  # imagenet | none | path/to/weights.pth
@@ -59,6 +59,13 @@ class ClassifierConfig:
     horizontal_flip: float = 0.5
     seed: int = 42
     device: str = "auto"
+    amp: bool = True  # on CUDA only
+    channels_last: bool = True  # on CUDA only
+    grad_clip_norm: float | None = None
+    num_workers: int = 0
+    resume: bool = True  # from a last checkpoint of the same settings and data
+    checkpoint_folder: str | None = None
+    world_size: int | Literal["auto"] = 1  # DDP processes, as train.world_size
     progress: bool = True
 
 
@@ -174,58 +181,76 @@ def predict_probabilities(classifier: TrainedClassifier, cache: ImageCache,
                      index=pd.Index(patient_ids, name="patientId"), name="probability")
 
 
-def train_classifier(train_cache: ImageCache, train_targets: pd.Series,
-                     validation_cache: ImageCache, validation_targets: pd.Series,
-                     config: ClassifierConfig, device: torch.device
-                     ) -> tuple[TrainedClassifier, pd.DataFrame]:
-    """Train on the training split, keep the epoch with the best validation ROC AUC.
-
-    ``*_targets``: 0/1 per patientId. Returns the classifier and the per-epoch history.
-    """
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    image_size = config.image_size or train_cache.image_size
-    model = build_classifier(config.architecture, config.pretrained).to(device)
-    train_data = _LabelledImages(train_cache, train_targets)
-    validation_data = _LabelledImages(validation_cache, validation_targets)
-    loader = DataLoader(train_data, batch_size=config.batch_size, shuffle=True,
-                        generator=generator, drop_last=len(train_data) > config.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
-    total_steps = max(1, config.epochs * len(loader))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
+def _cosine_per_step(optimizer: torch.optim.Optimizer, total_steps: int
+                     ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine decay from the learning rate to 0 over every step of the run."""
+    return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps)
                                                      / total_steps)))
-    history, best_auc, best_state, best_epoch = [], -1.0, None, 0
-    for epoch in range(1, config.epochs + 1):
-        model.train()
-        started, losses = time.perf_counter(), []
-        for batch, targets in tqdm(loader, desc=f"classifier epoch {epoch}", unit="batch",
-                                   disable=not config.progress):
-            flip = torch.rand(len(batch), generator=generator) < config.horizontal_flip
-            images = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-            logits = model(to_classifier_input(images, image_size, device)).squeeze(1)
-            loss = F.binary_cross_entropy_with_logits(logits, targets.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(loss))
+
+
+@dataclass
+class ClassifierTask:
+    """The classifier as a ``training.TrainingTask``: AdamW with a per-step cosine decay,
+    random horizontal flips, binary cross-entropy, best epoch by validation ROC AUC."""
+
+    config: ClassifierConfig
+    image_size: int
+    train_data: _LabelledImages
+    validation_data: _LabelledImages
+
+    name: ClassVar[str] = "classifier epoch"
+    params: ClassVar[str] = "classifier"
+    metric: ClassVar[str] = "validation_roc_auc"
+    higher_is_better: ClassVar[bool] = True
+    collate = staticmethod(default_collate)
+
+    def build(self) -> nn.Module:
+        return build_classifier(self.config.architecture, self.config.pretrained)
+
+    def optimisation(self, model: nn.Module, steps_per_epoch: int) -> Optimisation:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.config.learning_rate,
+                                      weight_decay=self.config.weight_decay)
+        total_steps = max(1, self.config.epochs * steps_per_epoch)
+        return Optimisation(optimizer, per_step=_cosine_per_step(optimizer, total_steps))
+
+    def to_device(self, batch: tuple, device: torch.device, channels_last: bool) -> tuple:
+        images, targets = batch
+        flip = torch.rand(len(images)) < self.config.horizontal_flip  # seeded per epoch
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        inputs = to_classifier_input(images, self.image_size, device)
+        if channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return inputs, targets.to(device)
+
+    def losses(self, model: nn.Module, batch: tuple) -> dict[str, torch.Tensor]:
+        inputs, targets = batch
+        logits = model(inputs).squeeze(1)
+        return {"loss": F.binary_cross_entropy_with_logits(logits.float(), targets)}
+
+    def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        data = self.validation_data
+        loader = DataLoader(data, batch_size=self.config.batch_size * 2)
         probabilities = np.concatenate(
-            [classify(model, images, image_size, device) for images, _ in
-             DataLoader(validation_data, batch_size=config.batch_size * 2)]) \
-            if len(validation_data) else np.zeros(0)
-        auc = roc_auc(validation_data.targets == 1, probabilities)
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else
-                        float("nan"), "validation_roc_auc": auc,
-                        "seconds": time.perf_counter() - started})
-        logger.info("classifier epoch %d: loss %.4f, validation ROC AUC %.4f", epoch,
-                    history[-1]["train_loss"], auc)
-        if best_state is None or (np.isfinite(auc) and auc > best_auc):
-            best_auc, best_epoch = auc, epoch
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in
-                                        model.state_dict().items()})
-    info = {"best_epoch": best_epoch, "validation_roc_auc": best_auc,
+            [classify(model, images, self.image_size, device) for images, _ in loader]) \
+            if len(data) else np.zeros(0)
+        return {"validation_roc_auc": roc_auc(data.targets == 1, probabilities)}
+
+
+def train_classifier(train_cache: ImageCache, train_targets: pd.Series,
+                     validation_cache: ImageCache, validation_targets: pd.Series,
+                     config: ClassifierConfig, checkpoints: CheckpointStore | None = None,
+                     on_epoch_end: EpochCallback | None = None, fold: int | None = None
+                     ) -> tuple[TrainedClassifier, TrainingResult]:
+    """Train on the training split through the detector's engine (``training.fit_task``: AMP,
+    checkpoints and resume, DDP), keep the epoch with the best validation ROC AUC.
+
+    ``*_targets``: 0/1 per patientId. Returns the classifier and the training result.
+    """
+    image_size = config.image_size or train_cache.image_size
+    task = ClassifierTask(config, image_size, _LabelledImages(train_cache, train_targets),
+                          _LabelledImages(validation_cache, validation_targets))
+    result = fit_task(task, config, checkpoints, on_epoch_end, fold)
+    info = {"best_epoch": result.best_epoch, "validation_roc_auc": result.best_metric,
             "config": asdict(config)}
-    return (TrainedClassifier(config.architecture, image_size, best_state, info),
-            pd.DataFrame(history))
+    return TrainedClassifier(config.architecture, image_size, result.best_state, info), result

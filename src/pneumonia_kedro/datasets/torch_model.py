@@ -1,18 +1,20 @@
-"""``TrainedModelDataset`` and ``CheckpointFolderDataset``: weights without pickle."""
+"""``TrainedModelDataset``: weights without pickle.
+
+(Training checkpoints are not a dataset: the training engine keeps them in the folder its
+parameters name, ``train.checkpoint_folder``; see ``training.fit``.)"""
 
 from __future__ import annotations
 
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any, Literal
 
 import fsspec
 import torch
-from kedro.io import AbstractDataset, AbstractVersionedDataset, DatasetError, Version
+from kedro.io import AbstractVersionedDataset, DatasetError, Version
 from kedro.io.core import get_filepath_str, get_protocol_and_path
 
 from pneumonia_kedro.classifier import TrainedClassifier
 from pneumonia_kedro.models import TrainedModel, model_config_from_dict
-from pneumonia_kedro.training import CheckpointStore
 
 
 class TrainedModelDataset(AbstractVersionedDataset[TrainedModel, TrainedModel]):
@@ -63,27 +65,3 @@ class TrainedModelDataset(AbstractVersionedDataset[TrainedModel, TrainedModel]):
 
     def _describe(self) -> dict[str, Any]:
         return {"filepath": str(self._filepath), "kind": self._kind, "version": self._version}
-
-
-class CheckpointFolderDataset(AbstractDataset[CheckpointStore, CheckpointStore]):
-    """Loads a ``CheckpointStore`` over a local folder; the training node writes epochs into it.
-
-    Checkpoints are written during the node (one per epoch), so the node takes the store as an
-    input: a resumed run reads the last one back.
-    """
-
-    def __init__(self, *, path: str, metadata: dict[str, Any] | None = None) -> None:
-        self._path = Path(path)
-        self.metadata = metadata
-
-    def load(self) -> CheckpointStore:
-        return CheckpointStore(self._path)
-
-    def save(self, data: CheckpointStore) -> None:
-        raise DatasetError("checkpoints are written by the training node through the store")
-
-    def _exists(self) -> bool:
-        return True
-
-    def _describe(self) -> dict[str, Any]:
-        return {"path": str(self._path)}

@@ -16,7 +16,8 @@ import torch
 
 from pneumonia_kedro.imagecache import ImageCache
 from pneumonia_kedro.models import ModelConfig
-from pneumonia_kedro.training.config import TrainConfig
+from pneumonia_kedro.split import fold_name
+from pneumonia_kedro.training.engine import Optimisation
 
 logger = logging.getLogger(__name__)
 
@@ -72,44 +73,51 @@ class CheckpointStore:
         return best["state_dict"] if best.get("fingerprint", "") == self.fingerprint else None
 
 
+def checkpoint_store(folder: str | None, fingerprint: str, fold: int | None = None
+                     ) -> CheckpointStore | None:
+    """The store of a training run in ``folder`` (None: no checkpoints); a cross-validation
+    fold keeps its own in a ``fold_<i>`` subfolder."""
+    if not folder:
+        return None
+    return CheckpointStore(Path(folder) / (fold_name(fold) if fold is not None else ""),
+                           fingerprint)
+
+
 # Settings that change neither the trained weights nor the curves.
-_NOT_FINGERPRINTED = {"resume", "progress", "num_workers", "validation_batch_size"}
+_NOT_FINGERPRINTED = {"resume", "progress", "num_workers", "validation_batch_size",
+                      "checkpoint_folder"}
 
 
-def training_fingerprint(model_config: ModelConfig, config: TrainConfig,
+def training_fingerprint(model_config: ModelConfig | None, config: object,
                          caches: list[ImageCache], patient_tables: list[pd.DataFrame]) -> str:
-    """A digest of everything a training run's result depends on."""
+    """A digest of everything a training run's result depends on: the model (the
+    classifier's is part of its ``config``), the settings (a dataclass), data and labels."""
     settings = {k: v for k, v in asdict(config).items() if k not in _NOT_FINGERPRINTED}
     digest = hashlib.sha256(json.dumps(
-        [model_config.to_dict(), settings, [cache.manifest["fingerprint"] for cache in caches]],
+        [model_config.to_dict() if model_config else None, settings,
+         [cache.manifest["fingerprint"] for cache in caches]],
         sort_keys=True, default=str).encode())
     for table in patient_tables:
         digest.update(pd.util.hash_pandas_object(table.astype(str), index=False).values.tobytes())
     return digest.hexdigest()
 
 
-
-
-def resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-                 **progress: object) -> dict:
+def resume_state(model: torch.nn.Module, optimisation: Optimisation,
+                 scaler: torch.amp.GradScaler, **progress: object) -> dict:
     """What ``restore`` needs to continue after this epoch exactly as if never stopped.
 
     No RNG state: every epoch reseeds from ``seed + epoch``. The GradScaler's scale and growth
     tracker are kept, so an interrupted AMP run resumes with the same loss scaling.
     """
     return {"model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), **progress}
+            **optimisation.state_dict(), "scaler": scaler.state_dict(), **progress}
 
 
-def restore(last: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler
-            ) -> None:
+def restore(last: dict, model: torch.nn.Module, optimisation: Optimisation,
+            scaler: torch.amp.GradScaler) -> None:
     """Load a ``resume_state`` into freshly built training objects."""
     model.load_state_dict(last["model"])
-    optimizer.load_state_dict(last["optimizer"])
-    scheduler.load_state_dict(last["scheduler"])
+    optimisation.load_state_dict(last)
     # A disabled scaler (CPU, or AMP off) saves {}; one that was enabled saves its scale.
     if last.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(last["scaler"])

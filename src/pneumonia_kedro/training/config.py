@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextvars
 import random
 from dataclasses import dataclass, field
 from typing import Literal
@@ -60,6 +59,7 @@ class TrainConfig:
     score_threshold: float | None = None  # per-epoch metric; None: best of a 0.05 grid
     inclusive_iou: bool = False
     resume: bool = True  # from a last checkpoint of the same settings and data
+    checkpoint_folder: str | None = None  # the last epoch's state and the best weights
     world_size: int | Literal["auto"] = 1  # DDP processes (GPUs, or CPU processes on gloo);
     # auto: one per visible GPU (1 without a GPU)
     progress: bool = True
@@ -79,27 +79,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# Set per thread for a cross-validation fold's nodes (hooks.FoldRunsHook): with several
-# GPUs, folds trained side by side (--runner ThreadRunner) each get their own.
-_fold_index: contextvars.ContextVar[int | None] = contextvars.ContextVar("fold_index",
-                                                                        default=None)
+def resolve_device(requested: str, fold: int | None = None) -> torch.device:
+    """The device of ``train.device`` / ``classifier.device``: ``auto`` is CUDA when present.
 
-
-def use_fold_device(fold_index: int | None) -> None:
-    """``auto`` means GPU ``fold_index`` mod the GPU count in this thread (None: the first)."""
-    _fold_index.set(fold_index)
-
-
-def resolve_device(requested: str) -> torch.device:
+    With several GPUs, cross-validation fold ``fold`` trains on GPU ``fold`` mod their count,
+    so folds run side by side (``--runner ThreadRunner``) each get their own.
+    """
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device is 'cuda' but no CUDA GPU is visible; use 'auto' or "
                            "'cpu'")
     if requested == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
-        fold = _fold_index.get()
         return torch.device("cuda" if fold is None
                             else f"cuda:{fold % torch.cuda.device_count()}")
     return torch.device(requested)
-
-

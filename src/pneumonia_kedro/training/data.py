@@ -130,12 +130,19 @@ class EpochBatchSampler(Sampler[list[int]]):
             order = list(range(self.n))
         for start in range(0, self.n, self.batch_size):
             batch = order[start:start + self.batch_size]
-            if self.shuffle and len(batch) < self.batch_size:
+            if self.shuffle and len(batch) < self.batch_size and not self._only_batch:
                 break  # drop the last partial batch so every rank has work
             yield batch[self.rank::self.world_size]
 
+    @property
+    def _only_batch(self) -> bool:
+        """Fewer items than one batch, in one process: train on them rather than not at all."""
+        return self.n < self.batch_size and self.world_size == 1
+
     def __len__(self) -> int:
         full = self.n // self.batch_size
-        return full if self.shuffle else math.ceil(self.n / self.batch_size)
+        if not self.shuffle:
+            return math.ceil(self.n / self.batch_size)
+        return 1 if self._only_batch and self.n else full
 
 

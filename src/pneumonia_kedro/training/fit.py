@@ -1,17 +1,24 @@
-"""The whole training run: resume, epochs, best-model selection and DDP start-up.
+"""The whole training run, the same for the detector and the classifier: per-epoch seeding,
+AMP on CUDA, checkpoints and resume, best-epoch selection, DDP start-up.
 
 Every epoch reseeds python, numpy and torch from ``seed + epoch``, so data order and
 augmentation depend only on the epoch: a run resumed from a checkpoint ends with the same
 weights as an uninterrupted one (on the CPU, where kernels are deterministic).
+
+Checkpoints are the engine's own run storage, in a folder named by the parameters (as
+torchvision's references' ``--output-dir``), not a Kedro dataset: they are written during the
+node, by whichever process is DDP rank 0, and read back only by the next run of the same
+training, so nothing downstream consumes them.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -20,7 +27,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from pneumonia_kedro.models import ModelConfig, build_model
+from pneumonia_kedro.models import ModelConfig
 from pneumonia_kedro.training.checkpoints import CheckpointStore, restore, resume_state
 from pneumonia_kedro.training.config import (
     TrainConfig,
@@ -28,16 +35,13 @@ from pneumonia_kedro.training.config import (
     resolve_device,
     seed_everything,
 )
-from pneumonia_kedro.training.data import (
-    CachedDetectionDataset,
-    EpochBatchSampler,
-    detection_collate,
-)
+from pneumonia_kedro.training.data import CachedDetectionDataset, EpochBatchSampler
+from pneumonia_kedro.training.detector import DetectorTask
 from pneumonia_kedro.training.engine import (
     EpochCallback,
     EpochStats,
-    evaluate_epoch,
-    schedulers,
+    FitSettings,
+    TrainingTask,
     train_one_epoch,
 )
 
@@ -54,6 +58,17 @@ class TrainingResult:
     best_metric: float
     history: list[dict]
     resumed_after_epoch: int = 0  # epochs taken from a checkpoint (0: trained from scratch)
+
+
+@dataclass
+class _Progress:
+    """Where a run stands: what a checkpoint keeps besides the training objects."""
+
+    start_epoch: int = 0
+    best_metric: float | None = None
+    best_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_state: dict | None = None
 
 
 def _cpu_state(model: torch.nn.Module) -> dict:
@@ -83,107 +98,120 @@ def _mean_over_ranks(value: float, device: torch.device, distributed: bool) -> f
     return float(total.item()) / dist.get_world_size()
 
 
-def _epoch_record(epoch: int, stats: EpochStats, train_loss: float, validation: dict,
-                  learning_rate: float) -> dict:
-    return {"epoch": epoch + 1, "train_loss": train_loss, **validation,
-            "images_per_second": stats.images / stats.seconds,
-            "data_wait_share": stats.data_wait / stats.seconds,
-            "learning_rate": learning_rate}
+def _improves(metric: float, best: float | None, higher_is_better: bool) -> bool:
+    """The first epoch is the best so far; later a finite metric must beat it (a NaN
+    metric, say ROC AUC on one class, beats only a NaN best)."""
+    if best is None or not math.isfinite(best):
+        return best is None or math.isfinite(metric)
+    return math.isfinite(metric) and (metric > best if higher_is_better else metric < best)
 
 
-def _train_process(rank: int, model_config: ModelConfig, config: TrainConfig,
-                   train_data: CachedDetectionDataset, validation_data: CachedDetectionDataset,
-                   checkpoints: CheckpointStore | None, on_epoch_end: EpochCallback | None,
-                   result_file: str | None, port: int) -> TrainingResult | None:
-    world_size = config.world_size
-    distributed = world_size > 1
-    device = resolve_device(config.device)
-    if distributed:
-        device = _start_process_group(rank, world_size, device, port)
-    seed_everything(config.seed)
-    model = build_model(model_config).to(device)
-    use_cuda = device.type == "cuda"
-    if config.channels_last and use_cuda:
+def _prepare(task: TrainingTask, settings: FitSettings, rank: int, device: torch.device
+             ) -> tuple:
+    """The model (and its DDP wrapper), the epoch sampler and loader, optimiser and scaler."""
+    world_size, use_cuda = settings.world_size, device.type == "cuda"
+    seed_everything(settings.seed)
+    model = task.build().to(device)
+    if settings.channels_last and use_cuda:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
-                                lr=config.learning_rate, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    sampler = EpochBatchSampler(len(train_data), config.batch_size, config.seed,
+    sampler = EpochBatchSampler(len(task.train_data), settings.batch_size, settings.seed,
                                 rank=rank, world_size=world_size)
-    loader = DataLoader(train_data, batch_sampler=sampler, collate_fn=detection_collate,
-                        num_workers=config.num_workers, pin_memory=use_cuda,
-                        persistent_workers=config.num_workers > 0)
-    validation_loader = DataLoader(validation_data, batch_size=config.validation_batch_size,
-                                   shuffle=False, collate_fn=detection_collate)
-    warmup, warmup_iterations, main_scheduler = schedulers(optimizer, config, len(sampler))
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp and use_cuda)
-    if distributed and use_cuda:
+    optimisation = task.optimisation(model, len(sampler))
+    loader = DataLoader(task.train_data, batch_sampler=sampler, collate_fn=task.collate,
+                        num_workers=settings.num_workers, pin_memory=use_cuda,
+                        persistent_workers=settings.num_workers > 0)
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.amp and use_cuda)
+    if world_size > 1 and use_cuda:
         # BatchNorm over the global batch, as one process would compute it (GPU only).
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    trained = DistributedDataParallel(model) if distributed else model
+    trained = DistributedDataParallel(model) if world_size > 1 else model
+    return model, trained, sampler, loader, optimisation, scaler
 
-    start_epoch, best_metric, best_epoch, history = 0, -1.0, -1, []
-    best_state: dict | None = None
-    if config.resume and checkpoints is not None and (last := checkpoints.load_last()):
-        restore(last, model, optimizer, main_scheduler, scaler)
-        start_epoch = int(last["epoch"]) + 1
-        best_metric, best_epoch = float(last["best_metric"]), int(last["best_epoch"])
-        history = list(last["history"])
-        best_state = checkpoints.load_best()
-        logger.info("resuming after epoch %d of %d from %s", start_epoch, config.epochs,
-                    checkpoints.last_file)
-        if on_epoch_end is not None and rank == 0:  # a new run gets the whole curve
-            for record in history:
-                on_epoch_end({k: v for k, v in record.items() if k != "epoch"},
-                             int(record["epoch"]))
 
-    for epoch in range(start_epoch, config.epochs):
-        seed_everything(config.seed + epoch)
+def _resume(checkpoints: CheckpointStore | None, model: torch.nn.Module, optimisation: object,
+            scaler: torch.amp.GradScaler, settings: FitSettings,
+            on_epoch_end: EpochCallback | None, rank: int) -> _Progress:
+    """The progress of the last checkpoint of the same settings and data, else a fresh one."""
+    if not settings.resume or checkpoints is None or not (last := checkpoints.load_last()):
+        return _Progress()
+    restore(last, model, optimisation, scaler)
+    progress = _Progress(int(last["epoch"]) + 1, last["best_metric"], int(last["best_epoch"]),
+                         list(last["history"]), checkpoints.load_best())
+    logger.info("resuming after epoch %d of %d from %s", progress.start_epoch, settings.epochs,
+                checkpoints.last_file)
+    if on_epoch_end is not None and rank == 0:  # a new run gets the whole curve
+        for record in progress.history:
+            on_epoch_end({k: v for k, v in record.items() if k != "epoch"},
+                         int(record["epoch"]))
+    return progress
+
+
+def _end_epoch(task: TrainingTask, settings: FitSettings, model: torch.nn.Module,
+               optimisation: object, scaler: torch.amp.GradScaler, progress: _Progress,
+               epoch: int, stats: EpochStats, train_loss: float, device: torch.device,
+               checkpoints: CheckpointStore | None) -> dict:
+    """Validate, record, keep the best weights and checkpoint (rank 0); the epoch's record."""
+    validation = task.validate(model, device)
+    record = {"epoch": epoch + 1, "train_loss": train_loss, **validation,
+              "images_per_second": stats.images / stats.seconds,
+              "data_wait_share": stats.data_wait / stats.seconds,
+              "learning_rate": optimisation.learning_rate}
+    progress.history.append(record)
+    logger.info("%s %d/%d: train loss %.4f, %s, %.1f images/s", task.name, epoch + 1,
+                settings.epochs, train_loss,
+                ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in validation.items()),
+                record["images_per_second"])
+    if _improves(record[task.metric], progress.best_metric, task.higher_is_better):
+        progress.best_metric, progress.best_epoch = record[task.metric], epoch + 1
+        progress.best_state = _cpu_state(model)
+        if checkpoints is not None:
+            checkpoints.save_best(progress.best_state)
+    if checkpoints is not None:
+        checkpoints.save_last(resume_state(
+            model, optimisation, scaler, epoch=epoch, best_metric=progress.best_metric,
+            best_epoch=progress.best_epoch, history=progress.history,
+            settings=asdict(settings)))
+    return record
+
+
+def _train_process(rank: int, task: TrainingTask, settings: FitSettings, fold: int | None,
+                   checkpoints: CheckpointStore | None, on_epoch_end: EpochCallback | None,
+                   result_file: str | None, port: int) -> TrainingResult | None:
+    world_size = settings.world_size
+    distributed = world_size > 1
+    device = resolve_device(settings.device, fold)
+    if distributed:
+        device = _start_process_group(rank, world_size, device, port)
+    model, trained, sampler, loader, optimisation, scaler = _prepare(task, settings, rank,
+                                                                      device)
+    progress = _resume(checkpoints, model, optimisation, scaler, settings, on_epoch_end, rank)
+    for epoch in range(progress.start_epoch, settings.epochs):
+        seed_everything(settings.seed + epoch)
         sampler.set_epoch(epoch)
         trained.train()
-        stats = train_one_epoch(trained, loader, optimizer, scaler, device, config, epoch,
-                                warmup if epoch == 0 else None, warmup_iterations,
-                                world_size, show=config.progress and rank == 0)
-        main_scheduler.step()
+        stats = train_one_epoch(trained, loader, optimisation, scaler, device, settings, task,
+                                epoch, world_size, show=settings.progress and rank == 0)
+        optimisation.epoch_done()
         # Each rank's loss is its share of the global batch: log the mean over ranks.
         train_loss = _mean_over_ranks(stats.loss_sum / max(len(sampler), 1), device,
                                       distributed)
         if distributed:
             dist.barrier()
-        if rank != 0:
-            continue
-
-        validation = evaluate_epoch(model, validation_loader, validation_data, device, config)
-        record = _epoch_record(epoch, stats, train_loss, validation,
-                               optimizer.param_groups[0]["lr"])
-        history.append(record)
-        logger.info("epoch %d/%d: train loss %.4f, validation loss %.4f, competition metric "
-                    "%.4f, %.1f images/s", epoch + 1, config.epochs, train_loss,
-                    record["validation_loss"], record["validation_competition_metric"],
-                    record["images_per_second"])
-        metric = record["validation_competition_metric"]
-        if metric > best_metric:
-            best_metric, best_epoch = metric, epoch + 1
-            best_state = _cpu_state(model)
-            if checkpoints is not None:
-                checkpoints.save_best(best_state)
-        if checkpoints is not None:
-            checkpoints.save_last(resume_state(
-                model, optimizer, main_scheduler, scaler, epoch=epoch, best_metric=best_metric,
-                best_epoch=best_epoch, history=history, model_config=model_config.to_dict(),
-                train_config=asdict(config)))
-        if on_epoch_end is not None:
-            on_epoch_end({k: v for k, v in record.items() if k != "epoch"}, epoch + 1)
+        if rank == 0:
+            record = _end_epoch(task, settings, model, optimisation, scaler, progress, epoch,
+                                stats, train_loss, device, checkpoints)
+            if on_epoch_end is not None:
+                on_epoch_end({k: v for k, v in record.items() if k != "epoch"}, epoch + 1)
 
     if rank != 0:
         dist.barrier()
         dist.destroy_process_group()
         return None
-    if best_state is None:  # no epoch ran (all were done before a resume)
-        best_state = _cpu_state(model)
-    result = TrainingResult(best_state=best_state, last_state=_cpu_state(model),
-                            best_epoch=best_epoch, best_metric=best_metric, history=history,
-                            resumed_after_epoch=start_epoch)
+    result = TrainingResult(
+        best_state=_cpu_state(model) if progress.best_state is None else progress.best_state,
+        last_state=_cpu_state(model), best_epoch=progress.best_epoch,
+        best_metric=progress.best_metric, history=progress.history,
+        resumed_after_epoch=progress.start_epoch)
     if distributed:
         torch.save(asdict(result), result_file)
         dist.barrier()
@@ -197,22 +225,32 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def fit_task(task: TrainingTask, settings: FitSettings,
+             checkpoints: CheckpointStore | None = None,
+             on_epoch_end: EpochCallback | None = None, fold: int | None = None
+             ) -> TrainingResult:
+    """Train ``task``, in this process or in ``settings.world_size`` DDP processes (spawned
+    here). ``fold``: the cross-validation fold, whose GPU ``auto`` picks among several."""
+    if settings.world_size == "auto":
+        settings = replace(settings, world_size=auto_world_size(settings.device))
+    if settings.batch_size % settings.world_size:
+        raise ValueError(f"{task.params}.batch_size {settings.batch_size} must be a multiple "
+                         f"of world_size {settings.world_size}")
+    if settings.world_size == 1:
+        return _train_process(0, task, settings, fold, checkpoints, on_epoch_end, None, 0)
+    with tempfile.TemporaryDirectory() as folder:
+        result_file = str(Path(folder) / "result.pt")
+        mp.spawn(_train_process, nprocs=settings.world_size, join=True,
+                 args=(task, settings, fold, checkpoints, on_epoch_end, result_file,
+                       _free_port()))
+        return TrainingResult(**torch.load(result_file, weights_only=True))
+
+
 def train_model(model_config: ModelConfig, config: TrainConfig,
                 train_data: CachedDetectionDataset, validation_data: CachedDetectionDataset,
                 checkpoints: CheckpointStore | None = None,
-                on_epoch_end: EpochCallback | None = None) -> TrainingResult:
-    """Train, in this process or in ``config.world_size`` DDP processes (spawned here)."""
-    if config.world_size == "auto":
-        config = replace(config, world_size=auto_world_size(config.device))
-    if config.batch_size % config.world_size:
-        raise ValueError(f"train.batch_size {config.batch_size} must be a multiple of "
-                         f"world_size {config.world_size}")
-    if config.world_size == 1:
-        return _train_process(0, model_config, config, train_data, validation_data,
-                              checkpoints, on_epoch_end, None, 0)
-    with tempfile.TemporaryDirectory() as folder:
-        result_file = str(Path(folder) / "result.pt")
-        mp.spawn(_train_process, nprocs=config.world_size, join=True,
-                 args=(model_config, config, train_data, validation_data, checkpoints,
-                       on_epoch_end, result_file, _free_port()))
-        return TrainingResult(**torch.load(result_file, weights_only=True))
+                on_epoch_end: EpochCallback | None = None, fold: int | None = None
+                ) -> TrainingResult:
+    """Train the detector (``fit_task`` of a ``DetectorTask``)."""
+    return fit_task(DetectorTask(model_config, config, train_data, validation_data), config,
+                    checkpoints, on_epoch_end, fold)
