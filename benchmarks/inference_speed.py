@@ -12,7 +12,7 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import mlflow
@@ -26,10 +26,12 @@ from common import write_dicoms  # noqa: E402
 import pneumonia_kedro  # noqa: E402
 from pneumonia_kedro.config import from_params  # noqa: E402
 from pneumonia_kedro.dicom import DicomFolder  # noqa: E402
+from pneumonia_kedro.ensemble import Networks  # noqa: E402
 from pneumonia_kedro.imagecache import CacheConfig, ImageCache, build, plan  # noqa: E402
-from pneumonia_kedro.inference import predict_cache  # noqa: E402
+from pneumonia_kedro.inference import cached_squares  # noqa: E402
 from pneumonia_kedro.models import ModelConfig, build_model  # noqa: E402
-from pneumonia_kedro.postprocess import PostprocessConfig, postprocess  # noqa: E402
+from pneumonia_kedro.postprocess import PostprocessConfig  # noqa: E402
+from pneumonia_kedro.prediction import predict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = Path(pneumonia_kedro.__file__).parent
@@ -63,9 +65,9 @@ def main() -> None:
             build(plan(dicoms, dicoms.patient_ids,
                        CacheConfig(image_size=config.image_size, workers=2, progress=False)),
                   cache_path)
-            raw = predict_cache([model], ImageCache(cache_path), cpu, batch_size=8,
-                                progress=False)
-            postprocess(raw, post)
+            # The inference node's one call: detection, fusion, post-processing.
+            predict(Networks([model], [], [], cpu), cached_squares(ImageCache(cache_path)),
+                    None, post, batch_size=8)
             pipeline_rate = arguments.images / (time.perf_counter() - started)
             print(f"{label:<34}{'pipeline (cache + batches)':<34}{pipeline_rate:>10.2f}",
                   flush=True)
@@ -75,7 +77,7 @@ def main() -> None:
                         "state_dict": model.state_dict()}, weights)
             settings = Path(tmp) / "settings.json"
             settings.write_text(json.dumps({"image_size": config.image_size,
-                                            "postprocess": post.__dict__}))
+                                            "postprocess": asdict(post)}))
             saved = Path(tmp) / f"model{config.image_size}"
             mlflow.pyfunc.save_model(saved, python_model=str(PACKAGE / "serving.py"),
                                      artifacts={"weights": str(weights),

@@ -28,10 +28,11 @@ def main() -> None:
 
     from pneumonia_kedro.bootstrap import BootstrapConfig, mean_interval, resample_counts
     from pneumonia_kedro.config import from_params
+    from pneumonia_kedro.evaluation import EvaluateConfig, truth_by_patient
+    from pneumonia_kedro.fusion import fuse_variants
     from pneumonia_kedro.metrics import competition_scores
-    from pneumonia_kedro.pipelines.evaluate.nodes import EvaluateConfig, _truth_by_patient
     from pneumonia_kedro.postprocess import PostprocessConfig, per_image, postprocess
-    from pneumonia_kedro.prediction import fuse_variants, prediction_settings
+    from pneumonia_kedro.prediction import prediction_settings
     from pneumonia_kedro.tuning import halves, search
 
     bootstrap_project(ROOT)
@@ -46,7 +47,7 @@ def main() -> None:
         probabilities = catalog.load("validation_image_probabilities") \
             .set_index("patientId")["probability"]
         config = from_params(EvaluateConfig, context.params["evaluate"], "evaluate")
-    truth = _truth_by_patient(patients)
+    truth = truth_by_patient(patients)
     ids = patients["patientId"].tolist()
     counts = resample_counts(len(ids), BootstrapConfig())
 

@@ -3,15 +3,20 @@ predictions that depend on every member."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
+from pneumonia_kedro.boxes import Letterbox
 from pneumonia_kedro.classifier import TrainedClassifier, build_classifier
 from pneumonia_kedro.config import ConfigError
-from pneumonia_kedro.ensemble import Ensemble, classify_batch, load_ensemble, save_ensemble
+from pneumonia_kedro.ensemble import Ensemble, load_ensemble, save_ensemble
+from pneumonia_kedro.inference import Square
 from pneumonia_kedro.models import TrainedModel, build_model
-from pneumonia_kedro.prediction import predict_batch
+from pneumonia_kedro.postprocess import PostprocessConfig
+from pneumonia_kedro.prediction import predict
 from tests.test_training import TINY_MODEL
 
 
@@ -62,40 +67,47 @@ def test_files_round_trip_and_a_single_model_s_older_file_still_loads(folds, tmp
     assert not (tmp_path / "c.pt").exists()
 
 
+def test_networks_are_built_as_asked():
+    folds = Ensemble.of(*_member(1), *_member(2))
+    both = folds.build("cpu")
+    assert len(both.detectors) == 2 and both.classifier_sizes == [32, 32]
+    assert both.device == torch.device("cpu")
+    assert folds.build("cpu", classifiers=False).classifiers == []
+    assert folds.build("cpu", detectors=False).detectors == []
+    # A gate needs every member's classifier: one member without one means no gate.
+    mixed = Ensemble.of(folds.detectors[0], folds.classifiers[0], folds.detectors[1], None)
+    assert mixed.build("cpu").classifiers == []
+
+
 @pytest.mark.slow  # two detectors in every variant: outside the quick loop
 def test_the_fused_answer_depends_on_every_member(folds: Ensemble):
-    images = torch.randint(0, 255, (2, 1, 64, 64), dtype=torch.uint8)
-    cpu = torch.device("cpu")
-    models = folds.build()
-    fused = predict_batch(models, images, cpu)
-    alone = [predict_batch([m], images, cpu) for m in models]
-    for i in range(len(images)):
-        assert not any(np.array_equal(fused[i][1], one[i][1]) for one in alone)
-    classifiers = [c.build() for c in folds.classifiers]
-    mean = classify_batch(classifiers, folds.classifiers, images, cpu, hflip=False)
-    each = [classify_batch([m], [c], images, cpu, hflip=False)
-            for m, c in zip(classifiers, folds.classifiers, strict=True)]
-    np.testing.assert_allclose(mean, (each[0] + each[1]) / 2)
+    images = torch.randint(0, 255, (2, 64, 64), dtype=torch.uint8).numpy()
+    squares = [Square(f"p{i}", image, Letterbox.fit(64, 64, 64))
+               for i, image in enumerate(images)]
+    networks = folds.build()
+    keep_all = PostprocessConfig(score_threshold=0.0, nms_iou=1.0, max_boxes=1000)
+    fused = predict(networks, squares, None, keep_all)
+    alone = [predict(dataclasses.replace(networks, detectors=[m]), squares, None, keep_all)
+             for m in networks.detectors]
+    for patient_id in ("p0", "p1"):
+        scores = fused.boxes.loc[fused.boxes["patientId"] == patient_id, "score"]
+        assert len(scores)
+        for one in alone:
+            assert not np.array_equal(
+                scores, one.boxes.loc[one.boxes["patientId"] == patient_id, "score"])
+    each = [dataclasses.replace(networks, classifiers=[m], classifier_sizes=[size])
+            .classify(torch.from_numpy(images)[:, None], hflip=False)
+            for m, size in zip(networks.classifiers, networks.classifier_sizes, strict=True)]
+    np.testing.assert_allclose(fused.classifier_probability, (each[0] + each[1]) / 2)
 
 
-def test_with_several_gpus_each_fold_thread_gets_its_own(monkeypatch):
-    import threading
-
-    from pneumonia_kedro.training import resolve_device, use_fold_device
+def test_with_several_gpus_each_fold_gets_its_own(monkeypatch):
+    from pneumonia_kedro.training import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    seen = {}
-
-    def fold_node(fold: int | None) -> None:  # what the hook and a fold's node do per thread
-        use_fold_device(fold)
-        seen[fold] = resolve_device("auto")
-
-    threads = [threading.Thread(target=fold_node, args=(fold,)) for fold in (0, 1, 2, None)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert seen == {0: torch.device("cuda:0"), 1: torch.device("cuda:1"),
-                    2: torch.device("cuda:0"), None: torch.device("cuda")}
-    assert resolve_device("cpu") == torch.device("cpu")
+    # The fold comes from the node's parameters: no thread or hook state decides it.
+    assert {fold: resolve_device("auto", fold) for fold in (0, 1, 2, None)} == {
+        0: torch.device("cuda:0"), 1: torch.device("cuda:1"), 2: torch.device("cuda:0"),
+        None: torch.device("cuda")}
+    assert resolve_device("cpu", 1) == torch.device("cpu")

@@ -11,9 +11,10 @@ import pytest
 
 from pneumonia_kedro import tuning
 from pneumonia_kedro.config import ConfigError
-from pneumonia_kedro.inference import finalize
+from pneumonia_kedro.evaluation import EvaluateConfig, held_out_postprocessing, truth_by_patient
 from pneumonia_kedro.pipelines.evaluate import nodes as evaluate_nodes
 from pneumonia_kedro.postprocess import GatingConfig, PostprocessConfig, gate, postprocess
+from pneumonia_kedro.prediction import TTAConfig, postprocessed
 from pneumonia_kedro.tuning import SearchSpace, cross_fit, halves, search
 
 
@@ -37,7 +38,7 @@ def _case(n_patients: int = 40, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFra
 
 
 def _truth(patients: pd.DataFrame) -> dict[str, np.ndarray]:
-    return evaluate_nodes._truth_by_patient(patients)
+    return truth_by_patient(patients)
 
 
 SPACE = SearchSpace(score_threshold=(0.2, 0.5), nms_iou=(0.1,), shrink=(0.8, 0.85, 1.0),
@@ -87,9 +88,8 @@ def test_the_tuning_never_sees_the_patients_it_is_reported_on(monkeypatch):
         return real_search(raw_predictions, truth, *args, **kwargs)
 
     monkeypatch.setattr(tuning, "search", spy)
-    config = evaluate_nodes.EvaluateConfig(search=SPACE)
-    final, candidates, chosen = evaluate_nodes.held_out_postprocessing(raw, patients, None,
-                                                                              config)
+    config = EvaluateConfig(search=SPACE)
+    final, candidates, chosen = held_out_postprocessing(raw, patients, None, config)
     assert len(seen) == 2 and not seen[0] & seen[1]
     assert seen[0] | seen[1] == set(patients["patientId"])
     reported = [set(ids) for ids, _ in cross_fit(patients, lambda ids: None, seed=0)]
@@ -121,11 +121,13 @@ def test_label_shift_scales_delivered_boxes_only():
     _, raw = _case(2)
     config = PostprocessConfig(score_threshold=0.5, shrink=0.85, label_shift=0.9)
     evaluated = postprocess(raw, config)
-    delivered, _ = finalize(raw, config, ["p000", "p001"])
+    delivered, _, probability = postprocessed(raw, TTAConfig(), config, None, ["p000", "p001"])
     np.testing.assert_allclose(evaluated["width"], [200.0])
     np.testing.assert_allclose(delivered["width"], [180.0])
     np.testing.assert_allclose(delivered["x"] + delivered["width"] / 2,
                                evaluated["x"] + evaluated["width"] / 2)
+    # The image probability is the best candidate's score, whatever the threshold keeps.
+    assert probability.to_dict() == {"p000": 0.9, "p001": 0.3}
 
 
 def test_search_space_is_checked_by_name():
@@ -176,7 +178,7 @@ def test_every_combination_searched_scores_as_post_processing_it_would():
 
 
 def test_the_fusion_iou_is_searched_over_the_variants_kept_apart():
-    from pneumonia_kedro.prediction import TTAConfig, fuse_variants
+    from pneumonia_kedro.fusion import fuse_variants
     from pneumonia_kedro.tuning import search_with_fusion
 
     patients, raw = _case()

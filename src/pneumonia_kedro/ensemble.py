@@ -1,9 +1,10 @@
 """The models that predict together: one detector (and classifier) per cross-validation fold.
 
 With ``split.folds: 1`` the ensemble has one member, the single trained model, so evaluation,
-inference and the served model take the same path for one model as for k. Detectors are
-fused by ``prediction.predict_batch`` (weighted boxes fusion over every model and test-time
-variant in one step); classifiers' probabilities are averaged.
+inference and the served model take the same path for one model as for k. ``Ensemble.build``
+makes its ``Networks``, which ``prediction.predict`` runs: detectors' boxes are fused (weighted
+boxes fusion over every model and test-time variant in one step), classifiers' probabilities
+are averaged (``Networks.classify``).
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
-from pneumonia_kedro.classifier import TrainedClassifier, classify, predict_probabilities
+from pneumonia_kedro.classifier import TrainedClassifier, classify
 from pneumonia_kedro.config import ConfigError
-from pneumonia_kedro.imagecache import ImageCache
 from pneumonia_kedro.models import TrainedModel
 from pneumonia_kedro.split import fold_name
 
@@ -78,27 +77,35 @@ class Ensemble:
         i = self.names.index(choice)
         return Ensemble([choice], [self.detectors[i]], [self.classifiers[i]])
 
-    def build(self, device: torch.device | str = "cpu") -> list[torch.nn.Module]:
-        return [detector.build(device) for detector in self.detectors]
+    def build(self, device: torch.device | str = "cpu", detectors: bool = True,
+              classifiers: bool = True) -> Networks:
+        """The members' networks on ``device``, ready to predict; the classifiers only when
+        every member has one (a gate needs every member's vote)."""
+        device = torch.device(device)
+        with_classifiers = classifiers and self.has_classifiers
+        return Networks(
+            detectors=[d.build(device) for d in self.detectors] if detectors else [],
+            classifiers=[c.build(device) for c in self.classifiers] if with_classifiers else [],
+            classifier_sizes=[c.image_size for c in self.classifiers] if with_classifiers
+            else [],
+            device=device)
 
 
-def ensemble_probabilities(ensemble: Ensemble, cache: ImageCache, device: torch.device,
-                           batch_size: int, hflip: bool, patient_ids: list[str] | None = None
-                           ) -> pd.Series | None:
-    """The mean of the members' classifier probabilities per usable image (``None`` without
-    classifiers)."""
-    if not ensemble.has_classifiers:
-        return None
-    each = [predict_probabilities(c, cache, device, batch_size, hflip, patient_ids)
-            for c in ensemble.classifiers]
-    return sum(each[1:], each[0]) / len(each)
+@dataclass
+class Networks:
+    """An ensemble's detectors and image-level classifiers, built on ``device``."""
 
+    detectors: list[torch.nn.Module]
+    classifiers: list[torch.nn.Module]
+    classifier_sizes: list[int]  # the input size each classifier was trained at
+    device: torch.device
 
-def classify_batch(models: list[torch.nn.Module], classifiers: list[TrainedClassifier],
-                   images: torch.Tensor, device: torch.device, hflip: bool) -> np.ndarray:
-    """The mean probability of built ``models`` (from ``classifiers``) per uint8 image."""
-    return np.mean([classify(model, images, c.image_size, device, hflip)
-                    for model, c in zip(models, classifiers, strict=True)], axis=0)
+    def classify(self, images: torch.Tensor, hflip: bool) -> np.ndarray:
+        """The mean of the classifiers' opacity probabilities per uint8 image (B, 1, S, S);
+        with ``hflip`` each classifier also sees the mirror, as the detectors do."""
+        return np.mean([classify(model, images, size, self.device, hflip)
+                        for model, size in zip(self.classifiers, self.classifier_sizes,
+                                               strict=True)], axis=0)
 
 
 def save_ensemble(ensemble: Ensemble, weights_file: Path, classifier_file: Path) -> bool:

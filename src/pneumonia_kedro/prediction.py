@@ -1,30 +1,44 @@
-"""One way to predict: model(s), test-time augmentation and box fusion.
+"""One way to predict: images and an ensemble in, fused, gated, post-processed boxes out.
 
-The per-epoch validation, evaluation, inference and the served MLflow model all call
-``predict_batch``, so a setting means the same everywhere. Boxes come back ``xyxy`` in the
-pixels of the images given (the letterboxed cache squares); ``inference.detect_original``
-maps them to the original DICOM pixels.
+``predict`` is the one prediction path. The inference node, the served MLflow model and
+evaluation call it; evaluation keeps every model's and test-time variant's boxes apart
+(``postprocess=None``) for the search to fuse at each fusion IoU (``fusion.fuse_variants``,
+the one fusion), and scores them finished by ``postprocessed``, the second half of
+``predict``. Training's per-epoch validation runs the same batches (``predict_batches``) in
+the cache's pixels.
 
-Test-time variants (the mirrored image, other scales) and several models are fused with
-weighted boxes fusion (Solovyev et al., the ``ensemble-boxes`` package): a box found by only
-some variants keeps its place but loses score in proportion, where concatenating then NMS
-kept the single most confident variant's box and score.
+Per batch of letterboxed squares: every detector in every test-time variant (the mirrored
+image, other scales), mapped back to the original image's pixels, and the image-level
+classifiers' mean probability. Then the variants are fused per image (``fusion``), gated by
+that probability and post-processed (``postprocess``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from pneumonia_kedro.boxes import xywh_to_xyxy, xyxy_to_xywh
+from pneumonia_kedro.boxes import xyxy_to_xywh
 from pneumonia_kedro.config import PROBABILITY, ConfigError, Range, from_params
+from pneumonia_kedro.ensemble import Networks
+from pneumonia_kedro.fusion import fuse_variants
+from pneumonia_kedro.inference import Square
 from pneumonia_kedro.models import detect
-from pneumonia_kedro.postprocess import PostprocessConfig, predictions_table
+from pneumonia_kedro.postprocess import (
+    PostprocessConfig,
+    image_probabilities,
+    postprocess,
+    predictions_table,
+)
+
+Boxes = list[tuple[np.ndarray, np.ndarray]]  # (xyxy boxes, scores) per image
 
 
 @dataclass(frozen=True)
@@ -69,29 +83,6 @@ def mirror_boxes(boxes: np.ndarray, width: float) -> np.ndarray:
     return mirrored
 
 
-def fuse(predictions: Sequence[tuple[np.ndarray, np.ndarray]], size: float, iou: float,
-         skip_score: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted boxes fusion of one image's predictions by several variants or models.
-
-    ``predictions``: (``xyxy`` boxes in pixels of a ``size`` square, scores) per variant.
-    A box that every variant found keeps its mean score; one found by k of n variants gets
-    k/n of it.
-    """
-    if not any(len(scores) for _, scores in predictions):
-        return np.zeros((0, 4)), np.zeros(0)
-    # Imported here: it brings numba, which a run without fusion (and the GPU check) skips.
-    from ensemble_boxes import weighted_boxes_fusion
-
-    boxes = [np.clip(np.asarray(b, np.float64).reshape(-1, 4) / size, 0.0, 1.0)
-             for b, _ in predictions]
-    scores = [np.asarray(s, np.float64) for _, s in predictions]
-    fused, fused_scores, _ = weighted_boxes_fusion(
-        boxes, scores, [np.zeros(len(s)) for s in scores], iou_thr=iou,
-        skip_box_thr=skip_score)
-    order = np.argsort(-fused_scores, kind="stable")
-    return fused[order] * size, fused_scores[order]
-
-
 @contextmanager
 def _scaled(model: torch.nn.Module, scale: float) -> Iterator[None]:
     """The detector's own resize set to ``scale`` times its size; boxes still come back in
@@ -110,14 +101,12 @@ def _scaled(model: torch.nn.Module, scale: float) -> Iterator[None]:
 
 
 @torch.inference_mode()
-def predict_variants(models: Sequence[torch.nn.Module], images: torch.Tensor,
-                     device: torch.device, tta: TTAConfig | None = None
-                     ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+def detect_variants(models: list[torch.nn.Module], images: torch.Tensor,
+                    device: torch.device, tta: TTAConfig) -> list[Boxes]:
     """Per model and TTA variant (a run), per image of a uint8 (B, 1, S, S) batch: ``xyxy``
     boxes in the pixels of ``images`` and scores, not fused."""
-    tta = tta or TTAConfig()
     size = images.shape[-1]
-    runs: list[list[tuple[np.ndarray, np.ndarray]]] = []
+    runs: list[Boxes] = []
     for model in models:
         model.eval()
         for scale, mirrored in tta.variants:
@@ -129,58 +118,104 @@ def predict_variants(models: Sequence[torch.nn.Module], images: torch.Tensor,
     return runs
 
 
-def predict_batch(models: Sequence[torch.nn.Module], images: torch.Tensor,
-                  device: torch.device, tta: TTAConfig | None = None
-                  ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``xyxy`` boxes (pixels of ``images``) and scores per image of a uint8 (B, 1, S, S)
-    batch, from every model in every TTA variant, fused when there is more than one."""
-    tta = tta or TTAConfig()
-    runs = predict_variants(models, images, device, tta)
-    if len(runs) == 1:
-        return runs[0]
-    return [fuse([run[i] for run in runs], images.shape[-1], tta.fusion_iou, tta.skip_score)
-            for i in range(len(images))]
+def predict_batches(networks: Networks, images: Iterable[Square], tta: TTAConfig,
+                    batch_size: int = 16, progress: bool = False, desc: str = "predicting"
+                    ) -> Iterator[tuple[list[Square], list[Boxes], np.ndarray | None]]:
+    """The one batching loop: per batch of ``images``, the squares, the detectors' boxes per
+    run (``detect_variants``, in the squares' pixels) and the classifiers' mean probability
+    per image (None without classifiers)."""
+    total = -(-len(images) // batch_size) if hasattr(images, "__len__") else None
+    iterator = iter(images)
+    with tqdm(total=total, desc=desc, unit="batch", disable=not progress) as bar:
+        while batch := list(itertools.islice(iterator, batch_size)):
+            # uint8 until the device: the models convert there.
+            pixels = torch.from_numpy(np.stack([square.pixels for square in batch]))[:, None]
+            runs = detect_variants(networks.detectors, pixels, networks.device, tta) \
+                if networks.detectors else []
+            probabilities = networks.classify(pixels, tta.hflip) if networks.classifiers \
+                else None
+            yield batch, runs, probabilities
+            bar.update()
 
 
-def fuse_variants(raw: pd.DataFrame, iou: float, skip_score: float = 0.0) -> pd.DataFrame:
-    """A table of unfused predictions (``variant`` of ``variants`` runs per row, boxes not yet
-    clipped to their ``image_width`` x ``image_height``, as ``inference.predict_cache(
-    fused=False)`` writes it) fused per image and clipped, as ``predict_batch`` and
-    ``predict_cache`` do it; a table without variants is returned as it is.
+def _variant_tables(batch: list[Square], runs: list[Boxes]) -> list[pd.DataFrame]:
+    """One table per run: ``xywh`` boxes in the original pixels, not clipped (fusion comes
+    first), with the run's ``variant`` of ``variants`` and each image's size."""
+    ids = [square.key for square in batch]
+    widths = {square.key: square.letterbox.width for square in batch}
+    heights = {square.key: square.letterbox.height for square in batch}
+    tables = []
+    for variant, run in enumerate(runs):
+        boxes = [xyxy_to_xywh(square.letterbox.to_original(image_boxes, clip=False))
+                 for square, (image_boxes, _) in zip(batch, run, strict=True)]
+        table = predictions_table(ids, boxes, [scores for _, scores in run])
+        tables.append(table.assign(variant=variant, variants=len(runs),
+                                   image_width=table["patientId"].map(widths),
+                                   image_height=table["patientId"].map(heights)))
+    return tables
 
-    Weighted boxes fusion is unchanged by the letterbox (a shift and a scale per axis), so
-    fusing in original pixels equals fusing in the cache's.
+
+@dataclass
+class Prediction:
+    """What ``predict`` found, per image of its input (``patient_ids``, in input order).
+
+    ``variants``: every box of every detector and TTA variant in original pixels, not fused
+    (the raw validation predictions). With a post-processing: ``boxes``, the delivered boxes
+    (fused, gated, post-processed, ``label_shift`` applied); ``candidates``, the same before
+    the score threshold and the label shift; ``image_probability``, the highest candidate
+    score per image (0 without one).
     """
-    if "variant" not in raw:
-        return raw
-    runs = int(raw["variants"].max()) if len(raw) else 1
-    xyxy = xywh_to_xyxy(raw[["x", "y", "width", "height"]].to_numpy(float))
-    if runs > 1:
-        # Shifted and scaled into [0, 1] as a whole: fusion sees the boxes undistorted.
-        low = float(min(0.0, xyxy.min()))
-        size = float(max(1.0, xyxy.max() - low))
-        ids, fused_boxes, fused_scores = [], [], []
-        scores, variant = raw["score"].to_numpy(float), raw["variant"].to_numpy(int)
-        for patient_id, rows in raw.groupby("patientId", sort=False).indices.items():
-            boxes, image_scores = fuse([(xyxy[rows][variant[rows] == v] - low,
-                                         scores[rows][variant[rows] == v])
-                                        for v in range(runs)], size, iou, skip_score)
-            ids += [patient_id] * len(image_scores)
-            fused_boxes.append(boxes + low)
-            fused_scores.append(image_scores)
-        xyxy = np.concatenate(fused_boxes) if fused_boxes else np.zeros((0, 4))
-        scores = np.concatenate(fused_scores) if fused_scores else np.zeros(0)
-    else:
-        ids, scores = raw["patientId"].tolist(), raw["score"].to_numpy(float)
-    xyxy = np.asarray(xyxy, dtype=np.float64).reshape(-1, 4).copy()
-    if "image_width" in raw:
-        bounds = raw.groupby("patientId")[["image_width", "image_height"]].first()
-        width = bounds["image_width"].reindex(ids).to_numpy(float)[:, None]
-        height = bounds["image_height"].reindex(ids).to_numpy(float)[:, None]
-        xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, width)
-        xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, height)
-    if not ids:
-        return predictions_table([], [], [])
-    box = xyxy_to_xywh(xyxy)
-    return pd.DataFrame({"patientId": ids, "x": box[:, 0], "y": box[:, 1],
-                         "width": box[:, 2], "height": box[:, 3], "score": scores})
+
+    patient_ids: list[str]
+    variants: pd.DataFrame
+    classifier_probability: pd.Series | None = None
+    boxes: pd.DataFrame | None = None
+    candidates: pd.DataFrame | None = None
+    image_probability: pd.Series | None = None
+
+
+def postprocessed(variants: pd.DataFrame, tta: TTAConfig, config: PostprocessConfig,
+                  classifier_probability: pd.Series | None = None,
+                  patient_ids: list[str] | None = None, label_shift: bool = True
+                  ) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
+    """Unfused boxes (``Prediction.variants``) fused at ``tta.fusion_iou``, gated by the
+    classifier's probabilities and post-processed: (boxes, candidates, image probability
+    per patient of ``patient_ids``, by default those with a box). ``label_shift=False`` for
+    evaluation, which scores boxes as the labels draw them."""
+    fused = fuse_variants(variants, tta.fusion_iou, tta.skip_score)
+    candidates = postprocess(fused, config, apply_threshold=False,
+                             probabilities=classifier_probability)
+    boxes = postprocess(fused, config, probabilities=classifier_probability,
+                        apply_label_shift=label_shift)
+    ids = list(dict.fromkeys(variants["patientId"])) if patient_ids is None else patient_ids
+    return boxes, candidates, pd.Series(image_probabilities(candidates, ids), index=ids)
+
+
+def predict(networks: Networks, images: Iterable[Square], tta: TTAConfig | None = None,
+            postprocess: PostprocessConfig | None = None, batch_size: int = 16,
+            progress: bool = False, desc: str = "predicting") -> Prediction:
+    """Boxes in the original pixels of each image of ``images`` (letterboxed squares, e.g.
+    ``inference.cached_squares``), and the classifiers' mean probability per image.
+
+    Without ``postprocess`` every detector's and TTA variant's boxes are kept apart
+    (``variants``), for tuning; with it they are fused, gated and post-processed too.
+    """
+    tta = tta or TTAConfig()
+    ids, tables, probabilities = [], [], []
+    for batch, runs, batch_probabilities in predict_batches(networks, images, tta, batch_size,
+                                                            progress, desc):
+        ids += [square.key for square in batch]
+        tables += _variant_tables(batch, runs)
+        if batch_probabilities is not None:
+            probabilities.append(batch_probabilities)
+    variants = pd.concat(tables, ignore_index=True) if tables else \
+        predictions_table([], [], []).assign(variant=0, variants=1, image_width=0,
+                                             image_height=0)
+    classifier_p = pd.Series(np.concatenate(probabilities) if probabilities else np.zeros(0),
+                             index=pd.Index(ids, name="patientId"), name="probability") \
+        if networks.classifiers else None
+    prediction = Prediction(ids, variants, classifier_p)
+    if postprocess is not None:
+        prediction.boxes, prediction.candidates, prediction.image_probability = postprocessed(
+            variants, tta, postprocess, classifier_p, ids)
+    return prediction

@@ -3,9 +3,9 @@
 Logged with MLflow's "models from code": this file's source is stored with the model and the
 weights travel as a ``torch.save`` file of tensors loaded with ``weights_only=True``, so loading
 the model runs this project's code, never code unpickled from the artefact. The same
-preprocessing (``imagecache.preprocess``), prediction (``prediction.predict_batch`` with the
-tuned test-time augmentation), classifier gating and post-processing as the pipelines are
-used, with the settings saved beside the weights.
+preprocessing (``imagecache.preprocess``) and prediction (``prediction.predict``: the tuned
+test-time augmentation, fusion, classifier gating and post-processing) as the inference
+pipeline are used, with the settings saved beside the weights.
 
 Input: a DataFrame with a ``dicom`` column holding, per row, the file's bytes, its base64 text,
 or (only when the model was logged with ``allow_paths``) a path; an optional ``patientId``
@@ -27,17 +27,15 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pneumonia_kedro.dicom.quality import INFERENCE_QUALITY, QualityConfig
-from pneumonia_kedro.ensemble import classify_batch, load_ensemble
+from pneumonia_kedro.ensemble import load_ensemble
 from pneumonia_kedro.errors import DicomError
 from pneumonia_kedro.imagecache import decode_checked, preprocess
-from pneumonia_kedro.inference import detect_original, finalize
-from pneumonia_kedro.postprocess import predictions_table
-from pneumonia_kedro.prediction import prediction_settings
+from pneumonia_kedro.inference import Square
+from pneumonia_kedro.prediction import Prediction, predict, prediction_settings
 from pneumonia_kedro.structured_report import boxes_and_scores, report_bytes
 from pneumonia_kedro.submission import build_submission
 
@@ -48,16 +46,14 @@ def _bad_request(message: str) -> MlflowException:
 
 class OpacityDetector(mlflow.pyfunc.PythonModel):
     """Faster R-CNN opacity detector over DICOM files: one model, or every cross-validation
-    fold's fused (the same ``predict_batch`` as the inference pipeline)."""
+    fold's fused (the same ``prediction.predict`` as the inference pipeline)."""
 
     def load_context(self, context) -> None:
         ensemble = load_ensemble(Path(context.artifacts["weights"]),
                                  Path(context.artifacts["classifier"])
                                  if "classifier" in context.artifacts else None)
-        self.models = ensemble.build()
+        self.networks = ensemble.build("cpu")
         self.version = ensemble.version
-        self.classifiers = ensemble.classifiers if ensemble.has_classifiers else []
-        self.classifier_models = [c.build() for c in self.classifiers]
         settings = json.loads(Path(context.artifacts["settings"]).read_text())
         self.image_size = int(settings["image_size"])
         self.tta, self.postprocess = prediction_settings(settings["postprocess"])
@@ -91,6 +87,24 @@ class OpacityDetector(mlflow.pyfunc.PythonModel):
             raise _bad_request(f"row {row}: file larger than {self.max_file_bytes} bytes")
         return data
 
+    def _decoded(self, model_input: pd.DataFrame, ids: list[str]
+                 ) -> tuple[list[bytes], list[Square], list[str], list[str]]:
+        """Per row: the file, its square (only for files the gate passes; keyed by the row,
+        as two rows may share a patientId and still be two images), flags and skip reason."""
+        files, squares, flags, skips = [], [], [], []
+        for row, (name, value) in enumerate(zip(ids, model_input["dicom"], strict=True)):
+            files.append(self._file_bytes(value, row))
+            try:
+                image, skip_reason, flag_text = decode_checked(
+                    files[-1], name, self.image_size, self.quality)
+            except DicomError as exc:
+                raise _bad_request(f"row {row}: {exc}") from None
+            flags.append(flag_text)
+            skips.append(skip_reason)
+            if image is not None:
+                squares.append(Square(str(row), *preprocess(image, self.image_size)))
+        return files, squares, flags, skips
+
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None
                 ) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame) or "dicom" not in model_input:
@@ -100,62 +114,37 @@ class OpacityDetector(mlflow.pyfunc.PythonModel):
                                f"{self.max_files} are accepted")
         ids = (model_input["patientId"].astype(str).tolist() if "patientId" in model_input
                else [f"row{i}" for i in range(len(model_input))])
-        # Rows are keyed by position: two rows may share a patientId and still be two images.
+        files, squares, flags, skips = self._decoded(model_input, ids)
+        # The inference pipeline's own prediction: detectors, TTA, fusion, gating, post-processing.
+        prediction = predict(self.networks, squares, self.tta, self.postprocess, batch_size=8)
         keys = [str(row) for row in range(len(ids))]
-        files, images, letterboxes, flags, skips = {}, {}, {}, [], []
-        for row, (key, name, value) in enumerate(zip(keys, ids, model_input["dicom"],
-                                                     strict=True)):
-            files[key] = self._file_bytes(value, row)
-            try:
-                image, skip_reason, flag_text = decode_checked(
-                    files[key], name, self.image_size, self.quality)
-            except DicomError as exc:
-                raise _bad_request(f"row {row}: {exc}") from None
-            flags.append(flag_text)
-            skips.append(skip_reason)
-            if image is not None:
-                square, letterboxes[key] = preprocess(image, self.image_size)
-                images[key] = torch.from_numpy(square)[None]
-        # The inference pipeline's own steps: detection in original pixels, the classifier's
-        # probabilities, then finalize (gating, post-processing).
-        predicted = list(images)
-        raw_boxes, raw_scores, classifier_p = [], [], []
-        cpu = torch.device("cpu")
-        for start in range(0, len(predicted), 8):
-            keys_in_batch = predicted[start:start + 8]
-            batch = torch.stack([images[key] for key in keys_in_batch])
-            for boxes_xywh, scores in detect_original(
-                    self.models, batch, [letterboxes[key] for key in keys_in_batch], cpu,
-                    self.tta):
-                raw_boxes.append(boxes_xywh)
-                raw_scores.append(scores)
-            if self.classifiers:
-                classifier_p.extend(classify_batch(self.classifier_models, self.classifiers,
-                                                   batch, cpu, self.tta.hflip))
-        classifier_probabilities = pd.Series(classifier_p, index=predicted, dtype=float) \
-            if self.classifiers else None
-        final, probabilities = finalize(predictions_table(predicted, raw_boxes, raw_scores),
-                                        self.postprocess, predicted, classifier_probabilities)
-        sizes = {key: (lb.height, lb.width) for key, lb in letterboxes.items()}
-        result = build_submission(final, keys, self.no_box, sizes)
-        for key in keys:
-            if key not in images:  # skipped by the gate: no prediction, not even no_box's
-                result.loc[int(key), "PredictionString"] = ""
-        result["image_probability"] = np.round(probabilities.reindex(keys).to_numpy(float), 6)
-        if classifier_probabilities is not None:
+        sizes = {square.key: (square.letterbox.height, square.letterbox.width)
+                 for square in squares}
+        result = build_submission(prediction.boxes, keys, self.no_box, sizes)
+        predicted = set(prediction.patient_ids)
+        # Skipped by the gate: no prediction, not even no_box's.
+        result.loc[[key not in predicted for key in keys], "PredictionString"] = ""
+        result["image_probability"] = np.round(
+            prediction.image_probability.reindex(keys).to_numpy(float), 6)
+        if prediction.classifier_probability is not None:
             result["classifier_probability"] = np.round(
-                classifier_probabilities.reindex(keys).to_numpy(float), 6)
+                prediction.classifier_probability.reindex(keys).to_numpy(float), 6)
         result["patientId"] = ids
         result["quality_flags"] = flags
         result["skip_reason"] = skips
         if self.dicom_sr:
             result["dicom_sr"] = [
-                "" if key not in images else base64.b64encode(report_bytes(
-                    files[key], name,
-                    *boxes_and_scores(final.loc[final["patientId"] == key]),
-                    float(probabilities[key]), self.version)).decode("ascii")
-                for key, name in zip(keys, ids, strict=True)]
+                "" if key not in predicted else self._report(files[row], ids[row], prediction,
+                                                             key)
+                for row, key in enumerate(keys)]
         return result
+
+    def _report(self, file: bytes, name: str, prediction: Prediction, key: str) -> str:
+        """The base64 DICOM SR of one predicted file."""
+        boxes = prediction.boxes
+        return base64.b64encode(report_bytes(
+            file, name, *boxes_and_scores(boxes.loc[boxes["patientId"] == key]),
+            float(prediction.image_probability[key]), self.version)).decode("ascii")
 
 
 mlflow.models.set_model(OpacityDetector())

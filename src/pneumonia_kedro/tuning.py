@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from pneumonia_kedro.config import PROBABILITY, ConfigError, Range
+from pneumonia_kedro.fusion import fuse_variants
 from pneumonia_kedro.metrics import mean_of_counted, prefix_true_positives, scores_of_prefixes
 from pneumonia_kedro.postprocess import (
     GatingConfig,
@@ -27,7 +28,7 @@ from pneumonia_kedro.postprocess import (
     postprocess,
     shrink_boxes,
 )
-from pneumonia_kedro.prediction import TTAConfig, fuse_variants
+from pneumonia_kedro.prediction import TTAConfig
 
 
 @dataclass(frozen=True)
@@ -126,8 +127,8 @@ def search_with_fusion(raw: pd.DataFrame, truth: dict[str, np.ndarray], base: Po
                        probabilities: pd.Series | None = None, inclusive: bool = False
                        ) -> tuple[PostprocessConfig, float, pd.DataFrame]:
     """``search`` once per fusion IoU of ``space`` (``tta.fusion_iou`` when it lists none)
-    over unfused predictions (``prediction.fuse_variants``): the best post-processing, its
-    fusion IoU, and every combination tried (with a ``fusion_iou`` column)."""
+    over unfused predictions, fused as ``prediction.predict`` fuses them: the best
+    post-processing, its fusion IoU, and every combination tried (``fusion_iou`` column)."""
     best: tuple[PostprocessConfig, float, float] | None = None
     tables = []
     for iou in space.fusion_iou or (tta.fusion_iou,):

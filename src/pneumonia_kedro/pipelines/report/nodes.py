@@ -8,9 +8,10 @@ import pandas as pd
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from pneumonia_kedro.figures import image_grid, line_figure
+from pneumonia_kedro.fusion import fuse_variants
 from pneumonia_kedro.imagecache import ImageCache
 from pneumonia_kedro.postprocess import image_probabilities
-from pneumonia_kedro.prediction import fuse_variants, prediction_settings
+from pneumonia_kedro.prediction import prediction_settings
 
 FIGURE_FILES = {
     "samples": "samples_with_truth.png",
