@@ -92,6 +92,7 @@ def _scores(project: Path) -> dict:
 def fold_scores(project: Path, folds: int, quiet: dict) -> dict:
     """Cross-validate with ``folds`` folds; score each fold's model and their ensemble on the
     validation split with the post-processing tuned out of fold."""
+    from kedro.framework.project import configure_project
     from kedro.framework.session import KedroSession
 
     from pneumonia_kedro.ensemble import Ensemble
@@ -102,8 +103,15 @@ def fold_scores(project: Path, folds: int, quiet: dict) -> dict:
     )
     from pneumonia_kedro.pipelines.folds import member_datasets
 
-    params = {**quiet, "split": {"folds": folds}}
-    _session_run(project, ["cross_validation"], params)
+    # The fold count shapes the registered pipelines: it is read from FOLDS, not --params.
+    os.environ["FOLDS"] = str(folds)
+    configure_project("pneumonia_kedro")
+    params = quiet
+    try:
+        _session_run(project, ["cross_validation"], params)
+    finally:
+        os.environ.pop("FOLDS")
+        configure_project("pneumonia_kedro")
     metrics = json.loads((project / "data/08_reporting/demo/evaluation_metrics.json")
                          .read_text())
     with KedroSession.create(project_path=project, env="demo",

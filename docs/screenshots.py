@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,6 @@ from pathlib import Path
 from pneumonia_kedro.ui import (
     HOST,
     command,
-    free_port,
     occupied_port_message,
     port_in_use,
     tool_environment,
@@ -53,6 +53,13 @@ MLFLOW_FOCUS = ("document.querySelector('button[aria-label=\"Close\"]')?.click()
 VIZ_NO_HINTS = ("localStorage.setItem('KedroViz', JSON.stringify(Object.assign("
                 "JSON.parse(localStorage.getItem('KedroViz') || '{}'), "
                 "{showFeatureHints: false}))); location.reload();")
+
+
+def free_port() -> int:
+    """A port nothing listens on now (the system picks it)."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
 
 
 def require_free_port(tool: str, port: int) -> None:
@@ -218,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         folds = start(command("viz", args.viz_port, args.env, folds=3), logs / "viz_folds.log",
                       args.tracking_uri)
         servers.append(folds)
-        wait_for(f"{viz_url}/api/main", folds, "kedro viz run --params split.folds=3")
+        wait_for(f"{viz_url}/api/main", folds, "FOLDS=3 kedro viz run")
         capture(browser, viz_url, args.out / "kedro_viz_folds.png", "1800,1400",
                 (VIZ_NO_HINTS, CLICK_DISMISS))
     finally:

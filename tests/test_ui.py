@@ -9,13 +9,33 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from pneumonia_kedro.ui import free_port
+from pneumonia_kedro.ui import command
 
 # Real Kedro sessions, servers or subprocesses: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_viz_shows_k_folds_the_way_kedro_run_is_asked_for_them():
+    line = command("viz", 4141, "demo", folds=3)
+    assert line[1] == "FOLDS=3" and Path(line[2]).name == "kedro" and line[3:5] == ["viz", "run"]
+    assert "--params" not in line and "--include-hooks" not in line
+    assert result_of(line[:2] + [sys.executable, "-c", "import os; print(os.environ['FOLDS'])"]
+                     ) == "3"
+    assert "FOLDS=3" not in command("viz", 4141, "demo")
+
+
+def result_of(line: list[str]) -> str:
+    return subprocess.run(line, capture_output=True, text=True, check=True).stdout.strip()
 
 
 @pytest.mark.parametrize(("tool", "make_target"), [("mlflow", "mlflow-ui"), ("viz", "viz")])

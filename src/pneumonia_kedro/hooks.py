@@ -1,9 +1,16 @@
-"""Project hooks."""
+"""Project hooks: only what a hook alone can do.
+
+Before any node runs: the Kedro environment exists, the raw data is there, the run's
+``split.folds`` is the one the pipelines were registered for. Around the MLflow run that
+kedro-mlflow opens: tags (environment, error), one nested run per cross-validation fold, and
+the status KILLED when Ctrl-C or SIGTERM stops ``kedro run``.
+"""
 
 from __future__ import annotations
 
 import atexit
-import contextlib
+import gc
+import logging
 import platform
 import signal
 import subprocess
@@ -18,8 +25,11 @@ from kedro.pipeline import Node, Pipeline
 from pneumonia_kedro.config import ConfigError
 from pneumonia_kedro.datasets import DicomFolderDataset, LabelsCSVDataset
 from pneumonia_kedro.errors import MissingDataError
+from pneumonia_kedro.pipelines.folds import fold_of, folds_in
 
 RAW_DATASET_TYPES = (LabelsCSVDataset, DicomFolderDataset)
+
+logger = logging.getLogger(__name__)
 
 
 class EnvironmentHook:
@@ -43,9 +53,10 @@ class EnvironmentHook:
 
 
 class RawDataPresenceHook:
-    """Stops a run before any node when the competition files it reads are absent."""
+    """Stops a run before any node (and before its MLflow run opens) when the competition
+    files it reads are absent."""
 
-    @hook_impl
+    @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict, pipeline: Pipeline, catalog: DataCatalog
                             ) -> None:
         missing = []
@@ -69,6 +80,31 @@ class RawDataPresenceHook:
             )
 
 
+class FoldCountCheckHook:
+    """Refuses a run whose ``split.folds`` (after ``--env`` and ``--params``) differs from
+    the fold count the pipelines were registered for: Kedro registers them before it reads
+    a run's ``--env`` and ``--params`` (``pipeline_registry.py``)."""
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict, catalog: DataCatalog) -> None:
+        from kedro.framework.project import pipelines
+
+        folds = catalog.load("params:split").get("folds", 1)
+        if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
+            raise ConfigError(f"params:split.folds = {folds!r}: the number of cross-validation "
+                              "folds, a whole number (1: one train/validation split)")
+        registered = folds_in(pipelines["__default__"])
+        if folds != registered:
+            env = f" --env {run_params['env']}" if run_params.get("env") else ""
+            raise ConfigError(
+                f"params:split.folds is {folds} in this run, but the pipelines were registered "
+                f"for {registered} fold{'s' * (registered > 1)}. The fold count shapes the "
+                "pipelines, and Kedro registers them before it reads --params and --env: it "
+                "comes from the FOLDS environment variable (conf/base/parameters_split.yml), or "
+                "from conf/base and conf/$KEDRO_ENV (else conf/local). Ask for "
+                f"{folds} fold{'s' * (folds > 1)} with `FOLDS={folds} kedro run{env}`.")
+
+
 class MlflowRunTagsHook:
     """Tags the run's MLflow run with the git commit, the Kedro environment and the machine,
     and with the error that failed it."""
@@ -77,7 +113,7 @@ class MlflowRunTagsHook:
         self._tagged_run: str | None = None
 
     @hook_impl
-    def before_node_run(self, node: Node, catalog: DataCatalog, inputs: dict) -> None:
+    def before_node_run(self) -> None:
         import mlflow
 
         run = mlflow.active_run()
@@ -98,27 +134,71 @@ class MlflowRunTagsHook:
                          "error.message": f"{type(error).__name__}: {error}"[:4000]})
 
 
-class FoldCountHook:
-    """Builds the pipelines for the session's ``split.folds`` (with ``--env`` and
-    ``--params``): the fold namespaces are part of a pipeline's shape."""
+class FoldRunsHook:
+    """One nested MLflow run per cross-validation fold (``fold_0`` ...) under the run
+    kedro-mlflow opens for ``kedro run``: a fold's nodes log their parameters, curves,
+    metrics and artefacts there; the parent keeps the out-of-fold and ensemble metrics.
 
-    @hook_impl
-    def after_context_created(self, context: KedroContext) -> None:
-        from kedro.framework.project import PACKAGE_NAME, pipelines
+    The child runs are made when the pipeline starts, in this process, so that nodes
+    running side by side (``--runner ThreadRunner``) share them. A fold's node enters its
+    child run after kedro-mlflow has re-entered the parent (``trylast``); the next node
+    leaves it first (``ender``, ``tryfirst``), so that its parameters go to the parent.
+    """
 
-        from pneumonia_kedro.pipelines.folds import use_folds
+    def __init__(self) -> None:
+        self.children: dict[str, str] = {}
+        self.ender = _FoldRunEnder(self)
 
-        folds = (context.params.get("split") or {}).get("folds", 1)
-        if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
-            raise ConfigError(f"params:split.folds = {folds!r}: the number of cross-validation "
-                              "folds, a whole number (1: one train/validation split)")
-        if use_folds(folds):
-            pipelines.configure(f"{PACKAGE_NAME}.pipeline_registry")
+    @hook_impl(trylast=True)
+    def before_pipeline_run(self, pipeline: Pipeline) -> None:
+        import mlflow
+
+        run = mlflow.active_run()
+        folds = sorted({fold_of(node.namespace) for node in pipeline.nodes} - {None})
+        self.children = {fold: mlflow.MlflowClient().create_run(
+            run.info.experiment_id, run_name=fold,
+            tags={"mlflow.parentRunId": run.info.run_id, "fold": fold}).info.run_id
+            for fold in folds if run is not None}
+
+    @hook_impl(trylast=True)
+    def before_node_run(self, node: Node, inputs: dict) -> None:
+        import mlflow
+        from kedro_mlflow.framework.hooks import mlflow_hook
+        from kedro_mlflow.framework.hooks.utils import _flatten_dict
+
+        child = self.children.get(fold_of(node.namespace) or "")
+        if child is None or mlflow.active_run() is None:
+            return
+        mlflow.start_run(run_id=child, nested=True)
+        # The node's parameters, as kedro-mlflow logs them in the parent (mlflow.yml).
+        params = {name.removeprefix("params:"): value for name, value in inputs.items()
+                  if name.startswith("params:")}
+        if mlflow_hook.flatten:
+            params = _flatten_dict(params, recursive=mlflow_hook.recursive, sep=mlflow_hook.sep)
+        for name, value in params.items():
+            mlflow_hook._log_param(mlflow_hook.sanitize_param_name(name), value)
+
+    def leave_fold_run(self) -> None:
+        import mlflow
+
+        run = mlflow.active_run()
+        if run is not None and run.info.run_id in self.children.values():
+            mlflow.end_run()
+
+    def end_fold_runs(self, status: str) -> None:
+        import mlflow
+
+        self.leave_fold_run()
+        client = mlflow.MlflowClient()
+        for child in self.children.values():
+            if client.get_run(child).info.status == "RUNNING":
+                client.set_terminated(child, status)
+        self.children = {}
 
 
 class _FoldRunEnder:
-    """Ends the fold's MLflow child run before the next node starts (tryfirst), so that
-    kedro-mlflow logs that node's parameters in the parent run."""
+    """The ``tryfirst`` half of ``FoldRunsHook`` (one object holds one implementation of
+    each hook)."""
 
     def __init__(self, owner: FoldRunsHook) -> None:
         self.owner = owner
@@ -136,146 +216,56 @@ class _FoldRunEnder:
         self.owner.end_fold_runs("FAILED")
 
 
-class FoldRunsHook:
-    """One nested MLflow run per cross-validation fold (``fold_0`` ...) under the run
-    kedro-mlflow opens for ``kedro run``: a fold's nodes log their parameters, curves,
-    metrics and artefacts there; the parent keeps the out-of-fold and ensemble metrics.
-
-    The child runs are made when the pipeline starts, in this process, so that nodes
-    running side by side (``--runner ThreadRunner``) share them.
-    """
-
-    def __init__(self) -> None:
-        self.children: dict[str, str] = {}
-        self.ender = _FoldRunEnder(self)
-
-    @hook_impl(trylast=True)
-    def before_pipeline_run(self, pipeline: Pipeline) -> None:
-        import mlflow
-
-        run = mlflow.active_run()
-        self.children = {}
-        folds = sorted({fold for fold in map(_fold_of, pipeline.nodes) if fold})
-        if run is None or not folds:
-            return
-        client = mlflow.MlflowClient()
-        for fold in folds:
-            child = client.create_run(run.info.experiment_id, run_name=fold, tags={
-                "mlflow.parentRunId": run.info.run_id, "fold": fold})
-            self.children[fold] = child.info.run_id
-        atexit.register(self.end_fold_runs, "KILLED")  # an interrupted run's folds
-
-    @hook_impl(trylast=True)
-    def before_node_run(self, node: Node, inputs: dict) -> None:
-        import mlflow
-
-        from pneumonia_kedro.split import fold_index
-        from pneumonia_kedro.training import use_fold_device
-
-        fold = _fold_of(node)
-        use_fold_device(fold_index(fold) if fold else None)
-        child = self.children.get(fold or "")
-        if child is None or mlflow.active_run() is None:
-            return
-        mlflow.start_run(run_id=child, nested=True)
-        params = {}
-        for name, value in inputs.items():
-            if name.startswith("params:"):
-                params.update(_flatten(name.removeprefix("params:"), value))
-        for name, value in params.items():
-            if len(str(value)) <= 6000:  # MLflow's limit on a parameter's value
-                mlflow.log_param(name, value)
-
-    def leave_fold_run(self) -> None:
-        import mlflow
-
-        run = mlflow.active_run()
-        if run is not None and run.info.run_id in self.children.values():
-            mlflow.end_run()
-
-    def end_fold_runs(self, status: str) -> None:
-        import mlflow
-
-        self.leave_fold_run()
-        client = mlflow.MlflowClient()
-        for child in self.children.values():
-            with contextlib.suppress(Exception):  # the store may be gone at exit
-                if client.get_run(child).info.status == "RUNNING":
-                    client.set_terminated(child, status)
-        self.children = {}
-
-
-def _fold_of(node: Node) -> str | None:
-    """The cross-validation fold whose namespace the node is in (``fold_2``), else None."""
-    from pneumonia_kedro.split import fold_index
-
-    top = (node.namespace or "").split(".")[0]
-    return top if fold_index(top) is not None else None
-
-
-def _flatten(prefix: str, value: object) -> dict[str, object]:
-    """``{"train": {"epochs": 5}}`` as ``{"train.epochs": 5}``, as kedro-mlflow logs it."""
-    if not isinstance(value, dict):
-        return {prefix: value}
-    flat: dict[str, object] = {}
-    for key, inner in value.items():
-        flat.update(_flatten(f"{prefix}.{key}", inner))
-    return flat
-
-
 class InterruptedRunHook:
-    """Marks the MLflow run KILLED when ``kedro run`` is stopped with Ctrl-C or SIGTERM.
+    """Marks the MLflow runs KILLED (tag ``interrupted``) when Ctrl-C or SIGTERM stops
+    ``kedro run``; the next run resumes from the last checkpoint (``train.resume``).
 
-    Kedro hands only ``Exception`` to ``on_pipeline_error``; a KeyboardInterrupt passes it, and
-    MLflow's exit handler then closed the run as FINISHED, with a partial curve that looked
-    complete. The signal handler only notes the signal and stops the run; the MLflow run is
-    ended at exit, once the stack has unwound (the signal may arrive inside an SQLite write,
-    whose lock a write from the handler would wait for). The next ``kedro run`` resumes from
-    the last checkpoint (``train.resume``).
+    Kedro hands only ``Exception`` to ``on_pipeline_error``: without this, MLflow's exit
+    handler closed an interrupted run as FINISHED, with a partial curve that looked complete.
+    The runs are marked at exit, once the stack has unwound. A signal that lands inside an
+    SQLite write leaves that write's connection holding the database lock until the
+    connection is collected, so a garbage collection comes first.
     """
 
     def __init__(self) -> None:
-        self._previous: dict[int, object] = {}
         self.signal_name: str | None = None
-        self._deferrals = 0
+        self._previous: dict[int, object] = {}
 
     @hook_impl
     def before_pipeline_run(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._interrupted)
+        if threading.current_thread() is threading.main_thread():  # signals arrive there
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self.interrupted)
 
-    def _interrupted(self, signum: int, frame: object) -> None:
-        if _inside_tracking_store(frame) and self._deferrals < MAX_DEFERRALS:
-            # Interrupting an SQLite write left the store unusable for the KILLED mark (the
-            # run then ended FINISHED): let the write finish, and look again in 20 ms.
-            self._deferrals += 1
-            signal.signal(signal.SIGALRM, lambda _, later: self._interrupted(signum, later))
-            signal.setitimer(signal.ITIMER_REAL, 0.02)
-            return
-        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    def interrupted(self, signum: int, frame: object) -> None:
         if self.signal_name is None:
             # Runs before MLflow's own exit handler (atexit runs the last registered first).
             atexit.register(self.end_runs_killed)
         self.signal_name = signal.Signals(signum).name
-        self._restore()
+        self._restore()  # a second Ctrl-C stops at once
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(128 + signum)
 
     def end_runs_killed(self) -> None:
+        """Every active run, and its child runs still RUNNING (folds), ends KILLED."""
         import mlflow
 
-        while mlflow.active_run() is not None:
-            with contextlib.suppress(Exception):  # the mark that matters is the status
+        gc.collect()  # the interrupted write's connection: its lock goes with it
+        client = mlflow.MlflowClient()
+        while (run := mlflow.active_run()) is not None:
+            try:  # the marks are best effort; the status below is what must land
+                children = client.search_runs(
+                    [run.info.experiment_id], "attributes.status = 'RUNNING' and "
+                    f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+                for child in children:
+                    client.set_tag(child.info.run_id, "interrupted", self.signal_name)
+                    client.set_terminated(child.info.run_id, "KILLED")
                 mlflow.set_tag("interrupted", self.signal_name)
-            mlflow.end_run(status="KILLED")
-
-    def _restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
+            except Exception:  # MLflow's own exit handler would end it FINISHED
+                logger.exception("could not tag the interrupted MLflow run %s", run.info.run_id)
+            finally:
+                mlflow.end_run(status="KILLED")
 
     @hook_impl
     def after_pipeline_run(self) -> None:
@@ -285,18 +275,10 @@ class InterruptedRunHook:
     def on_pipeline_error(self) -> None:
         self._restore()
 
-
-MAX_DEFERRALS = 250  # 5 s of 20 ms waits for a tracking-store write to finish
-_TRACKING_STORE_MODULES = ("sqlalchemy", "sqlite3", "mlflow.store", "alembic")
-
-
-def _inside_tracking_store(frame: object) -> bool:
-    """True when the interrupted code is inside MLflow's SQL store (or SQLAlchemy)."""
-    while frame is not None:
-        if str(frame.f_globals.get("__name__", "")).startswith(_TRACKING_STORE_MODULES):
-            return True
-        frame = frame.f_back
-    return False
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
 
 
 def _git(*args: str) -> str:

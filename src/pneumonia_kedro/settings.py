@@ -6,7 +6,7 @@ from omegaconf.resolvers import oc
 
 from pneumonia_kedro.hooks import (
     EnvironmentHook,
-    FoldCountHook,
+    FoldCountCheckHook,
     FoldRunsHook,
     InterruptedRunHook,
     MlflowRunTagsHook,
@@ -18,13 +18,14 @@ from pneumonia_kedro.hooks import (
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 
 _FOLD_RUNS = FoldRunsHook()
-HOOKS = (EnvironmentHook(), FoldCountHook(), RawDataPresenceHook(), MlflowRunTagsHook(),
+HOOKS = (EnvironmentHook(), RawDataPresenceHook(), FoldCountCheckHook(), MlflowRunTagsHook(),
          _FOLD_RUNS, _FOLD_RUNS.ender, InterruptedRunHook())
 
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
-    # mlflow.yml reads MLFLOW_TRACKING_URI; Kedro enables oc.env for credentials only.
+    # mlflow.yml reads MLFLOW_TRACKING_URI and parameters_split.yml FOLDS; Kedro enables
+    # oc.env for credentials only.
     "custom_resolvers": {"oc.env": oc.env},
     # An environment's parameter files hold only what differs from conf/base: its keys are
     # merged into base's groups instead of replacing them.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -26,13 +27,6 @@ def port_in_use(port: int, host: str = HOST) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((host, port)) == 0
-
-
-def free_port(host: str = HOST) -> int:
-    """A port nothing listens on now (the system picks it)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def occupied_port_message(tool: str, port: int) -> str:
@@ -55,15 +49,15 @@ def tool_environment(base: dict[str, str] | None = None) -> dict[str, str]:
 
 def command(tool: str, port: int, env: str, folds: int | None = None) -> list[str]:
     """The command line that starts ``tool`` on ``HOST:port``; for kedro-viz, with
-    ``folds``, the pipelines of that many cross-validation folds (the project's hooks build
-    them, so kedro-viz runs them)."""
+    ``folds``, the pipelines of that many cross-validation folds: ``env FOLDS=k kedro viz
+    run``, as ``kedro run`` is asked for them (the pipeline registry reads FOLDS)."""
     kedro = str(Path(sys.executable).parent / "kedro")
     if tool == "mlflow":
         return [kedro, "mlflow", "ui", "--env", env, "--host", HOST, "--port", str(port)]
     line = [kedro, "viz", "run", "--env", env, "--host", HOST, "--port", str(port),
             "--no-browser"]
     if folds is not None:
-        line += ["--params", f"split.folds={folds}", "--include-hooks"]
+        line = [shutil.which("env") or "/usr/bin/env", f"FOLDS={folds}", *line]
     return line
 
 

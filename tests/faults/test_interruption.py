@@ -1,7 +1,8 @@
 """`kedro run` killed with SIGKILL at a random point during the cache build and during
 training, then run again, ends exactly where an uninterrupted run ends; a failed run is marked
 FAILED in MLflow with its error and leaves earlier catalog versions intact; a run stopped with
-Ctrl-C is KILLED in MLflow, and the next run says it resumed.
+Ctrl-C is KILLED in MLflow, and the next run says it resumed (Ctrl-C inside an SQLite write:
+tests/test_hooks.py).
 
 The kill points are random; each test prints its seed, and KILL_SEED=<seed> repeats it."""
 
@@ -211,6 +212,12 @@ def test_training_killed_at_a_random_point_resumes_to_the_uninterrupted_model(tm
     resumed_run = runs.iloc[-2]["run_id"]
     curve = client.get_metric_history(resumed_run, "validation_competition_metric")
     assert sorted(m.step for m in curve) == list(range(1, 7))
+    resumed_metrics = client.get_run(resumed_run).data.metrics
+    assert resumed_metrics["training.resumed_after_epoch"] == killed_after
+    # The run with train.resume false trained from scratch and says so.
+    scratch_metrics = client.get_run(runs.iloc[-1]["run_id"]).data.metrics
+    assert scratch_metrics["training.resumed_after_epoch"] == 0
+    assert scratch_metrics["training.best_epoch"] == resumed_metrics["training.best_epoch"]
 
     # A run that fails is FAILED in MLflow with its error; earlier versions stay as they were.
     before = {path: path.read_bytes() for path in model_versions(project)}
@@ -261,31 +268,6 @@ def test_ctrl_c_marks_the_mlflow_run_killed_and_the_next_run_says_it_resumed(tmp
     resumed = mlflow.search_runs(experiment_names=["pneumonia-kedro"],
                                  order_by=["start_time DESC"]).iloc[0]
     assert resumed["status"] == "FINISHED"
-    assert resumed["tags.resumed_after_epoch"] == str(done)
+    assert resumed["metrics.training.resumed_after_epoch"] == done
+    assert "tags.resumed_after_epoch" not in resumed  # a metric now, not a tag
 
-
-def test_a_signal_inside_a_tracking_store_write_waits_for_the_write_to_finish(monkeypatch):
-    """Ctrl-C landing inside MLflow's SQLite write left the store unusable for the KILLED
-    mark, and the run ended FINISHED: the interruption now waits until the write is done."""
-    import atexit
-    from types import SimpleNamespace
-
-    from pneumonia_kedro.hooks import InterruptedRunHook
-
-    timers: list[float] = []
-    monkeypatch.setattr(signal, "setitimer", lambda which, seconds: timers.append(seconds))
-    monkeypatch.setattr(signal, "signal", lambda signum, handler: None)
-    hook = InterruptedRunHook()
-    inside = SimpleNamespace(f_globals={"__name__": "sqlalchemy.engine.base"},
-                             f_back=SimpleNamespace(f_globals={"__name__": "mlflow"},
-                                                    f_back=None))
-    outside = SimpleNamespace(f_globals={"__name__": "pneumonia_kedro.training.engine"},
-                              f_back=None)
-    hook._interrupted(signal.SIGINT, inside)  # deferred: no exception, a 20 ms timer
-    assert timers == [0.02] and hook.signal_name is None
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            hook._interrupted(signal.SIGINT, outside)
-        assert hook.signal_name == "SIGINT"
-    finally:
-        atexit.unregister(hook.end_runs_killed)

@@ -1,4 +1,6 @@
-"""kedro-viz lineage: every pipeline and every catalog dataset appears, with its layer."""
+"""What `kedro run` runs is what `kedro registry describe` and kedro-viz show, for one fold
+and for k; kedro-viz lineage: every pipeline and every catalog dataset appears, with its
+layer."""
 
 from __future__ import annotations
 
@@ -11,26 +13,77 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kedro.framework.project import configure_project
+from kedro.pipeline import Pipeline
+from kedro.runner import SequentialRunner
 
-from tests.conftest import PROJECT_ROOT, copy_project
+from pneumonia_kedro.pipeline_registry import ON_PURPOSE, ONE_FOLD
+from tests.conftest import PROJECT_ROOT, run_session, tiny_demo_project
 
 # Real Kedro sessions, servers or subprocesses: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
 
+KEDRO = Path(sys.executable).parent / "kedro"
 
-def test_viz_build_shows_every_pipeline_and_dataset_with_layers(tmp_path: Path):
-    project = copy_project(tmp_path)
-    # Two cross-validation folds, set where `kedro viz build` reads (conf/local): the fold
-    # namespaces and the dataset factories' fold datasets appear.
-    (project / "conf/local/parameters_split.yml").write_text("split:\n  folds: 2\n")
-    kedro = Path(sys.executable).parent / "kedro"
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1"}
-    subprocess.run([str(kedro), "viz", "build"], cwd=project, env=env, check=True,
-                   capture_output=True, timeout=300)
+
+class RecordingRunner(SequentialRunner):
+    """Runs no node: keeps the names of those `kedro run` would run, after every hook's
+    checks before the run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nodes: set[str] = set()
+
+    def run(self, pipeline: Pipeline, catalog, hook_manager=None, run_id=None,
+            only_missing_outputs=False) -> dict:
+        self.nodes = {node.name for node in pipeline.nodes}
+        return {}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A project copy with the tiny demo data (the run's raw-data check passes)."""
+    with pytest.MonkeyPatch.context() as patch:
+        yield tiny_demo_project(tmp_path_factory.mktemp("viz"), patch)
+    configure_project("pneumonia_kedro")  # registered anew without this module's FOLDS
+
+
+def _kedro(project: Path, *args: str, folds: int) -> str:
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "FOLDS": str(folds), "COLUMNS": "400"}
+    env.pop("KEDRO_ENV", None)
+    return subprocess.run([str(KEDRO), *args], cwd=project, env=env, check=True,
+                          capture_output=True, text=True, timeout=600).stdout
+
+
+@pytest.mark.parametrize("folds", [1, 2])
+def test_kedro_run_runs_what_the_registry_and_kedro_viz_show(project, monkeypatch, folds):
+    from kedro.framework.startup import bootstrap_project
+
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("FOLDS", str(folds))
+    bootstrap_project(project)  # the pipelines are registered anew, with FOLDS
+    runner = RecordingRunner()
+    run_session(project, runner=runner)  # `kedro run --env demo`
+    assert any(name.startswith("fold_1.") for name in runner.nodes) == (folds == 2)
+    assert ("train_detector_node" in runner.nodes) == (folds == 1)
+
+    described = _kedro(project, "registry", "describe", folds=folds)
+    assert set(re.findall(r"^- (\S+) \(", described, re.MULTILINE)) == runner.nodes
+
+    _kedro(project, "viz", "build", folds=folds)
+    graph = json.loads((project / "build/api/main").read_text())
+    assert {n["full_name"] for n in graph["nodes"] if n["type"] == "task"} == runner.nodes
+    pipelines = {p["id"] for p in graph["pipelines"]}
+    single = {"__default__", *ONE_FOLD, *ON_PURPOSE}
+    assert pipelines == (single if folds == 1 else single | {"cross_validation"})
+
+
+def test_viz_build_shows_every_pipeline_and_dataset_with_layers(project: Path):
+    # Two cross-validation folds, as `make viz FOLDS=2` asks: the fold namespaces and the
+    # dataset factories' fold datasets appear.
+    _kedro(project, "viz", "build", folds=2)
     graph = json.loads((project / "build/api/main").read_text())
     pipelines = {p["id"] for p in graph["pipelines"]}
-    assert pipelines == {"__default__", "demo_data", "ingest", "split", "cache", "train",
-                         "classify", "evaluate", "cross_validation", "inference", "report"}
     # Each fold is a collapsible modular pipeline of the default pipeline.
     assert {"fold_0", "fold_1"} <= set(graph["modular_pipelines"])
     fold_tasks = {n["full_name"] for n in graph["nodes"] if n["type"] == "task"

@@ -1,21 +1,11 @@
-"""How many cross-validation folds the pipelines are built for (``split.folds``).
-
-A pipeline's shape is fixed when it is registered, before any node runs, so the fold count
-is read from the configuration there: ``FoldCountHook`` passes it from the session's
-parameters (with ``--env`` and ``--params``); without a session (kedro-viz without
-``--include-hooks``) it is read from ``conf/base`` and the ``KEDRO_ENV`` (or local)
-environment.
-"""
+"""The names the cross-validation folds give the pipelines: their namespaces and the models
+that predict together. How many folds there are is decided in ``pipeline_registry.py``."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from kedro.pipeline import Pipeline
 
-from pneumonia_kedro.split import fold_name
-
-# Set by the session (FoldCountHook); None: read the configuration.
-_session: dict[str, int | None] = {"folds": None}
+from pneumonia_kedro.split import fold_index, fold_name
 
 
 def fold_names(folds: int) -> list[str]:
@@ -31,29 +21,12 @@ def member_datasets(folds: int) -> list[str]:
             for name in ("trained_model", "trained_classifier")]
 
 
-def _configured() -> int:
-    """``split.folds`` of the parameter files of conf/base and the ``KEDRO_ENV`` (or local)
-    environment, the latter winning. Read as plain YAML: a second OmegaConfigLoader would
-    replace the session's ``globals`` resolver."""
-    import yaml
-    from kedro.framework.project import settings
-
-    conf = Path.cwd() / settings.CONF_SOURCE
-    folds = 1
-    for env in ("base", os.environ.get("KEDRO_ENV") or "local"):
-        for path in sorted((conf / env).glob("parameters*.yml")):
-            split = (yaml.safe_load(path.read_text()) or {}).get("split") or {}
-            folds = split.get("folds", folds)
-    return int(folds)
+def fold_of(namespace: str | None) -> str | None:
+    """The fold (``fold_2``) a node's namespace (``fold_2.train``) is in, else None."""
+    top = (namespace or "").split(".")[0]
+    return top if fold_index(top) is not None else None
 
 
-def fold_count() -> int:
-    """The session's ``split.folds``, else the configured one."""
-    return _session["folds"] if _session["folds"] is not None else _configured()
-
-
-def use_folds(folds: int) -> bool:
-    """Build the pipelines for ``folds`` folds; True when that changes the registered ones."""
-    changed = _session["folds"] != folds
-    _session["folds"] = folds
-    return changed
+def folds_in(pipeline: Pipeline) -> int:
+    """How many folds ``pipeline`` was built for (1: none)."""
+    return len({fold_of(node.namespace) for node in pipeline.nodes} - {None}) or 1

@@ -1,4 +1,4 @@
-"""The cross_validation pipeline (``split.folds`` > 1).
+"""The cross_validation pipeline (``split.folds`` > 1, registered in ``pipeline_registry.py``).
 
 Each fold is the train and classify pipelines plus the validation prediction, instantiated in
 its own namespace ``fold_i`` (``kedro run --namespaces fold_1`` trains that one; kedro-viz
@@ -23,7 +23,7 @@ from pneumonia_kedro.pipelines.evaluate.pipeline import (
     package_node,
     prediction_nodes,
 )
-from pneumonia_kedro.pipelines.folds import fold_count, fold_names, member_datasets
+from pneumonia_kedro.pipelines.folds import fold_names, member_datasets
 from pneumonia_kedro.split import fold_name
 
 from .nodes import (
@@ -55,7 +55,8 @@ def fold_pipeline(index: int) -> Pipeline:
         name="select_fold_patients_node",
         namespace=namespace,
     )
-    fitting = Pipeline(train.create_pipeline() + classify.create_pipeline(),
+    # The fold index reaches the training nodes bound to them: their GPU and checkpoints.
+    fitting = Pipeline(train.create_pipeline(fold=index) + classify.create_pipeline(fold=index),
                        namespace=namespace, inputs={**patients, **caches},
                        parameters=FITTING_PARAMETERS)
     predicting = Pipeline(
@@ -69,10 +70,11 @@ def fold_pipeline(index: int) -> Pipeline:
     return Pipeline([select]) + fitting + predicting
 
 
-def create_pipeline(**kwargs) -> Pipeline:
-    folds = kwargs.get("folds", fold_count())
+def create_pipeline(folds: int = 2) -> Pipeline:
+    """``folds`` folds (2 or more; ``pipeline_registry.py`` passes ``split.folds``), their
+    out-of-fold tuning and evaluation, and the fold ensemble."""
     if folds < 2:
-        return Pipeline([])
+        raise ValueError(f"cross-validation needs 2 or more folds, got {folds}")
     names = fold_names(folds)
     out_of_fold = ["raw_out_of_fold_predictions", "patient_folds",
                    "out_of_fold_image_probabilities"]
