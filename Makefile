@@ -10,12 +10,12 @@ DEMO_RAW := data/01_raw/rsna-demo
 DEMO_DONE := $(DEMO_RAW)/.complete
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-fast install dicom-tools lint demo-data clean-demo gpu-wheels mlflow-ui viz screenshots
+.PHONY: demo test test-fast install dicom-tools pacs-tools lint demo-data clean-demo gpu-wheels mlflow-ui viz screenshots
 
 demo: $(INSTALLED) $(DEMO_DONE)  ## create .venv, generate the demo dataset if absent, run every pipeline on it
 	$(BIN)/kedro run --env demo
 
-test: $(INSTALLED) dicom-tools  ## create/update .venv and run the test suite
+test: $(INSTALLED) dicom-tools pacs-tools  ## create/update .venv and run the test suite
 	$(BIN)/pytest
 
 test-fast: $(INSTALLED)  ## the quick loop: everything but the tests marked slow (under a minute)
@@ -30,6 +30,17 @@ dicom-tools:
 	command -v dciodvfy >/dev/null || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dicom3tools >/dev/null; } || \
 		echo "warning: could not install dicom3tools (dciodvfy); its SR validation test is skipped"
+
+# Debian's Orthanc with its DICOMweb plugin and web viewer: the real PACS the PACS tests start
+# on 127.0.0.1 (tests/orthanc.py). Installed like dicom3tools; elsewhere those tests say what is
+# missing and skip.
+pacs-tools:
+	@command -v Orthanc >/dev/null && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || \
+	command -v apt-get >/dev/null || exit 0; \
+	command -v Orthanc >/dev/null && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || \
+		{ $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install \
+		-y -qq orthanc orthanc-dicomweb orthanc-webviewer >/dev/null; } || \
+		echo "warning: could not install orthanc, orthanc-dicomweb; the PACS tests are skipped"
 
 # Reinstalls only when pyproject.toml changes (torch is never downloaded again).
 $(INSTALLED): pyproject.toml
