@@ -85,13 +85,16 @@ def test_bad_file_is_reported_and_the_others_predicted_in_original_pixels(incomi
     assert set(predictions["view_position"].dropna()) <= {"AP", "PA", ""}
     assert predictions["image_probability"].between(0, 1).all()
 
-    assert write_structured_reports(predictions, cache, dicoms, trained, LENIENT) == {}
-    reports = write_structured_reports(predictions, cache, dicoms, trained,
-                                       {**LENIENT, "dicom_sr": True})
+    # Off: one empty chunk, so the dataset still clears an earlier run's reports.
+    assert list(write_structured_reports(predictions, cache, dicoms, trained, LENIENT)) == [{}]
+    chunks = list(write_structured_reports(predictions, cache, dicoms, trained,
+                                           {**LENIENT, "dicom_sr": True}))
+    assert len(chunks) == 1 and all(isinstance(v, bytes) for v in chunks[0].values())
+    reports = chunks[0]
     assert sorted(reports) == sorted(cache.usable["patientId"])  # not the corrupt file
     strings = submission.set_index("patientId")["PredictionString"]
-    for patient_id, make_report in reports.items():
-        check_report_against_submission(make_report(), dicoms.read_bytes(patient_id),
+    for patient_id, report in reports.items():
+        check_report_against_submission(report, dicoms.read_bytes(patient_id),
                                         strings[patient_id])
 
 
@@ -146,12 +149,16 @@ def test_default_gate_skips_what_the_model_was_not_trained_for(incoming, tmp_pat
 
 @pytest.mark.slow  # two detectors, four variants, three IoUs: outside the quick loop
 def test_variants_kept_apart_then_fused_equal_fusing_while_predicting(incoming, tmp_path):
+    """What evaluation does (predict keeping the variants, then fuse and post-process at each
+    fusion IoU) equals what inference and the served model deliver, letterboxed image too."""
     import dataclasses
 
     import torch
 
-    from pneumonia_kedro.inference import predict_cache
-    from pneumonia_kedro.prediction import TTAConfig, fuse_variants
+    from pneumonia_kedro.ensemble import Networks
+    from pneumonia_kedro.inference import cached_squares
+    from pneumonia_kedro.postprocess import PostprocessConfig
+    from pneumonia_kedro.prediction import TTAConfig, postprocessed, predict
 
     torch.manual_seed(0)
     first = build_model(TINY_MODEL).eval()
@@ -162,21 +169,28 @@ def test_variants_kept_apart_then_fused_equal_fusing_while_predicting(incoming, 
                                       info={}), None)
     build(plan_test_cache(dicoms, member, LENIENT), tmp_path / "cache")
     cache = ImageCache(tmp_path / "cache")  # holds the non-square (letterboxed) image too
-    cpu = torch.device("cpu")
+    squares = cached_squares(cache)
+    assert cache.letterbox("narrow").offset_x == 24
+    networks = Networks([first, second], [], [], torch.device("cpu"))
     tta = TTAConfig(hflip=True)
-    apart = predict_cache([first, second], cache, cpu, 4, tta, False, fused=False)
+    values = PostprocessConfig(score_threshold=0.05, nms_iou=0.5, max_boxes=5)
+    apart = predict(networks, squares, tta, None, 4).variants
     assert set(apart["variants"]) == {4} and set(apart["variant"]) == {0, 1, 2, 3}
     for iou in (0.3, 0.55, 0.8):
-        fused = predict_cache([first, second], cache, cpu, 4,
-                              dataclasses.replace(tta, fusion_iou=iou), False)
-        later = fuse_variants(apart, iou)
-        order = ["patientId", "score", "x"]
-        fused, later = (t.sort_values(order).reset_index(drop=True) for t in (fused, later))
-        assert list(later.columns) == list(fused.columns) and len(later) == len(fused)
-        assert (later["patientId"] == fused["patientId"]).all()
-        np.testing.assert_allclose(later[["x", "y", "width", "height"]],
-                                   fused[["x", "y", "width", "height"]], atol=1e-3)
-        np.testing.assert_allclose(later["score"], fused["score"], atol=1e-6)
-    one = predict_cache([first], cache, cpu, 4, None, False, fused=False)
-    pd.testing.assert_frame_equal(fuse_variants(one, 0.5),
-                                  predict_cache([first], cache, cpu, 4, None, False))
+        at_iou = dataclasses.replace(tta, fusion_iou=iou)
+        delivered = predict(networks, squares, at_iou, values, 4)
+        later, candidates, probability = postprocessed(apart, at_iou, values,
+                                                       patient_ids=delivered.patient_ids)
+        assert len(later) and set(later["patientId"]) >= {"narrow"}
+        pd.testing.assert_frame_equal(later, delivered.boxes)
+        pd.testing.assert_frame_equal(candidates, delivered.candidates)
+        pd.testing.assert_series_equal(probability, delivered.image_probability)
+        narrow = later.loc[later["patientId"] == "narrow"]
+        assert (narrow["x"] >= 0).all() and (narrow["x"] + narrow["width"] <= 256).all()
+    # One model without variants: nothing to fuse, boxes only clipped to the image.
+    one = predict(dataclasses.replace(networks, detectors=[first]), squares, None, None, 4)
+    assert set(one.variants["variants"]) == {1}
+    kept = PostprocessConfig(score_threshold=0.0, nms_iou=1.0, max_boxes=1000)
+    boxes, _, _ = postprocessed(one.variants, TTAConfig(), kept)
+    assert len(boxes) == len(one.variants)
+    assert (boxes["x"] >= 0).all() and (boxes["y"] >= 0).all()

@@ -109,3 +109,215 @@ def test_threshold_tuning_then_evaluation_on_given_predictions():
     assert out["evaluation_metrics"]["overall"]["competition_metric"] == pytest.approx(2 / 3)
     assert out["evaluation_headline_metrics"]["roc_auc"]["value"] == 1.0
     assert len(out["validation_predictions"]) == 3
+
+
+def cache_catalog(root, splits: tuple[str, ...], dataset_type: type | None = None,
+                  **inputs: object) -> DataCatalog:
+    """An in-memory catalog whose image caches (and their read-only states) live in ``root``."""
+    from pneumonia_kedro.datasets import ImageCacheDataset, ImageCacheStateDataset
+
+    datasets = {name: MemoryDataset(value) for name, value in inputs.items()}
+    for name in splits:
+        path = str(root / name)
+        datasets[f"{name}_image_cache"] = (dataset_type or ImageCacheDataset)(path=path)
+        datasets[f"{name}_image_cache_state"] = ImageCacheStateDataset(path=path)
+    return DataCatalog(datasets=datasets)
+
+
+def test_cache_pipeline_decodes_in_its_nodes_resumes_and_reports_the_build(dicoms, tmp_path):
+    from pneumonia_kedro.datasets import ImageCacheDataset
+    from pneumonia_kedro.imagecache import ImageCache
+    from pneumonia_kedro.pipelines import cache
+
+    saves = {"n": 0}
+
+    class KilledOnFourthSave(ImageCacheDataset):
+        def save(self, data):
+            saves["n"] += 1
+            if saves["n"] == 4:  # the train cache's start and two chunks are written
+                raise KeyboardInterrupt
+            super().save(data)
+
+    inputs = {"train_patients": pd.DataFrame({"patientId": PATIENTS[:6]}),
+              "validation_patients": pd.DataFrame({"patientId": [*PATIENTS[6:], COPY]}),
+              "train_dicoms": dicoms, "params:ingest": {},
+              "params:cache": {"image_size": 16, "workers": 0, "chunk_size": 2,
+                               "progress": False}}
+    pipeline = cache.create_pipeline()
+    reference = SequentialRunner().run(pipeline, cache_catalog(tmp_path / "reference",
+                                                                ("train", "validation"),
+                                                                **inputs))
+    report = reference["cache_report"].load()
+    assert report["image_size"] == 16
+    assert {k: report["train"]["build"][k] for k in ("images", "decoded", "reused")} == {
+        "images": 6, "decoded": 6, "reused": 0}
+    assert report["validation"]["images"] == 3 and report["validation"]["build"]["decoded"] == 3
+
+    with pytest.raises(KeyboardInterrupt):
+        SequentialRunner().run(pipeline, cache_catalog(tmp_path / "resumed",
+                                                       ("train", "validation"),
+                                                       KilledOnFourthSave, **inputs))
+    outputs = SequentialRunner().run(pipeline, cache_catalog(tmp_path / "resumed",
+                                                             ("train", "validation"),
+                                                             **inputs))
+    build = outputs["cache_report"].load()["train"]["build"]
+    assert (build["decoded"], build["reused"]) == (2, 4)  # two chunks of two were finished
+    for name in ("train", "validation"):
+        a, b = tmp_path / "reference" / name, tmp_path / "resumed" / name
+        assert (a / "images.npy").read_bytes() == (b / "images.npy").read_bytes()
+        pd.testing.assert_frame_equal(ImageCache(a).index, ImageCache(b).index)
+
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "resumed").rglob("*")}
+    again = SequentialRunner().run(pipeline, cache_catalog(tmp_path / "resumed",
+                                                           ("train", "validation"), **inputs))
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "resumed").rglob("*")} == files
+    assert again["cache_report"].load() == outputs["cache_report"].load()  # the same build
+
+
+def test_test_cache_node_caches_every_file_at_the_model_size(dicoms, tmp_path):
+    from pneumonia_kedro.ensemble import Ensemble
+    from pneumonia_kedro.imagecache import ImageCache
+    from pneumonia_kedro.models import ModelConfig, TrainedModel
+    from pneumonia_kedro.pipelines import inference
+
+    model = TrainedModel(config=ModelConfig(architecture="mobilenet_v3_large_fpn",
+                                            pretrained="none", image_size=24),
+                         state_dict={}, info={})
+    pipeline = inference.create_pipeline(folds=1).only_nodes("cache_test_images_node")
+    catalog = cache_catalog(tmp_path, ("test",), test_dicoms=dicoms,
+                            ensemble=Ensemble.of(model, None),
+                            **{"params:inference": {"cache": {"workers": 2, "chunk_size": 3,
+                                                              "progress": False},
+                                                    "quality": {"min_side": 16}}})
+    SequentialRunner().run(pipeline, catalog)
+    cache = ImageCache(tmp_path / "test")
+    assert cache.images.shape == (9, 24, 24) and cache.image_size == 24
+    assert cache.index["patientId"].tolist() == dicoms.patient_ids
+    assert (cache.index["status"] == "ok").all()
+    assert cache.manifest["build"]["decoded"] == 9
+    np.testing.assert_array_equal(cache.images[0], cache.images[-1])  # p8 is p0's copy
+
+
+def _tiny_ensemble():
+    """An untrained tiny detector with an untrained classifier: their answers are arbitrary
+    but fixed, which is all a data-flow test needs."""
+    import torch
+
+    from pneumonia_kedro.classifier import TrainedClassifier, build_classifier
+    from pneumonia_kedro.ensemble import Ensemble
+    from pneumonia_kedro.models import TrainedModel, build_model
+    from tests.test_training import TINY_MODEL
+
+    torch.manual_seed(0)
+    return Ensemble.of(
+        TrainedModel(config=TINY_MODEL, state_dict=build_model(TINY_MODEL).state_dict(),
+                     info={}),
+        TrainedClassifier("resnet18", 32, build_classifier("resnet18").state_dict(), {}))
+
+
+def _tiny_cache(dicoms: DicomFolder, ensemble, folder, params: dict):
+    from pneumonia_kedro.imagecache import ImageCache, build
+    from pneumonia_kedro.pipelines.inference.nodes import plan_test_cache
+
+    build(plan_test_cache(dicoms, ensemble, params), folder)
+    return ImageCache(folder)
+
+
+class _Kept(MemoryDataset):
+    """A MemoryDataset the runner does not empty after its last reader: the test reads it."""
+
+    def _release(self) -> None:
+        pass
+
+
+def _in_memory(values: dict[str, object], kept: tuple[str, ...]) -> DataCatalog:
+    # Models and caches are handed on as they are (a deep copy would copy every weight).
+    datasets = {name: MemoryDataset(value, copy_mode="assign") for name, value in
+                values.items()}
+    return DataCatalog(datasets={**datasets, **{name: _Kept() for name in kept}})
+
+
+@pytest.mark.slow  # models over a built cache: outside the quick loop
+def test_inference_pipeline_predicts_cached_images_into_a_submission(dicoms, tmp_path):
+    from pneumonia_kedro.inference import cached_squares
+    from pneumonia_kedro.pipelines import inference
+    from pneumonia_kedro.prediction import predict, prediction_settings
+    from pneumonia_kedro.submission import parse_prediction_string
+
+    params = {"cache": {"workers": 0, "progress": False}, "quality": {"min_side": 16},
+              "batch_size": 4, "progress": False, "overlay_patients": ["p1", "missing"]}
+    postprocessing = {"score_threshold": 0.0, "nms_iou": 0.3, "max_boxes": 2, "shrink": 0.9,
+                      "gating": {"rule": "product", "threshold": 0.0},
+                      "tta": {"hflip": True, "fusion_iou": 0.5}}
+    ensemble = _tiny_ensemble()
+    cache = _tiny_cache(dicoms, ensemble, tmp_path / "test", params)
+    pipeline = inference.create_pipeline(folds=1).from_nodes("predict_test_node")
+    catalog = _in_memory({"ensemble": ensemble, "test_image_cache": cache,
+                          "test_dicoms": dicoms, "postprocessing": postprocessing,
+                          "sample_submission": pd.DataFrame({"patientId": dicoms.patient_ids}),
+                          "params:inference": params}, kept=("test_predictions",))
+    out = {name: dataset.load() for name, dataset in
+           SequentialRunner().run(pipeline, catalog).items()}
+    catalog_predictions = catalog["test_predictions"].load()
+
+    # The node's boxes are prediction.predict's, with the TTA the post-processing was tuned
+    # with and the classifier gating them.
+    tta, values = prediction_settings(postprocessing)
+    expected = predict(ensemble.build(), cached_squares(cache), tta, values, batch_size=4)
+    pd.testing.assert_frame_equal(catalog_predictions[list(expected.boxes.columns)],
+                                  expected.boxes)
+    np.testing.assert_allclose(
+        catalog_predictions["classifier_probability"],
+        catalog_predictions["patientId"].map(expected.classifier_probability))
+    assert set(catalog_predictions["view_position"]) <= {"AP", "PA"}
+    assert len(catalog_predictions) and (catalog_predictions["image_probability"] > 0).all()
+
+    submission, report = out["submission"], out["inference_report"]
+    assert submission["patientId"].tolist() == sorted(dicoms.patient_ids)
+    assert report["predicted"] == 9 and report["checked_against_sample"]
+    assert report["boxes"] == len(catalog_predictions)
+    for row in submission.to_dict("records"):
+        boxes, scores = parse_prediction_string(row["PredictionString"])
+        rows = expected.boxes.loc[expected.boxes["patientId"] == row["patientId"]]
+        np.testing.assert_allclose(boxes, rows[["x", "y", "width", "height"]], atol=0.05)
+        np.testing.assert_allclose(scores, rows["score"], atol=5e-5)
+    assert sorted(out["test_overlays"]) == ["p1.png"]
+
+
+@pytest.mark.slow  # models over a built cache: outside the quick loop
+def test_evaluation_predicts_keeps_variants_apart_tunes_and_scores(dicoms, tmp_path):
+    from pneumonia_kedro.pipelines import evaluate
+
+    patients = pd.DataFrame({
+        "patientId": [*PATIENTS, COPY], "Target": [int(p in BOXES) for p in [*PATIENTS, COPY]],
+        "boxes": [[[b / 20 for b in box] for box in BOXES.get(p, [])]
+                  for p in [*PATIENTS, COPY]],
+        "view_position": ["AP" if i % 2 else "PA" for i in range(9)]})
+    ensemble = _tiny_ensemble()
+    cache = _tiny_cache(dicoms, ensemble, tmp_path / "validation",
+                        {"cache": {"workers": 0, "progress": False},
+                         "quality": {"min_side": 16}})
+    params = {"batch_size": 4, "progress": False, "tta": {"hflip": True},
+              "search": {"score_threshold": [0.05, 0.5], "nms_iou": [0.3], "shrink": [1.0],
+                         "max_boxes": [2], "gating_rule": ["none", "product"]},
+              "bootstrap": {"resamples": 20}}
+    pipeline = evaluate.create_pipeline().only_nodes(
+        "predict_validation_node", "predict_validation_probabilities_node",
+        "tune_postprocessing_node", "evaluate_node")
+    catalog = _in_memory({"ensemble": ensemble, "validation_image_cache": cache,
+                          "validation_patients": patients, "params:evaluate": params},
+                         kept=("raw_validation_predictions", "validation_image_probabilities"))
+    out = {name: dataset.load() for name, dataset in
+           SequentialRunner().run(pipeline, catalog).items()}
+    raw = catalog["raw_validation_predictions"].load()
+    assert set(raw["variants"]) == {2} and set(raw["variant"]) == {0, 1}  # plain, mirrored
+    assert set(raw["patientId"]) == set(patients["patientId"])
+    probabilities = catalog["validation_image_probabilities"].load()
+    assert list(probabilities.columns) == ["patientId", "probability"]
+    assert probabilities["patientId"].tolist() == [*PATIENTS, COPY]
+    assert probabilities["probability"].between(0, 1).all()
+    chosen = out["evaluation_metrics"]["postprocessing"]  # what inference gets
+    assert chosen["tta"]["hflip"] and chosen["gating"]["rule"] in ("none", "product")
+    assert out["evaluation_metrics"]["overall"]["images"] == 9
+    assert len(out["evaluation_metrics"]["held_out_postprocessing"]) == 2
+    assert len(out["postprocessing_search"]) == 2 * 2

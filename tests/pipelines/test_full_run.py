@@ -121,7 +121,7 @@ def test_mlflow_run_holds_params_curves_tags_and_a_servable_model(demo_run,
     # Requirements pinned to what is installed here, not to versions written in the code.
     from importlib import metadata
 
-    from pneumonia_kedro.datasets.mlflow_detector import SERVING_DISTRIBUTIONS
+    from pneumonia_kedro.model_package import SERVING_DISTRIBUTIONS
 
     requirements = Path(mlflow.pyfunc.get_model_dependencies(model_uri)).read_text()
     for name in SERVING_DISTRIBUTIONS:
@@ -148,8 +148,8 @@ def test_trained_model_reloads_from_the_catalog_with_equal_predictions(demo_run,
                                                                        kedro_project: Path):
     import torch
 
-    from pneumonia_kedro.inference import predict_cache
-    from pneumonia_kedro.prediction import prediction_settings
+    from pneumonia_kedro.inference import cached_squares
+    from pneumonia_kedro.prediction import predict, prediction_settings
 
     with KedroSession.create(project_path=kedro_project, env="demo") as session:
         catalog = session.load_context().catalog
@@ -162,8 +162,8 @@ def test_trained_model_reloads_from_the_catalog_with_equal_predictions(demo_run,
     assert tta.hflip and tta.scales == (1.0, 1.25)
     # Kept per variant (four: two scales x mirror), for the search to fuse at any IoU.
     assert set(raw["variants"]) == {4}
-    again = predict_cache([trained.build()], cache, torch.device("cpu"), tta=tta,
-                          progress=False, fused=False)
+    again = predict(Ensemble.of(trained, None).build(torch.device("cpu")),
+                    cached_squares(cache), tta).variants
     pd.testing.assert_frame_equal(raw.reset_index(drop=True), again.reset_index(drop=True),
                                   check_dtype=False)
 

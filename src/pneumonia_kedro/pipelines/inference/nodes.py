@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -14,17 +14,27 @@ import pandas as pd
 from pneumonia_kedro.config import AT_LEAST_ONE, ConfigError, from_params
 from pneumonia_kedro.dicom import DicomFolder
 from pneumonia_kedro.dicom.quality import INFERENCE_QUALITY, QualityConfig
-from pneumonia_kedro.ensemble import Ensemble, ensemble_probabilities
+from pneumonia_kedro.ensemble import Ensemble
 from pneumonia_kedro.figures import overlay_figure
-from pneumonia_kedro.imagecache import CacheConfig, CachePlan, ImageCache, plan, quality_summary
-from pneumonia_kedro.inference import finalize, predict_cache
-from pneumonia_kedro.prediction import prediction_settings
+from pneumonia_kedro.imagecache import (
+    CacheChunk,
+    CacheConfig,
+    CachePlan,
+    CacheState,
+    ImageCache,
+    decode_chunks,
+    plan,
+    quality_summary,
+)
+from pneumonia_kedro.inference import cached_squares
+from pneumonia_kedro.prediction import predict, prediction_settings
 from pneumonia_kedro.reporting import capped
 from pneumonia_kedro.structured_report import boxes_and_scores, report_bytes
 from pneumonia_kedro.submission import build_submission, check_against_sample
 from pneumonia_kedro.training import resolve_device
 
 logger = logging.getLogger(__name__)
+SR_CHUNK = 256  # structured reports per saved chunk
 
 
 @dataclass(frozen=True)
@@ -78,22 +88,26 @@ def plan_test_cache(test_dicoms: DicomFolder, ensemble: Ensemble, params: dict) 
     return plan(test_dicoms, test_dicoms.patient_ids, cache_config)
 
 
+def cache_test_images(test_dicoms: DicomFolder, ensemble: Ensemble, params: dict,
+                      finished: CacheState) -> Iterator[CacheChunk]:
+    """Decode the folder's files that the cache ``finished`` describes does not hold yet, a
+    chunk at a time (each saved as it comes, so a killed build resumes)."""
+    yield from decode_chunks(plan_test_cache(test_dicoms, ensemble, params), finished)
+
+
 def predict_test(ensemble: Ensemble, test_image_cache: ImageCache, postprocessing: dict,
                  params: dict) -> pd.DataFrame:
     """Post-processed boxes per test image with its image-level probabilities and view."""
     config = _config(params)
     chosen, postprocessing = _chosen_models(ensemble, postprocessing, config)
-    device = resolve_device(config.device)
     # The TTA the post-processing was tuned with: they belong together.
     tta, values = prediction_settings(postprocessing)
-    raw = predict_cache(chosen.build(device), test_image_cache, device, config.batch_size, tta,
-                        config.progress, desc="test")
-    classifier_p = ensemble_probabilities(chosen, test_image_cache, device, config.batch_size,
-                                          tta.hflip)
-    index = test_image_cache.usable
-    final, probability = finalize(raw, values, index["patientId"].tolist(), classifier_p)
-    views = index.set_index("patientId")["view_position"]
-    final["image_probability"] = final["patientId"].map(probability)
+    prediction = predict(chosen.build(resolve_device(config.device)),
+                         cached_squares(test_image_cache), tta, values, config.batch_size,
+                         config.progress, desc="test")
+    final, classifier_p = prediction.boxes, prediction.classifier_probability
+    views = test_image_cache.usable.set_index("patientId")["view_position"]
+    final["image_probability"] = final["patientId"].map(prediction.image_probability)
     final["classifier_probability"] = final["patientId"].map(classifier_p) \
         if classifier_p is not None else np.nan
     final["view_position"] = final["patientId"].map(views)
@@ -130,25 +144,30 @@ def write_submission(test_predictions: pd.DataFrame, test_image_cache: ImageCach
 
 def write_structured_reports(test_predictions: pd.DataFrame, test_image_cache: ImageCache,
                              test_dicoms: DicomFolder, ensemble: Ensemble,
-                             params: dict) -> dict[str, Callable[[], bytes]]:
+                             params: dict) -> Iterator[dict[str, bytes]]:
     """With ``inference.dicom_sr``, one DICOM SR per predicted image (boxes in the source's
-    pixels), made one at a time as the dataset writes them; nothing otherwise."""
+    pixels), yielded in chunks that Kedro saves as they come; one empty chunk otherwise (the
+    dataset then holds no SR from an earlier run)."""
     config = _config(params)
-    if not config.dicom_sr:
-        return {}
+    patient_ids = test_image_cache.usable["patientId"].tolist() if config.dicom_sr else []
+    if not patient_ids:
+        yield {}
+        return
     version = _chosen_models(ensemble, {}, config)[0].version
     by_patient = {pid: rows for pid, rows in test_predictions.groupby("patientId", sort=False)}
 
-    def report(patient_id: str) -> Callable[[], bytes]:
+    def report(patient_id: str) -> bytes:
         rows = by_patient.get(patient_id)
         boxes, scores = boxes_and_scores(rows)
         # Images without boxes carry no probability in test_predictions.
         probability = None if rows is None else float(rows["image_probability"].iloc[0])
-        return lambda: report_bytes(test_dicoms.read_bytes(patient_id),
-                                    test_dicoms.display_name(patient_id), boxes, scores,
-                                    probability, version)
+        return report_bytes(test_dicoms.read_bytes(patient_id),
+                            test_dicoms.display_name(patient_id), boxes, scores, probability,
+                            version)
 
-    return {pid: report(pid) for pid in test_image_cache.usable["patientId"]}
+    # Large chunks: the MLflow artifact wrapper uploads the whole folder after each save.
+    for start in range(0, len(patient_ids), SR_CHUNK):
+        yield {pid: report(pid) for pid in patient_ids[start:start + SR_CHUNK]}
 
 
 def draw_overlays(test_predictions: pd.DataFrame, test_image_cache: ImageCache,

@@ -3,11 +3,11 @@
 from kedro.pipeline import Node, Pipeline
 
 from pneumonia_kedro.pipelines.evaluate.pipeline import ensemble_node
-from pneumonia_kedro.pipelines.folds import fold_count, member_datasets
+from pneumonia_kedro.pipelines.folds import member_datasets
 
 from .nodes import (
+    cache_test_images,
     draw_overlays,
-    plan_test_cache,
     predict_test,
     write_structured_reports,
     write_submission,
@@ -15,13 +15,13 @@ from .nodes import (
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    folds = kwargs.get("folds", fold_count())
+    folds = kwargs.get("folds", 1)  # split.folds, passed by pipeline_registry.py
     return Pipeline([
         # Every fold's model with split.folds > 1 (inference.models may pick one).
         ensemble_node(member_datasets(folds)),
         Node(
-            func=plan_test_cache,
-            inputs=["test_dicoms", "ensemble", "params:inference"],
+            func=cache_test_images,
+            inputs=["test_dicoms", "ensemble", "params:inference", "test_image_cache_state"],
             outputs="test_image_cache",
             name="cache_test_images_node",
         ),

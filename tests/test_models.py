@@ -1,0 +1,137 @@
+"""The detector factory: what trains, anchors and box head as configured, weights that rebuild
+the same network without pickle, and a version that names the weights."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from pneumonia_kedro.errors import PneumoniaKedroError, WeightsUnavailableError
+from pneumonia_kedro.models import (
+    OPACITY_LABEL,
+    ModelConfig,
+    TrainedModel,
+    build_model,
+    detect,
+    model_config_from_dict,
+    model_from_state,
+    to_model_input,
+    weights_version,
+    with_download,
+)
+
+SIZE = 64
+TINY = ModelConfig(
+    architecture="mobilenet_v3_large_fpn", pretrained="none", trainable="all", image_size=SIZE,
+    anchor_sizes=((8, 16, 32),) * 3, anchor_ratios=(1.0, 2.0), rpn_pre_nms_top_n_test=50,
+    rpn_post_nms_top_n_test=20, box_head_size=32, box_detections_per_img=5,
+    box_score_thresh=0.0,
+)
+
+
+def _images(seed: int = 0, count: int = 2) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (count, 1, SIZE, SIZE), dtype=torch.uint8,
+                         generator=generator)
+
+
+def test_only_the_box_predictor_trains_when_asked():
+    model = build_model(replace(TINY, trainable="box_predictor"))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {name for name, _ in model.named_parameters()
+                         if name.startswith("roi_heads.box_predictor.")}
+    assert model.roi_heads.box_predictor.cls_score.out_features == 2  # background, opacity
+
+
+def test_anchors_and_box_head_follow_the_config():
+    model = build_model(TINY)
+    assert model.rpn.anchor_generator.sizes == ((8, 16, 32),) * 3
+    # 3 sizes x 2 ratios per location: the RPN head was rebuilt for 6 anchors.
+    assert model.rpn.head.cls_logits.out_channels == 6
+    assert model.roi_heads.box_head.fc7.out_features == 32
+    # The detector's own resize keeps the cache's size instead of upscaling to 800 px.
+    assert model.transform.min_size == (SIZE,) and model.transform.max_size == SIZE
+
+
+def test_anchor_levels_must_match_the_feature_maps():
+    with pytest.raises(PneumoniaKedroError, match="has 2 levels but mobilenet_v3_large_fpn has 3"):
+        build_model(replace(TINY, anchor_sizes=((8, 16),) * 2))
+
+
+def test_resnet18_fpn_has_no_coco_weights():
+    with pytest.raises(PneumoniaKedroError, match="resnet18_fpn has no COCO weights"):
+        build_model(replace(TINY, architecture="resnet18_fpn", pretrained="coco",
+                            anchor_sizes=None))
+
+
+def test_a_trained_model_rebuilds_to_the_same_predictions():
+    torch.manual_seed(0)
+    config = replace(TINY, freeze_batchnorm=True)
+    model = build_model(config).eval()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    # The saved config (lists, as JSON gives them back) and weights rebuild the network.
+    saved = model_config_from_dict({**config.to_dict(),
+                                    "anchor_sizes": [[8, 16, 32]] * 3,
+                                    "anchor_ratios": [1.0, 2.0]})
+    assert saved == config
+    rebuilt = TrainedModel(saved, model.state_dict(), info={}).build()
+    images = _images()
+    cpu = torch.device("cpu")
+    for (boxes, scores), (boxes_again, scores_again) in zip(
+            detect(model, images, cpu), detect(rebuilt, images, cpu), strict=True):
+        torch.testing.assert_close(boxes, boxes_again)
+        torch.testing.assert_close(scores, scores_again)
+
+
+def test_rebuilding_refuses_weights_of_another_shape():
+    state = build_model(TINY).state_dict()
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        model_from_state(replace(TINY, box_head_size=16), state)
+
+
+def test_detect_returns_opacity_boxes_inside_the_image():
+    torch.manual_seed(1)
+    model = build_model(TINY).eval()
+    outputs = detect(model, _images(seed=2, count=3), torch.device("cpu"))
+    assert len(outputs) == 3
+    for boxes, scores in outputs:
+        assert boxes.shape == (len(scores), 4) and boxes.dtype == torch.float32
+        assert (boxes >= 0).all() and (boxes <= SIZE).all()
+        assert (scores[:-1] >= scores[1:]).all()  # torchvision sorts by score
+    assert OPACITY_LABEL == 1
+
+
+def test_model_input_is_three_channel_float_in_unit_range():
+    images = torch.tensor([[[[0, 255], [128, 64]]]], dtype=torch.uint8)
+    (batch,) = to_model_input(images, torch.device("cpu"))
+    assert batch.shape == (3, 2, 2) and batch.dtype == torch.float32
+    torch.testing.assert_close(batch[2], torch.tensor([[0.0, 1.0], [128 / 255, 64 / 255]]))
+
+
+def test_weights_version_names_the_weights():
+    state = {"a": torch.zeros(2), "b": torch.ones(3)}
+    version = weights_version("resnet18_fpn", state)
+    assert version.startswith("resnet18_fpn-") and len(version.split("-")[1]) == 12
+    assert weights_version("resnet18_fpn", dict(reversed(state.items()))) == version
+    changed = {**state, "b": torch.tensor([1.0, 1.0, 1.5])}
+    assert weights_version("resnet18_fpn", changed) != version
+
+
+def test_offline_download_names_the_file_to_provide():
+    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+
+    weights = FasterRCNN_ResNet50_FPN_Weights.COCO_V1
+
+    def offline():
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    with pytest.raises(WeightsUnavailableError) as caught:
+        with_download(offline, weights, "COCO")
+    message = str(caught.value)
+    assert "COCO weights could not be downloaded" in message
+    assert "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth" in message
+    assert "model.pretrained" in message
