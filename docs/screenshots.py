@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 from pneumonia_kedro.ui import (
     HOST,
     command,
+    free_port,
     occupied_port_message,
     port_in_use,
     tool_environment,
@@ -53,13 +53,6 @@ MLFLOW_FOCUS = ("document.querySelector('button[aria-label=\"Close\"]')?.click()
 VIZ_NO_HINTS = ("localStorage.setItem('KedroViz', JSON.stringify(Object.assign("
                 "JSON.parse(localStorage.getItem('KedroViz') || '{}'), "
                 "{showFeatureHints: false}))); location.reload();")
-
-
-def free_port() -> int:
-    """A port nothing listens on now (the system picks it)."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def require_free_port(tool: str, port: int) -> None:

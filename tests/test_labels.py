@@ -145,6 +145,10 @@ def test_cells_are_loaded_as_the_text_written(tmp_path):
         ([HEADER, "p-neg,,,,,0", "p1,,,,,0,extra"],
          "line 3: 7 cell(s) where the header has 6: 'p1,,,,,0,extra'"),
         ([HEADER, "p1,,,,"], "line 2: 5 cell(s) where the header has 6: 'p1,,,,'"),
+        # A quoted line break stays in its row and blank lines are not counted: rows are
+        # numbered as validation numbers them (the text alone would have said line 4).
+        ([HEADER, '"p,\nq",,,,,0', "", "p1,,,,,0,extra"],
+         "line 3: 7 cell(s) where the header has 6: 'p1,,,,,0,extra'"),
         (["patientId,x,x,width,height,Target", "p1,,,,,0"],
          r"line 1: column(s) ['x'] appear twice"),
     ],

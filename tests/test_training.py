@@ -193,10 +193,10 @@ def _rank_mean(rank: int, port: int, results: str) -> None:
 def test_train_loss_is_the_mean_over_ranks(tmp_path):
     """Each DDP rank sees its share of the batch: the logged loss averages them (it was rank
     0's share alone)."""
-    from pneumonia_kedro.training.fit import _free_port
+    from pneumonia_kedro.ui import free_port
 
     torch.multiprocessing.spawn(_rank_mean, nprocs=2, join=True,
-                                args=(_free_port(), str(tmp_path / "mean")))
+                                args=(free_port(), str(tmp_path / "mean")))
     assert [torch.load(tmp_path / f"mean.{rank}") for rank in (0, 1)] == [2.0, 2.0]
 
 

@@ -13,16 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from pneumonia_kedro.ui import command
+from pneumonia_kedro.ui import command, free_port
 
 # Real Kedro sessions, servers or subprocesses: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_viz_shows_k_folds_the_way_kedro_run_is_asked_for_them():

@@ -25,7 +25,6 @@ BOX_COLUMNS = ("x", "y", "width", "height")
 OPACITY_CLASS = "Lung Opacity"
 NEGATIVE_CLASSES = ("No Lung Opacity / Not Normal", "Normal")
 DETAILED_CLASSES = (OPACITY_CLASS, *NEGATIVE_CLASSES)
-PATIENT_COLUMNS = ("patientId", "Target", "detailed_class", "n_boxes", "boxes")
 TEXT = pd.StringDtype(na_value=np.nan)  # pandas' default "str"
 
 # Competition ids are UUIDs; anything that could walk out of a folder is refused.

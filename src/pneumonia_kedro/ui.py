@@ -29,6 +29,14 @@ def port_in_use(port: int, host: str = HOST) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
+def free_port(host: str = HOST) -> int:
+    """A port nothing listens on now (the system picks it): for the DDP rendezvous and the
+    tests' servers."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def occupied_port_message(tool: str, port: int) -> str:
     return (f"Port {port} on {HOST} is already in use, perhaps by another {NAMES[tool]}. "
             f"If it is this project's, open http://{HOST}:{port}; otherwise stop that process "

@@ -15,6 +15,7 @@ from PIL import Image
 
 from pneumonia_kedro.ensemble import Ensemble
 from pneumonia_kedro.submission import parse_prediction_string
+from pneumonia_kedro.ui import free_port
 from tests.conftest import run_session, tiny_demo_project, use_run
 
 # Real Kedro sessions, servers or subprocesses: left out of the quick loop (-m 'not slow').
@@ -185,14 +186,6 @@ def _monochrome1_16bit(source: Path, target: Path) -> None:
     ds.save_as(target, enforce_file_format=True)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_served_model_answers_like_the_pipeline_and_rejects_bad_requests(
         demo_run, kedro_project: Path, tmp_path: Path):
     import os
@@ -237,7 +230,7 @@ def test_served_model_answers_like_the_pipeline_and_rejects_bad_requests(
 
     run = mlflow.search_runs(experiment_names=["pneumonia-kedro"]).sort_values(
         "start_time").iloc[-1]
-    port = _free_port()
+    port = free_port()
     bin_folder = str(Path(sys.executable).parent)  # mlflow starts uvicorn from PATH
     env = {**os.environ, "MLFLOW_TRACKING_URI": demo_run["tracking_uri"],
            "PATH": f"{bin_folder}{os.pathsep}{os.environ.get('PATH', '')}"}

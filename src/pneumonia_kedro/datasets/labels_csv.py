@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 from pathlib import PurePosixPath
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pa_csv
 from kedro.io.core import get_filepath_str
 from kedro_datasets.pandas import CSVDataset
 from pandas.errors import ParserError
@@ -85,9 +88,19 @@ class LabelsCSVDataset(CSVDataset):
             return [line.rstrip(b"\r\n") for line in handle if line.strip()]
 
     def _wrong_cell_count(self, path: str, row: Any) -> LabelsError:
-        # The reader gives the row's text but no line number: look the text up.
-        number = next((n for n, line in enumerate(self._lines(path), 1)
-                       if line == row.text.encode()), "?")
+        # pandas reads with threads, so its bad row has no number: on this error path only,
+        # the file is read again by Arrow on one thread, which numbers the row (header = line
+        # 1, blank lines not counted; a quoted line break stays inside its row).
+        numbers: list[int] = []
+
+        def note(bad: Any) -> str:
+            numbers.append(bad.number)
+            return "error"
+
+        with self._fs.open(path, "rb") as handle, contextlib.suppress(pa.ArrowInvalid):
+            pa_csv.read_csv(handle, read_options=pa_csv.ReadOptions(use_threads=False),
+                            parse_options=pa_csv.ParseOptions(invalid_row_handler=note))
+        number = numbers[0] if numbers and numbers[0] is not None else "?"
         return LabelsError(f"{self._filepath}: line {number}: {row.actual_columns} cell(s) "
                            f"where the header has {row.expected_columns}: {row.text!r}")
 

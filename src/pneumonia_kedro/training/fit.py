@@ -16,10 +16,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -44,6 +44,10 @@ from pneumonia_kedro.training.engine import (
     TrainingTask,
     train_one_epoch,
 )
+from pneumonia_kedro.ui import free_port
+
+if TYPE_CHECKING:
+    from pneumonia_kedro.engines import EngineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -79,12 +83,14 @@ def _start_process_group(rank: int, world_size: int, device: torch.device, port:
                          ) -> torch.device:
     """Join the DDP group (NCCL on GPUs, gloo on CPUs); the device this rank trains on."""
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size)
+    if not dist.is_initialized():  # Ray Train's workers join their group before this
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     if device.type != "cuda":
         return device
-    device = torch.device("cuda", rank)
+    # Ray Train sets LOCAL_RANK (ranks span machines); mp.spawn's ranks are local.
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     torch.cuda.set_device(device)
     return device
 
@@ -134,9 +140,15 @@ def _resume(checkpoints: CheckpointStore | None, model: torch.nn.Module, optimis
     """The progress of the last checkpoint of the same settings and data, else a fresh one."""
     if not settings.resume or checkpoints is None or not (last := checkpoints.load_last()):
         return _Progress()
+    best_state = checkpoints.best_state(last)
+    if best_state is None and int(last["best_epoch"]) > 0:
+        logger.warning("%s holds no weights of the best epoch %d that %s names; training "
+                       "from the first epoch", checkpoints.best_file, int(last["best_epoch"]),
+                       checkpoints.last_file)
+        return _Progress()
     restore(last, model, optimisation, scaler)
     progress = _Progress(int(last["epoch"]) + 1, last["best_metric"], int(last["best_epoch"]),
-                         list(last["history"]), checkpoints.load_best())
+                         list(last["history"]), best_state)
     logger.info("resuming after epoch %d of %d from %s", progress.start_epoch, settings.epochs,
                 checkpoints.last_file)
     if on_epoch_end is not None and rank == 0:  # a new run gets the whole curve
@@ -161,16 +173,19 @@ def _end_epoch(task: TrainingTask, settings: FitSettings, model: torch.nn.Module
                 settings.epochs, train_loss,
                 ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in validation.items()),
                 record["images_per_second"])
-    if _improves(record[task.metric], progress.best_metric, task.higher_is_better):
+    improved = _improves(record[task.metric], progress.best_metric, task.higher_is_better)
+    if improved:
         progress.best_metric, progress.best_epoch = record[task.metric], epoch + 1
         progress.best_state = _cpu_state(model)
-        if checkpoints is not None:
-            checkpoints.save_best(progress.best_state)
     if checkpoints is not None:
+        # last.pt first: killed before best.pt, it names itself the best epoch and holds
+        # those weights (CheckpointStore.best_state); best.pt is then an older epoch's.
         checkpoints.save_last(resume_state(
             model, optimisation, scaler, epoch=epoch, best_metric=progress.best_metric,
             best_epoch=progress.best_epoch, history=progress.history,
             settings=asdict(settings)))
+        if improved:
+            checkpoints.save_best(progress.best_state, epoch + 1)
     return record
 
 
@@ -219,18 +234,17 @@ def _train_process(rank: int, task: TrainingTask, settings: FitSettings, fold: i
     return result
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def fit_task(task: TrainingTask, settings: FitSettings,
              checkpoints: CheckpointStore | None = None,
-             on_epoch_end: EpochCallback | None = None, fold: int | None = None
-             ) -> TrainingResult:
+             on_epoch_end: EpochCallback | None = None, fold: int | None = None,
+             engine: EngineConfig | None = None) -> TrainingResult:
     """Train ``task``, in this process or in ``settings.world_size`` DDP processes (spawned
-    here). ``fold``: the cross-validation fold, whose GPU ``auto`` picks among several."""
+    here), or with ``engine.backend: ray`` on Ray Train's workers (the same per-rank
+    function). ``fold``: the cross-validation fold, whose GPU ``auto`` picks among several."""
+    if engine is not None and engine.is_ray:
+        from pneumonia_kedro.engines.ray_engine import fit_on_ray  # no Ray for local runs
+
+        return fit_on_ray(task, settings, checkpoints, on_epoch_end, fold, engine)
     if settings.world_size == "auto":
         settings = replace(settings, world_size=auto_world_size(settings.device))
     if settings.batch_size % settings.world_size:
@@ -242,15 +256,15 @@ def fit_task(task: TrainingTask, settings: FitSettings,
         result_file = str(Path(folder) / "result.pt")
         mp.spawn(_train_process, nprocs=settings.world_size, join=True,
                  args=(task, settings, fold, checkpoints, on_epoch_end, result_file,
-                       _free_port()))
+                       free_port()))
         return TrainingResult(**torch.load(result_file, weights_only=True))
 
 
 def train_model(model_config: ModelConfig, config: TrainConfig,
                 train_data: CachedDetectionDataset, validation_data: CachedDetectionDataset,
                 checkpoints: CheckpointStore | None = None,
-                on_epoch_end: EpochCallback | None = None, fold: int | None = None
-                ) -> TrainingResult:
+                on_epoch_end: EpochCallback | None = None, fold: int | None = None,
+                engine: EngineConfig | None = None) -> TrainingResult:
     """Train the detector (``fit_task`` of a ``DetectorTask``)."""
     return fit_task(DetectorTask(model_config, config, train_data, validation_data), config,
-                    checkpoints, on_epoch_end, fold)
+                    checkpoints, on_epoch_end, fold, engine)

@@ -41,9 +41,10 @@ def prediction_nodes() -> list[Node]:
 def package_node() -> Node:
     return Node(
         func=package_model,
-        inputs=["ensemble", "postprocessing", "params:serving"],
+        inputs=["ensemble", "postprocessing", "params:serving", "params:quality",
+                "appearance_reference"],
         outputs="mlflow_model",
-        name="log_mlflow_model_node",
+        name="package_mlflow_model_node",
     )
 
 
@@ -53,7 +54,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         *prediction_nodes(),
         Node(
             func=tune_postprocessing,
-            inputs=["raw_validation_predictions", "validation_patients",
+            inputs=["ensemble", "raw_validation_predictions", "validation_patients",
                     "validation_image_probabilities", "params:evaluate"],
             outputs=["postprocessing", "threshold_curve", "postprocessing_search"],
             name="tune_postprocessing_node",
