@@ -167,3 +167,22 @@ def running_orthanc(folder: Path):
         yield server
     finally:
         server.stop()
+
+
+def connections_to(port: int) -> int:
+    """This process's open TCP connections to ``port`` (Linux ``/proc``): a client session
+    left open keeps one."""
+    sockets = set()
+    for descriptor in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(descriptor)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            sockets.add(target[len("socket:["):-1])
+    count = 0
+    for line in Path("/proc/self/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote_port, state, inode = int(fields[2].split(":")[1], 16), fields[3], fields[9]
+        count += remote_port == port and state == "01" and inode in sockets  # ESTABLISHED
+    return count

@@ -1,6 +1,7 @@
 """The PACS round trip against a real Orthanc (Debian's, started on 127.0.0.1 for these tests):
-images in by QIDO-RS/WADO-RS, the Secondary Capture overlay, delivery by STOW-RS and C-STORE,
-idempotent re-sends, and clear errors for a wrong password, a dead or a silent server."""
+images in by QIDO-RS/WADO-RS (once per run, sessions closed), the Secondary Capture overlay,
+delivery by STOW-RS and C-STORE, idempotent re-sends, unreadable objects failed by name, and
+clear errors for a wrong password, a dead or a silent server."""
 
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ from pneumonia_kedro.pacs.overlay import (
     line_thickness,
     secondary_capture,
 )
+from pneumonia_kedro.pacs.presentation_state import presentation_state
 from pneumonia_kedro.pacs.send import sender
 from pneumonia_kedro.pacs.server import PacsError, PacsServer
 from pneumonia_kedro.pacs.source import PacsQuery
 from pneumonia_kedro.structured_report import report_bytes
 from tests.demo_folder import one_demo_file
-from tests.orthanc import AET, PASSWORD, USER, running_orthanc
+from tests.orthanc import AET, PASSWORD, USER, connections_to, running_orthanc
 
 # Identification a hospital file carries; it must reach no message, log or report.
 IDENTITY = {"PatientName": "Doe^Jane", "PatientID": "MRN-884421", "AccessionNumber": "ACC77123",
@@ -199,7 +201,7 @@ def test_a_silent_server_times_out_naming_server_and_object():
     sr = report_bytes(one_demo_file(7), "source", [], [], None, "model-v1")
     server = PacsServer(dicomweb_url=f"http://127.0.0.1:{port}/dicom-web", timeout=1.0)
     try:
-        answer = sender(server, "stow_rs").send(sr, "structured_report 1.2.3")
+        answer = sender(server, "stow_rs").send(uids(sr), "structured_report 1.2.3")
     finally:
         listener.close()
     assert answer.fatal and not answer.stored
@@ -217,3 +219,94 @@ def test_pacs_server_comes_from_credentials_or_environment(monkeypatch):
     assert server.verify == "/etc/ssl/ca.pem"
     assert "from-env" not in repr(server)
     assert not PacsServer().configured("stow_rs") and not PacsServer().configured("c_store")
+
+
+def test_the_pacs_is_queried_once_per_run_and_leftovers_are_not_images(pacs, tmp_path):
+    first = hospital_file(21)
+    pacs.upload(first)
+    study, sop = uids(first).StudyInstanceUID, uids(first).SOPInstanceUID
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    # A retrieval killed mid-write (its process, a pid above Linux's pid_max, is gone).
+    leftover = incoming / f"{sop}.dcm.partial-4194305"
+    leftover.write_bytes(b"half a file")
+    dataset = DicomWebDataset(path=str(incoming), query={"study_instance_uids": [study]},
+                              credentials={"url": pacs.dicomweb_url, "username": USER,
+                                           "password": PASSWORD})
+    folder = dataset.load()
+    assert (folder.patient_ids, folder.rejected) == ([sop], {})
+    assert not leftover.exists()
+    assert connections_to(pacs.http_port) == 0  # the client's session is closed
+    # An image arriving in the study mid-run: the run's nodes still see one image set.
+    pacs.upload(hospital_file(22, StudyInstanceUID=study))
+    assert dataset.load().patient_ids == [sop]
+    dataset.release()  # after the run's last use: the next run queries again
+    assert len(dataset.load()) == 2
+
+
+@pytest.mark.parametrize("protocol", ["stow_rs", "c_store"])
+def test_an_unreadable_object_fails_by_name_and_the_others_arrive(pacs, protocol, tmp_path):
+    source = hospital_file(23)
+    pacs.upload(source)
+    sr = report_bytes(source, "source", [[10.0, 20.0, 30.0, 40.0]], [0.8], 0.9, "model-v1")
+    overlay = secondary_capture(source, "source", findings_from_sr(sr, "sr"))
+    deleted = tmp_path / "deleted.dcm"  # listed, then gone before it was sent
+    objects = [Outgoing("img1", "structured_report", lambda: sr),
+               Outgoing("img2", "secondary_capture", lambda: b"not a DICOM file"),
+               Outgoing("img3", "structured_report", deleted.read_bytes),
+               Outgoing("img4", "structured_report", lambda: sr[:200]),  # truncated
+               Outgoing("img1", "secondary_capture", lambda: overlay)]
+    server = server_of(pacs)
+    report = deliver(objects, sender(server, protocol), server.name(protocol), protocol, {})
+    assert (report["stored"], report["failed"], report["not_sent"]) == (2, 3, 0)
+    failed = [e for e in report["deliveries"] if e["status"] == "failed"]
+    for entry in failed:
+        assert entry["answer"].startswith(f"{entry['kind']} of image {entry['image']} cannot "
+                                          "be read (")
+    assert [e["image"] for e in failed] == ["img2", "img3", "img4"]
+    study = uids(source).StudyInstanceUID
+    assert len(pacs.find("Instance", {"StudyInstanceUID": study})) == 3
+    assert connections_to(pacs.http_port) == 0  # the sender's session is closed
+    with pytest.raises(PacsError, match="secondary_capture of image img2 .unread") as error:
+        raise_if_incomplete(report)
+    assert "structured_report of image img4" in str(error.value)
+
+
+@pytest.mark.parametrize("protocol", ["stow_rs", "c_store"])
+def test_the_presentation_state_is_stored_with_the_study_and_draws_the_boxes(pacs, protocol):
+    source = hospital_file(24)
+    pacs.upload(source)
+    boxes = [[100.3, 200.6, 300.2, 250.4], [500.5, 480.49, 99.7, 80.2]]
+    sr = report_bytes(source, "source", boxes, [0.91, 0.42], 0.93, "model-v1")
+    gsps = presentation_state(source, "source", findings_from_sr(sr, "sr"))
+    assert presentation_state(source, "source", findings_from_sr(sr, "sr")) == gsps
+    server = server_of(pacs)
+    report = deliver([Outgoing("img", "presentation_state", lambda: gsps)],
+                     sender(server, protocol), server.name(protocol), protocol, {})
+    assert (report["stored"], report["complete"]) == (1, True)
+    original = uids(source)
+    found = pacs.find("Instance", {"StudyInstanceUID": original.StudyInstanceUID})
+    assert len(found) == 2  # the radiograph and its presentation state
+    stored = next(i for i in found if i["MainDicomTags"]["SOPInstanceUID"] == uids(gsps)
+                  .SOPInstanceUID)
+    ps = pydicom.dcmread(io.BytesIO(pacs.file(stored["ID"])))
+    assert ps.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1" and ps.Modality == "PR"
+    assert "NOT FOR PRIMARY DIAGNOSIS" in ps.SeriesDescription
+    assert ps.PatientID == original.PatientID  # to file with the study
+    referenced = ps.ReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == original.SeriesInstanceUID
+    assert referenced.ReferencedImageSequence[0].ReferencedSOPInstanceUID == \
+        original.SOPInstanceUID
+    annotation = ps.GraphicAnnotationSequence[0]
+    assert annotation.ReferencedImageSequence[0].ReferencedSOPInstanceUID == \
+        original.SOPInstanceUID
+    drawn = [np.asarray(g.GraphicData, dtype=float).reshape(-1, 2)
+             for g in annotation.GraphicObjectSequence]
+    assert all(g.GraphicType == "POLYLINE" for g in annotation.GraphicObjectSequence)
+    for points, (x, y, width, height) in zip(drawn, boxes, strict=True):
+        np.testing.assert_allclose(points.min(axis=0), [x, y], atol=1e-4)
+        np.testing.assert_allclose(points.max(axis=0), [x + width, y + height], atol=1e-4)
+        np.testing.assert_allclose(points[0], points[-1])  # closed
+    texts = [t.UnformattedTextValue for t in annotation.TextObjectSequence]
+    assert {"0.91", "0.42", "opacity probability 0.93"} <= set(texts)
+    assert "AI RESULT - NOT FOR PRIMARY DIAGNOSIS" in texts

@@ -2,7 +2,8 @@
 the inference pipeline pulls two studies over DICOMweb (``test_dicoms`` swapped for a
 ``DicomWebDataset`` in a conf file, the login from the environment), predicts, writes SRs; the
 deliver pipeline builds the overlays and sends both; Orthanc is stopped mid-delivery, started
-again, and the rerun sends exactly what was missing."""
+again, and the rerun sends exactly what was missing. A corrupt SR costs its image's objects
+only; the presentation state goes with the others when asked for."""
 
 from __future__ import annotations
 
@@ -20,15 +21,18 @@ from kedro.io import MemoryDataset
 from kedro.runner import SequentialRunner
 
 from pneumonia_kedro.datasets import DicomWebDataset
+from pneumonia_kedro.dicom import DicomFolder
 from pneumonia_kedro.ensemble import Ensemble
 from pneumonia_kedro.models import TrainedModel, build_model
 from pneumonia_kedro.pacs.overlay import BOX_COLOUR, findings_from_sr, line_thickness
 from pneumonia_kedro.pacs.send import StowSender
-from pneumonia_kedro.pacs.server import PacsError
+from pneumonia_kedro.pacs.server import PacsError, PacsServer
 from pneumonia_kedro.pipelines import deliver, inference
+from pneumonia_kedro.pipelines.deliver.nodes import build_secondary_captures, deliver_results
+from pneumonia_kedro.structured_report import report_bytes
 from pneumonia_kedro.submission import parse_prediction_string
 from tests.conftest import copy_project
-from tests.orthanc import PASSWORD, USER, running_orthanc
+from tests.orthanc import AET, PASSWORD, USER, running_orthanc
 from tests.test_pacs import IDENTITY, hospital_file
 from tests.test_training import TINY_MODEL
 
@@ -63,7 +67,11 @@ def run(project: Path, pipeline, ensemble: Ensemble) -> None:
     with KedroSession.create(project_path=project, env="demo", runtime_params=PARAMS) as session:
         catalog = session.load_context().catalog
         catalog["ensemble"] = MemoryDataset(ensemble, copy_mode="assign")
-        catalog["postprocessing"] = MemoryDataset(POSTPROCESSING)
+        # Tuned for this ensemble: post-processing names the models it was tuned for.
+        catalog["postprocessing"] = MemoryDataset({**POSTPROCESSING,
+                                                   "models": ensemble.record()})
+        # No cache pipeline ran here: no appearance reference (the gate's check is off).
+        catalog["appearance_reference"] = MemoryDataset({"reason": "not calibrated here"})
         assert isinstance(catalog.get("test_dicoms"), DicomWebDataset)
         SequentialRunner().run(pipeline, catalog)
 
@@ -90,11 +98,11 @@ def test_pull_predict_deliver_survives_a_pacs_outage(orthanc, tmp_path, monkeypa
     # Orthanc goes down after two objects of four: the run fails naming server and objects.
     real_send, sent = StowSender.send, []
 
-    def send_then_fail(self, data, what):
+    def send_then_fail(self, dataset, what):
         if len(sent) == 2:
             orthanc.stop()
         sent.append(what)
-        return real_send(self, data, what)
+        return real_send(self, dataset, what)
 
     monkeypatch.setattr(StowSender, "send", send_then_fail)
     everything = inference.create_pipeline(folds=1).from_inputs("ensemble") + \
@@ -162,3 +170,47 @@ def check_overlay(sc: pydicom.Dataset, sr: bytes, prediction_string: str) -> Non
         border[y0 + t:y1 - t, x0 + t:x1 - t] = False
         expected |= border
     np.testing.assert_array_equal(yellow, expected)
+
+
+def folder_of(path: Path, files: dict[str, bytes]) -> DicomFolder:
+    path.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (path / f"{name}.dcm").write_bytes(data)
+    return DicomFolder.scan(str(path))
+
+
+def test_a_corrupt_sr_fails_its_image_only_and_presentation_states_go_along(orthanc, tmp_path,
+                                                                            caplog):
+    files = [hospital_file(seed) for seed in (31, 32)]
+    good, bad = (str(pydicom.dcmread(io.BytesIO(d)).SOPInstanceUID) for d in files)
+    for data in files:
+        orthanc.upload(data)
+    sr = report_bytes(files[0], good, [[50.0, 60.0, 70.0, 80.0]], [0.7], 0.8, "model-v1")
+    test_dicoms = folder_of(tmp_path / "dicoms", dict(zip((good, bad), files, strict=True)))
+    reports = folder_of(tmp_path / "srs", {good: sr, bad: b"garbled"})
+    params = {"protocol": "c_store", "presentation_state": True}
+    overlays = {}
+    for chunk in build_secondary_captures(reports, test_dicoms, params):
+        overlays.update(chunk)
+    assert list(overlays) == [good] and f"no overlay for image {bad}" in caplog.text
+    only_bad = folder_of(tmp_path / "bad_srs", {bad: b"garbled"})
+    # Still one (empty) chunk: the overlay folder is replaced, no earlier run's files left.
+    assert list(build_secondary_captures(only_bad, test_dicoms, params)) == [{}]
+    server = PacsServer(dicomweb_url=orthanc.dicomweb_url, username=USER, password=PASSWORD,
+                        dimse_host="127.0.0.1", dimse_port=orthanc.dicom_port, called_ae=AET)
+    report = deliver_results(reports, folder_of(tmp_path / "overlays", overlays), test_dicoms,
+                             server, {}, params)
+    status = {(e["image"], e["kind"]): e["status"] for e in report["deliveries"]}
+    kinds = ("structured_report", "secondary_capture", "presentation_state")
+    assert status == {**{(good, kind): "stored" for kind in kinds},
+                      **{(bad, kind): "failed" for kind in kinds}}
+    for entry in report["deliveries"]:
+        if entry["status"] == "failed":
+            assert entry["answer"].startswith(f"{entry['kind']} of image {bad} cannot be read")
+    study = pydicom.dcmread(io.BytesIO(files[0])).StudyInstanceUID
+    stored = orthanc.find("Instance", {"StudyInstanceUID": study})
+    classes = [str(pydicom.dcmread(io.BytesIO(orthanc.file(i["ID"])), stop_before_pixels=True)
+                   .SOPClassUID) for i in stored]
+    assert sorted(classes) == sorted([
+        str(pydicom.dcmread(io.BytesIO(files[0])).SOPClassUID), "1.2.840.10008.5.1.4.1.1.11.1",
+        "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.88.34"])

@@ -82,6 +82,10 @@ class DicomWebDataset(AbstractDataset[None, DicomFolder]):
     as the same ``DicomFolder`` a ``DicomFolderDataset`` gives: swap it for ``test_dicoms``
     and the inference pipeline reads from the PACS.
 
+    The query runs once per dataset instance (Kedro makes one per run) and every later load
+    gets the same images, so the nodes of one run see one image set even if the PACS changes
+    meanwhile; ``release()`` (after the run's last use) forgets it.
+
     Example catalog entry::
 
         test_dicoms:
@@ -100,10 +104,17 @@ class DicomWebDataset(AbstractDataset[None, DicomFolder]):
         self._server = server
         self._credentials = credentials
         self.metadata = metadata
+        self._found: DicomFolder | None = None
 
     def load(self) -> DicomFolder:
-        return fetch_to_folder(resolve_server(self._server, self._credentials), self._query,
-                               self._path)
+        if self._found is None:
+            self._found = fetch_to_folder(resolve_server(self._server, self._credentials),
+                                          self._query, self._path)
+        return self._found
+
+    def _release(self) -> None:
+        super()._release()
+        self._found = None
 
     def save(self, data: None) -> None:
         raise DatasetError(f"{self._path}: DicomWebDataset is read-only (deliver results with "

@@ -4,9 +4,10 @@ The record is the last delivery report. An object it lists as stored on the same
 SOP Instance UID: the UIDs are derived from the source image and the model, so a rerun makes
 the same ones) is not sent again; everything else is. A server-level failure (down, slow,
 wrong login) stops the delivery and marks the rest ``not_sent``; an object the server refuses
-is ``failed`` and the others go on. Either way the report is written, the files stay on disk,
-and the next delivery sends exactly what is missing. The report names images by file name and
-objects by UID, never a patient.
+is ``failed`` and the others go on, and so is an object that cannot be read (a missing or
+corrupt file: the entry names its kind and image). Either way the report is written, the files
+stay on disk, and the next delivery sends exactly what is missing. The report names images by
+file name and objects by UID, never a patient.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import pydicom
+from pydicom.errors import InvalidDicomError
 
+from pneumonia_kedro.errors import PneumoniaKedroError
 from pneumonia_kedro.pacs.send import Sender
 from pneumonia_kedro.pacs.server import PacsError
 
@@ -29,19 +32,31 @@ _LISTED = 10  # failures named in the error message
 
 @dataclass(frozen=True)
 class Outgoing:
-    """One object to deliver: the image it belongs to, its kind (sr, secondary_capture,
-    presentation_state) and its bytes, read when it is sent."""
+    """One object to deliver: the image it belongs to, its kind (``structured_report``,
+    ``secondary_capture`` or ``presentation_state``) and its bytes, read when it is sent."""
 
     image: str
     kind: str
     read: Callable[[], bytes]
 
 
-def _uids(data: bytes) -> dict[str, str]:
-    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    return {"sop_instance_uid": str(ds.SOPInstanceUID),
-            "study_instance_uid": str(ds.StudyInstanceUID),
-            "series_instance_uid": str(ds.SeriesInstanceUID)}
+_UIDS = ("sop_instance_uid", "study_instance_uid", "series_instance_uid")
+
+
+def _read(item: Outgoing) -> tuple[pydicom.Dataset | None, dict[str, str]]:
+    """The object and its UIDs, or ``None`` and a ``failed`` entry naming kind and image."""
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(item.read()))
+        uids = dict(zip(_UIDS, (str(dataset.SOPInstanceUID), str(dataset.StudyInstanceUID),
+                                str(dataset.SeriesInstanceUID)), strict=True))
+    except Exception as exc:  # pydicom's errors name no file: say which object it was
+        # Only messages that cannot quote a value (a name, a birth date) from the file.
+        readable = (OSError, InvalidDicomError, AttributeError, PneumoniaKedroError)
+        detail = f": {exc}" if isinstance(exc, readable) else ""
+        reason = f"{item.kind} of image {item.image} cannot be read ({type(exc).__name__}{detail})"
+        logger.error("%s", reason)
+        return None, {**dict.fromkeys(_UIDS, ""), "status": "failed", "answer": reason}
+    return dataset, uids
 
 
 def delivered_before(record: dict, server_name: str) -> dict[str, dict]:
@@ -60,16 +75,18 @@ def deliver(objects: Iterable[Outgoing], send: Sender, server_name: str, protoco
     stop_reason = None
     try:
         for item in objects:
-            data = item.read()
-            entry = {"image": item.image, "kind": item.kind, **_uids(data)}
-            what = f"{item.kind} {entry['sop_instance_uid']} (study {entry['study_instance_uid']})"
-            if entry["sop_instance_uid"] in earlier:
+            dataset, entry = _read(item)
+            entry = {"image": item.image, "kind": item.kind, **entry}
+            if dataset is None:
+                pass  # unreadable: failed, the others go on
+            elif entry["sop_instance_uid"] in earlier:
                 entry.update(status="already_delivered",
                              answer=earlier[entry["sop_instance_uid"]].get("answer", ""))
             elif stop_reason is not None:
                 entry.update(status="not_sent", answer=stop_reason)
             else:
-                answer = send.send(data, what)
+                answer = send.send(dataset, f"{item.kind} {entry['sop_instance_uid']} (image "
+                                            f"{item.image}, study {entry['study_instance_uid']})")
                 entry.update(status="stored" if answer.stored else "failed",
                              answer=answer.answer)
                 if answer.fatal:
@@ -93,8 +110,9 @@ def raise_if_incomplete(report: dict) -> None:
     if report.get("complete", True):
         return
     missing = [e for e in report["deliveries"] if e["status"] not in DELIVERED]
-    lines = [f"  {e['kind']} {e['sop_instance_uid']} (study {e['study_instance_uid']}): "
-             f"{e['status']}: {e['answer']}" for e in missing[:_LISTED]]
+    lines = [f"  {e['kind']} of image {e['image']} ({e['sop_instance_uid'] or 'unread'}, study "
+             f"{e['study_instance_uid'] or 'unknown'}): {e['status']}: {e['answer']}"
+             for e in missing[:_LISTED]]
     if len(missing) > _LISTED:
         lines.append(f"  ... and {len(missing) - _LISTED} more")
     raise PacsError(

@@ -6,8 +6,9 @@ radiograph with each box (yellow, drawn inside its edges, so its outer border is
 rounded to whole pixels: within half a pixel of the submission) and its score (cyan) burned
 in, in the source's study, marked as derived (``ImageType`` DERIVED\\SECONDARY, a Source Image
 Sequence pointing at the radiograph) and as not for primary diagnosis (in the series
-description, the image comments and burned into the pixels). ``presentation_state`` (in
-``presentation_state.py``) gives the same boxes as a GSPS for viewers that draw them.
+description, the image comments and burned into the pixels). ``presentation_state.py`` gives
+the same boxes as a GSPS for viewers that draw one (``deliver.presentation_state``, off by
+default).
 
 The overlay is built from the SR, not from the predictions: its boxes are the SR's, and its
 UIDs are derived from the SR's UID (itself derived from the source image and the model), so a

@@ -7,7 +7,6 @@ or only this object (refused: go on with the others).
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,6 +24,7 @@ from pneumonia_kedro.pacs.server import (
     PacsServer,
     dicomweb_client,
     http_failure,
+    http_session,
     is_fatal,
     tls_context,
 )
@@ -44,13 +44,9 @@ class Answer:
 
 
 class Sender(Protocol):
-    def send(self, data: bytes, what: str) -> Answer: ...
+    def send(self, dataset: pydicom.Dataset, what: str) -> Answer: ...
 
     def close(self) -> None: ...
-
-
-def _dataset(data: bytes) -> pydicom.Dataset:
-    return pydicom.dcmread(io.BytesIO(data))
 
 
 class StowSender:
@@ -58,10 +54,10 @@ class StowSender:
 
     def __init__(self, server: PacsServer) -> None:
         self.server = server
-        self.client = dicomweb_client(server)
+        self.session = http_session(server)  # ours: closed by close()
+        self.client = dicomweb_client(server, self.session)
 
-    def send(self, data: bytes, what: str) -> Answer:
-        dataset = _dataset(data)
+    def send(self, dataset: pydicom.Dataset, what: str) -> Answer:
         try:
             response = self.client.store_instances([dataset],
                                                    study_instance_uid=dataset.StudyInstanceUID)
@@ -83,7 +79,7 @@ class StowSender:
                                                   if warning is not None else ""))
 
     def close(self) -> None:
-        self.client._session.close()
+        self.session.close()
 
 
 class CStoreSender:
@@ -109,7 +105,7 @@ class CStoreSender:
         return ae.associate(self.server.dimse_host, self.server.dimse_port,
                             ae_title=self.server.called_ae, tls_args=tls)
 
-    def send(self, data: bytes, what: str) -> Answer:
+    def send(self, dataset: pydicom.Dataset, what: str) -> Answer:
         name = self.server.dimse_name
         if self.association is None or not self.association.is_established:
             self.association = self._associate()
@@ -120,7 +116,7 @@ class CStoreSender:
                 return Answer(False, f"DICOM node {name} {state} while storing {what}",
                               fatal=True)
         try:
-            status = self.association.send_c_store(_dataset(data))
+            status = self.association.send_c_store(dataset)
         except Exception as exc:  # pynetdicom raises on a context the server did not accept
             return Answer(False, f"DICOM node {name}: storing {what} failed "
                                  f"({type(exc).__name__}: {exc})")

@@ -7,6 +7,8 @@ its URL without credentials (``PacsServer.dicomweb_name``) or ``AE@host:port`` f
 from __future__ import annotations
 
 import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
@@ -70,18 +72,28 @@ def http_session(server: PacsServer) -> requests.Session:
     return session
 
 
-def dicomweb_client(server: PacsServer):
-    """A ``DICOMwebClient`` for the server (credentials stripped from the URL it logs)."""
+def dicomweb_client(server: PacsServer, session: requests.Session):
+    """A ``DICOMwebClient`` for the server over ``session`` (from ``http_session``; whoever
+    made the session closes it), with credentials stripped from the URL it logs."""
     from dicomweb_client.api import DICOMwebClient
 
     if not server.dicomweb_url:
         raise PacsError("no DICOMweb URL configured: set it in conf/local/credentials.yml "
                         "(pacs: {url: ...}) or the environment variable PACS_DICOMWEB_URL")
-    client = DICOMwebClient(url=server.dicomweb_name, session=http_session(server),
-                            timeout=server.timeout)
+    client = DICOMwebClient(url=server.dicomweb_name, session=session, timeout=server.timeout)
     # A refusal or a full PACS is answered once, clearly; retries would hide it for minutes.
     client.set_http_retry_params(retry=False)
     return client
+
+
+@contextmanager
+def dicomweb(server: PacsServer) -> Iterator:
+    """A ``DICOMwebClient`` on one session (one login, kept-alive connections), closed after."""
+    session = http_session(server)
+    try:
+        yield dicomweb_client(server, session)
+    finally:
+        session.close()
 
 
 def tls_context(server: PacsServer) -> ssl.SSLContext:

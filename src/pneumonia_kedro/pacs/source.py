@@ -4,8 +4,9 @@ The folder is a download cache named by SOP Instance UID (``<SOPInstanceUID>.dcm
 identifies an image, not a person, so the submission, reports and logs that name images by
 their file name carry no patient identification. Files already there are not fetched again,
 and each file is written under a temporary name and renamed, so an interrupted retrieval
-leaves no half-written image. The result is the same ``DicomFolder`` a plain folder gives,
-holding exactly the images the query found.
+leaves no half-written image (a killed one's ``<sop>.dcm.partial-<pid>`` is removed by the
+next retrieval once that process is gone, and is never listed). The result is the same
+``DicomFolder`` a plain folder gives, holding exactly the images the query found.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import pydicom
 
 from pneumonia_kedro.dicom import DicomFolder
-from pneumonia_kedro.pacs.server import PacsError, PacsServer, dicomweb_client, http_failure
+from pneumonia_kedro.pacs.server import PacsError, PacsServer, dicomweb, http_failure
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ _UIDS = {"StudyInstanceUID": "0020000D", "SeriesInstanceUID": "0020000E",
          "SOPInstanceUID": "00080018"}
 # Ask for the stored transfer syntax: the JPEGs the model was trained on stay JPEGs.
 _AS_STORED = (("application/dicom", "*"),)
+PARTIAL = ".partial-"  # <sop>.dcm.partial-<pid>: a retrieval being written
 
 
 @dataclass(frozen=True)
@@ -89,9 +91,8 @@ def _uid(result: dict, keyword: str) -> str:
     return str(values[0])
 
 
-def search(server: PacsServer, query: PacsQuery, client=None) -> list[Instance]:
+def search(server: PacsServer, query: PacsQuery, client) -> list[Instance]:
     """Every instance matching the query (QIDO-RS at instance level), sorted, each once."""
-    client = client or dicomweb_client(server)
     found: dict[str, Instance] = {}
     combos = itertools.product(query.study_instance_uids or (None,),
                                query.series_instance_uids or (None,),
@@ -114,9 +115,8 @@ def search(server: PacsServer, query: PacsQuery, client=None) -> list[Instance]:
     return [found[sop] for sop in sorted(found)]
 
 
-def retrieve(server: PacsServer, instance: Instance, client=None) -> bytes:
+def retrieve(server: PacsServer, instance: Instance, client) -> bytes:
     """One instance as a DICOM file (WADO-RS), in the transfer syntax it is stored in."""
-    client = client or dicomweb_client(server)
     what = f"retrieving instance {instance.sop} of study {instance.study}"
     try:
         dataset = client.retrieve_instance(instance.study, instance.series, instance.sop,
@@ -131,30 +131,52 @@ def retrieve(server: PacsServer, instance: Instance, client=None) -> bytes:
     return buffer.getvalue()
 
 
+def _running(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_leftovers(root: Path) -> None:
+    """Delete the half-written files of retrievals whose process is gone (killed mid-write)."""
+    for leftover in root.glob(f"*.dcm{PARTIAL}*"):
+        if not _running(leftover.name.rsplit(PARTIAL, 1)[1]):
+            leftover.unlink(missing_ok=True)
+
+
 def fetch_to_folder(server: PacsServer, query: PacsQuery, folder: str | Path) -> DicomFolder:
     """Search, retrieve what the local folder lacks, and return the query's images."""
-    client = dicomweb_client(server)  # one session: one login, kept-alive connections
-    instances = search(server, query, client)
-    if not instances:
-        raise PacsError(f"DICOMweb server {server.dicomweb_name}: no instance matches "
-                        f"{query.describe()}")
     root = Path(folder)
-    root.mkdir(parents=True, exist_ok=True)
-    fetched = 0
-    for instance in instances:
-        target = root / f"{instance.sop}.dcm"
-        if target.exists():
-            continue
-        partial = root / f"{instance.sop}.dcm.partial-{os.getpid()}"
-        partial.write_bytes(retrieve(server, instance, client))
-        partial.replace(target)
-        fetched += 1
+    with dicomweb(server) as client:
+        instances = search(server, query, client)
+        if not instances:
+            raise PacsError(f"DICOMweb server {server.dicomweb_name}: no instance matches "
+                            f"{query.describe()}")
+        root.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(root)
+        fetched = 0
+        for instance in instances:
+            target = root / f"{instance.sop}.dcm"
+            if target.exists():
+                continue
+            partial = root / f"{instance.sop}.dcm{PARTIAL}{os.getpid()}"
+            try:
+                partial.write_bytes(retrieve(server, instance, client))
+                partial.replace(target)
+            finally:
+                partial.unlink(missing_ok=True)
+            fetched += 1
     logger.info("DICOMweb %s: %d instance(s) match, %d retrieved, %d already in %s",
                 server.dicomweb_name, len(instances), fetched, len(instances) - fetched, root)
     scanned = DicomFolder.scan(str(root))
     wanted = {instance.sop for instance in instances}
-    # Only this query's images: the cache may hold earlier queries' files.
+    # Only this query's images (the cache may hold earlier queries' files), and no other
+    # process's retrieval in progress.
     return DicomFolder(root=scanned.root, protocol=scanned.protocol, suffix=scanned.suffix,
                        files={k: v for k, v in scanned.files.items() if k in wanted},
                        rejected={k: v for k, v in scanned.rejected.items()
-                                 if k.split(".dcm")[0] in wanted})
+                                 if k.split(".dcm")[0] in wanted and PARTIAL not in k})

@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 from pneumonia_kedro.config import from_params
 from pneumonia_kedro.dicom import DicomFolder
+from pneumonia_kedro.dicom.folder import FolderChunk
 from pneumonia_kedro.errors import DicomError
 from pneumonia_kedro.pacs.delivery import Outgoing, deliver, raise_if_incomplete
-from pneumonia_kedro.pacs.overlay import findings_from_sr, secondary_capture
+from pneumonia_kedro.pacs.overlay import Findings, findings_from_sr, secondary_capture
+from pneumonia_kedro.pacs.presentation_state import presentation_state
 from pneumonia_kedro.pacs.send import sender
 from pneumonia_kedro.pacs.server import PacsError, PacsServer
 
@@ -27,6 +30,7 @@ class DeliverConfig:
     protocol: Literal["stow_rs", "c_store"] = "stow_rs"  # DICOMweb STOW-RS | DIMSE C-STORE
     structured_report: bool = True  # the TID 1500 SR (a record: few viewers draw its boxes)
     secondary_capture: bool = True  # the overlay every viewer shows (derived image)
+    presentation_state: bool = False  # the boxes as a GSPS, for viewers that draw one
 
 
 def _config(params: dict) -> DeliverConfig:
@@ -34,50 +38,83 @@ def _config(params: dict) -> DeliverConfig:
 
 
 def build_secondary_captures(structured_reports: DicomFolder, test_dicoms: DicomFolder,
-                             params: dict) -> Iterator[dict[str, bytes]]:
+                             params: dict) -> Iterator[FolderChunk]:
     """One derived Secondary Capture per SR (its boxes and scores burned into the source
-    image), yielded in chunks that the dataset writes as they come (the first clears the
-    folder; with overlays off, one empty chunk does)."""
+    image), yielded in chunks that the dataset writes aside and puts in place together with
+    the last one (with overlays off, that is one empty chunk). An SR or source image that
+    cannot be read gets no overlay and a warning naming the image; the delivery reports it
+    failed."""
     if not _config(params).secondary_capture:
-        yield {}
+        yield FolderChunk(last=True)
         return
     missing = [pid for pid in structured_reports.patient_ids if pid not in test_dicoms]
     if missing:
         raise DicomError(f"{len(missing)} structured report(s) without their source image in "
                          f"test_dicoms ({test_dicoms.root}), e.g. {missing[0]}: run inference "
                          "on the same images first")
-    chunk: dict[str, bytes] = {}
+    chunk = FolderChunk()
     for patient_id in structured_reports.patient_ids:
-        findings = findings_from_sr(structured_reports.read_bytes(patient_id),
-                                    structured_reports.display_name(patient_id))
-        chunk[patient_id] = secondary_capture(test_dicoms.read_bytes(patient_id),
-                                              test_dicoms.display_name(patient_id), findings)
+        try:
+            chunk[patient_id] = _secondary_capture(structured_reports, test_dicoms, patient_id)
+        except (DicomError, OSError) as exc:
+            logger.warning("no overlay for image %s: %s", patient_id, exc)
+            continue
         if len(chunk) == OVERLAY_CHUNK:
             yield chunk
-            chunk = {}
-    if chunk or not structured_reports.patient_ids:
-        yield chunk
+            chunk = FolderChunk()
+    yield FolderChunk(chunk, last=True)  # the folder becomes this run's overlays, whole
+
+
+def _findings(structured_reports: DicomFolder, patient_id: str) -> Findings:
+    return findings_from_sr(structured_reports.read_bytes(patient_id),
+                            structured_reports.display_name(patient_id))
+
+
+def _secondary_capture(structured_reports: DicomFolder, test_dicoms: DicomFolder,
+                       patient_id: str) -> bytes:
+    return secondary_capture(test_dicoms.read_bytes(patient_id),
+                             test_dicoms.display_name(patient_id),
+                             _findings(structured_reports, patient_id))
+
+
+def _presentation_state(structured_reports: DicomFolder, test_dicoms: DicomFolder,
+                        patient_id: str) -> bytes:
+    return presentation_state(test_dicoms.read_bytes(patient_id),
+                              test_dicoms.display_name(patient_id),
+                              _findings(structured_reports, patient_id))
+
+
+def _no_overlay(patient_id: str) -> bytes:
+    raise DicomError(f"no overlay was built for image {patient_id}: its SR or source image "
+                     "cannot be read (see the warning of build_secondary_captures)")
 
 
 def _outgoing(structured_reports: DicomFolder, secondary_captures: DicomFolder,
-              config: DeliverConfig) -> list[Outgoing]:
-    folders = [("structured_report", structured_reports, config.structured_report),
-               ("secondary_capture", secondary_captures, config.secondary_capture)]
+              test_dicoms: DicomFolder, config: DeliverConfig) -> list[Outgoing]:
+    """Per SR: the SR, its overlay and its GSPS, as configured. The GSPS is built here, when
+    sent: it is small, and derived from the SR and the source like the overlay on disk."""
     items = []
-    for kind, folder, wanted in folders:
-        if wanted:
-            items += [Outgoing(pid, kind, lambda f=folder, p=pid: f.read_bytes(p))
-                      for pid in folder.patient_ids]
-    # Image by image: an SR and its overlay arrive together.
+    for pid in structured_reports.patient_ids:
+        if config.structured_report:
+            items.append(Outgoing(pid, "structured_report",
+                                  partial(structured_reports.read_bytes, pid)))
+        if config.secondary_capture:
+            read = partial(secondary_captures.read_bytes, pid) if pid in secondary_captures \
+                else partial(_no_overlay, pid)
+            items.append(Outgoing(pid, "secondary_capture", read))
+        if config.presentation_state:
+            items.append(Outgoing(pid, "presentation_state", partial(
+                _presentation_state, structured_reports, test_dicoms, pid)))
+    # Image by image: an SR and its overlays arrive together.
     return sorted(items, key=lambda item: item.image)
 
 
 def deliver_results(structured_reports: DicomFolder, secondary_captures: DicomFolder,
-                    pacs_server: PacsServer, previous_delivery_report: dict,
-                    params: dict) -> dict:
+                    test_dicoms: DicomFolder, pacs_server: PacsServer,
+                    previous_delivery_report: dict, params: dict) -> dict:
     """Send what the PACS does not have yet (per the last report); the delivery report."""
     config = _config(params)
-    objects = _outgoing(structured_reports, secondary_captures, config)
+    objects = _outgoing(structured_reports, secondary_captures, test_dicoms, config)
     server_name = pacs_server.name(config.protocol)
     if not objects:
         logger.info("nothing to deliver: no structured reports (inference.dicom_sr: true "

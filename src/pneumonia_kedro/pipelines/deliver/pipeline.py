@@ -1,4 +1,5 @@
-"""The deliver pipeline: overlays from the SRs, then everything the PACS lacks, sent."""
+"""The deliver pipeline: overlays from the SRs, then everything the PACS lacks, sent (the
+GSPS, when ``deliver.presentation_state`` is on, is built as it is sent)."""
 
 from kedro.pipeline import Node, Pipeline
 
@@ -15,7 +16,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         ),
         Node(
             func=deliver_results,
-            inputs=["structured_reports", "pacs_secondary_captures", "pacs_server",
+            inputs=["structured_reports", "pacs_secondary_captures", "test_dicoms", "pacs_server",
                     "previous_delivery_report", "params:deliver"],
             outputs="delivery_report",
             name="deliver_node",
