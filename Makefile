@@ -45,7 +45,7 @@ pacs-tools:
 # Reinstalls only when pyproject.toml changes (torch is never downloaded again).
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,ray]'
 	touch $@
 
 demo-data: $(DEMO_DONE)

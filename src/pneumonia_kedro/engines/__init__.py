@@ -1,0 +1,65 @@
+"""Where the heavy work runs: ``local`` (this machine: worker processes, ``mp.spawn`` DDP) or
+``ray`` (a Ray cluster: decoding tasks, Ray Train's ``TorchTrainer``, prediction tasks).
+
+This module imports no Ray: ``local`` stays the default and the demo's path, and a project
+installed without the ``ray`` extra runs as before. ``engines.ray_engine`` is imported only
+when ``engine.backend`` is ``ray``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pneumonia_kedro.config import AT_LEAST_ONE, NON_NEGATIVE, from_params
+
+
+@dataclass(frozen=True)
+class RayTrainSettings:
+    """Ray Train's scaling and fault tolerance for the detector and the classifier."""
+
+    RANGES = {"num_workers": AT_LEAST_ONE, "cpus_per_worker": NON_NEGATIVE,
+              "gpus_per_worker": NON_NEGATIVE, "max_failures": NON_NEGATIVE}
+
+    num_workers: int = 2  # DDP ranks (one Ray Train worker each), on any node
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # > 0: NCCL on GPUs; 0: gloo on CPUs
+    max_failures: int = 3  # worker-group restarts after a lost worker (FailureConfig)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """``backend``: local | ray. With ray, ``address`` is empty (a Ray started by the run, on
+    this machine), ``auto`` (the cluster this machine belongs to) or a ``ray://`` URL;
+    ``storage`` is the run storage every node reads and writes (a shared path or an fsspec
+    URL): Ray Train's results and the checkpoints of a training without a checkpoint folder.
+    """
+
+    RANGES = {"num_cpus": AT_LEAST_ONE, "object_store_memory": AT_LEAST_ONE,
+              "cache_tasks": NON_NEGATIVE, "inference_tasks": NON_NEGATIVE}
+
+    backend: Literal["local", "ray"] = "local"
+    address: str = ""
+    num_cpus: int | None = None  # a Ray started by the run: its CPUs (None: every core)
+    object_store_memory: int | None = None  # bytes; None: Ray's default (30% of memory)
+    storage: str = "data/06_models/ray"
+    cache_tasks: int = 0  # decoding tasks in flight (0: twice the cluster's CPUs)
+    inference_tasks: int = 0  # prediction shards (0: one per cluster CPU)
+    train: RayTrainSettings = field(default_factory=RayTrainSettings)
+
+    @property
+    def is_ray(self) -> bool:
+        return self.backend == "ray"
+
+
+def engine_config(params: Any) -> EngineConfig:
+    """``params:engine``: a mapping, or just the backend's name (``"ray"``);
+    None (a node called without it) is ``local``."""
+    if params is None:
+        return EngineConfig()
+    if isinstance(params, str):
+        params = {"backend": params}
+    return from_params(EngineConfig, params, "engine")
+
+
+__all__ = ["EngineConfig", "RayTrainSettings", "engine_config"]

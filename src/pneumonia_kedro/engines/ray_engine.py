@@ -1,0 +1,245 @@
+"""The heavy work on a Ray cluster: the cache build as decoding tasks, training on Ray Train's
+``TorchTrainer`` (the same per-rank function as local DDP), prediction as tasks over shards.
+
+Each function does what its local counterpart does and returns the same thing, so the nodes
+switch on ``engine.backend`` and nothing downstream changes:
+
+- ``decoded_on_ray``: ``imagecache.decoding._decoded_in_workers`` with Ray tasks instead of a
+  process pool. Workers only decode; the Kedro process writes each chunk as it comes (the
+  same ``write_chunk``), so the cache is byte for byte the local one and an interrupted build
+  resumes after its last written chunk.
+- ``fit_on_ray``: ``training.fit._train_process`` run by every Ray Train worker; Ray Train
+  joins the process group (gloo on CPUs, NCCL on GPUs). Rank 0 checkpoints every epoch into
+  the run's storage; a lost worker restarts the group (``FailureConfig``) and every rank
+  resumes from the last finished epoch. The epoch logger runs on rank 0 and logs each epoch
+  once, also across restarts.
+- ``predict_on_ray``: ``prediction.predict`` over shards of whole batches, one task each;
+  the unfused boxes are concatenated in input order and finished by the same
+  ``postprocessed``, so the predictions equal the local ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, replace
+from itertools import islice
+from pathlib import Path
+
+import pandas as pd
+import ray
+import torch
+
+from pneumonia_kedro.engines import EngineConfig
+from pneumonia_kedro.imagecache import CacheChunk, ImageCache
+from pneumonia_kedro.imagecache.decoding import CachePlan, _decode_rows
+from pneumonia_kedro.training.checkpoints import CheckpointStore
+from pneumonia_kedro.training.engine import EpochCallback, FitSettings, TrainingTask
+from pneumonia_kedro.training.fit import TrainingResult, _train_process
+
+logger = logging.getLogger(__name__)
+
+
+def connect(engine: EngineConfig) -> None:
+    """Join the cluster of ``engine.address`` (``auto``, ``ray://...``), or start a Ray on
+    this machine when it is empty; a Ray already connected (a test's cluster, an earlier
+    node of the run) is used as it is."""
+    if ray.is_initialized():
+        return
+    if engine.address:
+        logger.info("connecting to the Ray cluster at %s", engine.address)
+        ray.init(address=engine.address, log_to_driver=False)
+        return
+    logger.info("starting a local Ray (%s CPUs)", engine.num_cpus or "all")
+    ray.init(num_cpus=engine.num_cpus, object_store_memory=engine.object_store_memory,
+             include_dashboard=False, log_to_driver=False)
+
+
+def _cluster_cpus() -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _cause(error: ray.exceptions.RayTaskError) -> BaseException:
+    """The exception a task raised (a DicomError names the file), without Ray's wrapper."""
+    return getattr(error, "cause", None) or error
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache build
+
+
+@ray.remote(num_cpus=1)
+def _decode_task(plan_ref: CachePlan, rows: list[tuple[int, str]]) -> CacheChunk:
+    return _decode_rows(plan_ref.folder, rows, plan_ref.config)
+
+
+def decoded_on_ray(cache_plan: CachePlan, chunks: list[list[tuple[int, str]]],
+                   engine: EngineConfig) -> Iterator[CacheChunk]:
+    """Chunks decoded by Ray tasks anywhere on the cluster, in the order they finish. A few
+    are in flight at a time (``engine.cache_tasks``, by default twice the cluster's CPUs), so
+    the object store holds a few chunks' pixels, not the cache. Every node must read the
+    DICOM folder (a shared path or an fsspec URL); a lost task is retried by Ray."""
+    connect(engine)
+    plan_ref = ray.put(cache_plan)  # the folder's file index travels once, not per task
+    in_flight = engine.cache_tasks or 2 * _cluster_cpus()
+    waiting = iter(chunks)
+    running = [_decode_task.remote(plan_ref, rows) for rows in islice(waiting, in_flight)]
+    try:
+        while running:
+            done, running = ray.wait(running, num_returns=1)
+            try:
+                chunk = ray.get(done[0])
+            except ray.exceptions.RayTaskError as error:
+                raise _cause(error) from None
+            running += [_decode_task.remote(plan_ref, rows) for rows in islice(waiting, 1)]
+            yield chunk
+    finally:
+        for ref in running:
+            ray.cancel(ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+class _EachEpochOnce:
+    """The epoch callback, called at most once per epoch across worker-group restarts: a
+    restarted rank 0 replays the resumed history (which a new local run wants), but these
+    epochs are already in this run's MLflow run. A marker per logged epoch in the run's
+    storage remembers them."""
+
+    def __init__(self, callback: EpochCallback, folder: str) -> None:
+        self.callback, self.folder = callback, folder
+
+    def __call__(self, metrics: dict, epoch: int) -> None:
+        marker = Path(self.folder) / f"epoch_{epoch}"
+        if marker.exists():
+            return
+        self.callback(metrics, epoch)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+
+
+def _ray_worker(config: dict) -> None:
+    """One Ray Train worker: the local DDP per-rank function, then rank 0 hands its result
+    back as a Ray Train checkpoint (written to the run's storage)."""
+    from ray import train
+
+    if Path(config["cwd"]).is_dir():
+        # Ray Train starts workers in its own run folder; the project's relative paths
+        # (caches, checkpoints, sqlite:///mlflow.db) are the driver's.
+        os.chdir(config["cwd"])
+    context = train.get_context()
+    rank = context.get_world_rank()
+    with tempfile.TemporaryDirectory() as folder:
+        result_file = os.path.join(folder, "result.pt")
+        result = _train_process(rank, config["task"], config["settings"], config["fold"],
+                                config["checkpoints"], config["on_epoch_end"], result_file, 0)
+        if result is not None:
+            torch.save(asdict(result), result_file)
+        train.report({"epochs": config["settings"].epochs},
+                     checkpoint=train.Checkpoint.from_directory(folder) if rank == 0 else None)
+
+
+def _storage(engine: EngineConfig) -> str:
+    """Ray Train wants an absolute path or a URL."""
+    if "://" in engine.storage:
+        return engine.storage
+    return str(Path(engine.storage).resolve())
+
+
+def fit_on_ray(task: TrainingTask, settings: FitSettings, checkpoints: CheckpointStore | None,
+               on_epoch_end: EpochCallback | None, fold: int | None, engine: EngineConfig
+               ) -> TrainingResult:
+    """Train ``task`` on ``engine.train.num_workers`` Ray Train workers (DDP ranks), each
+    running ``training.fit._train_process``; the result of ``fit_task``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    connect(engine)
+    scaling = engine.train
+    if settings.batch_size % scaling.num_workers:
+        raise ValueError(f"{task.params}.batch_size {settings.batch_size} must be a multiple "
+                         f"of engine.train.num_workers {scaling.num_workers}")
+    settings = replace(settings, world_size=scaling.num_workers)
+    use_gpu = scaling.gpus_per_worker > 0
+    storage = _storage(engine)
+    name = f"{task.name}{'' if fold is None else f'-fold_{fold}'}-{uuid.uuid4().hex[:8]}"
+    run_folder = os.path.join(storage, name)
+    if checkpoints is None:
+        # Without a checkpoint folder a restarted group still resumes: this run's own store.
+        checkpoints = CheckpointStore(os.path.join(run_folder, "checkpoints"))
+    callback = _EachEpochOnce(on_epoch_end, os.path.join(run_folder, "logged")) \
+        if on_epoch_end is not None else None
+    resources = {"CPU": scaling.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={"task": task, "settings": settings, "fold": fold,
+                           "checkpoints": checkpoints, "on_epoch_end": callback,
+                           "cwd": os.getcwd()},
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=scaling.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+    )
+    logger.info("training %s on Ray Train: %d workers, %s CPU and %s GPU each; run storage %s",
+                task.name, scaling.num_workers, scaling.cpus_per_worker,
+                scaling.gpus_per_worker, run_folder)
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {name} ended without a result: {result.error}")
+    with result.checkpoint.as_directory() as folder:
+        return TrainingResult(**torch.load(Path(folder) / "result.pt", weights_only=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction
+
+
+@ray.remote(num_cpus=1)
+def _predict_task(ensemble: object, cache: ImageCache, patient_ids: list[str], tta: object,
+                  batch_size: int, device: str) -> object:
+    from pneumonia_kedro.inference import cached_squares
+    from pneumonia_kedro.prediction import predict
+    from pneumonia_kedro.training.config import resolve_device
+
+    networks = ensemble.build(resolve_device(device))
+    return predict(networks, cached_squares(cache, patient_ids), tta, None, batch_size)
+
+
+def predict_on_ray(ensemble: object, cache: ImageCache, tta: object, postprocess: object,
+                   batch_size: int, device: str, engine: EngineConfig) -> object:
+    """``prediction.predict`` of the cache's usable images, post-processed, with the images
+    split into shards of whole batches predicted by Ray tasks (each builds the networks
+    once; every node must read the cache). The batches are the local run's, so the unfused
+    boxes, and what the post-processing makes of them, equal the local prediction."""
+    from pneumonia_kedro.prediction import Prediction, postprocessed
+
+    connect(engine)
+    ids = cache.usable["patientId"].tolist()
+    shards = engine.inference_tasks or _cluster_cpus()
+    per_shard = max(1, math.ceil(len(ids) / shards / batch_size)) * batch_size
+    ensemble_ref = ray.put(ensemble)  # the weights travel once
+    refs = [_predict_task.remote(ensemble_ref, cache, ids[start:start + per_shard], tta,
+                                 batch_size, device)
+            for start in range(0, len(ids), per_shard)]
+    parts = ray.get(refs)
+    if not parts:  # nothing usable: the local path's empty prediction
+        from pneumonia_kedro.prediction import predict
+
+        return predict(ensemble.build("cpu"), [], tta, postprocess, batch_size)
+    variants = pd.concat([part.variants for part in parts], ignore_index=True)
+    classifier_p = pd.concat([part.classifier_probability for part in parts]) \
+        if parts[0].classifier_probability is not None else None
+    prediction = Prediction(ids, variants, classifier_p)
+    prediction.boxes, prediction.candidates, prediction.image_probability = postprocessed(
+        variants, tta, postprocess, classifier_p, ids)
+    return prediction

@@ -1,0 +1,249 @@
+"""engine: ray on a real two-node Ray cluster (two raylets on 127.0.0.1, one CPU each): the
+cache build, Ray Train and prediction equal their local counterparts; a training whose worker
+is killed mid-epoch still ends with every epoch and a valid model, its curves logged once."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pneumonia_kedro.dicom import DicomFolder
+from pneumonia_kedro.engines import EngineConfig, RayTrainSettings, engine_config
+from pneumonia_kedro.ensemble import Ensemble
+from pneumonia_kedro.imagecache import CacheConfig, ImageCache, build, decode_chunks, plan
+from pneumonia_kedro.imagecache.files import read_state, write_chunk
+from pneumonia_kedro.models import TrainedModel, build_model
+from pneumonia_kedro.pipelines.inference.nodes import predict_test
+from pneumonia_kedro.submission import build_submission
+from pneumonia_kedro.training import (
+    AugmentConfig,
+    CachedDetectionDataset,
+    MlflowEpochLogger,
+    train_model,
+)
+from tests.conftest import PROJECT_ROOT, write_demo_dicoms
+from tests.test_training import TINY_MODEL, TINY_TRAIN, assert_same_weights
+
+ray = pytest.importorskip("ray", reason="the ray extra: pip install -e '.[ray]'")
+pytestmark = pytest.mark.slow
+
+SIZE = 64
+OBJECT_STORE = 200 * 1024**2  # per node: this machine is shared
+# Two nodes of one CPU: two tasks or two Ray Train workers must use both nodes.
+ENGINE = EngineConfig(backend="ray", address="auto", cache_tasks=0, inference_tasks=2,
+                      train=RayTrainSettings(num_workers=2, max_failures=3))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Started once for the module and always shut down."""
+    from ray.cluster_utils import Cluster
+
+    # Workers unpickle test helpers (tests.test_ray) by module name.
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), previous]))
+    node = {"num_cpus": 1, "object_store_memory": OBJECT_STORE, "include_dashboard": False}
+    cluster = Cluster(initialize_head=True, head_node_args=node)
+    try:
+        cluster.add_node(**{k: v for k, v in node.items() if k != "include_dashboard"})
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if previous is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = previous
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[DicomFolder, pd.DataFrame]:
+    folder = tmp_path_factory.mktemp("ray_dicoms")
+    patients = write_demo_dicoms(folder, n_positive=4, n_negative=4, seed=5)
+    return DicomFolder.scan(str(folder)), patients
+
+
+@pytest.fixture(scope="module")
+def dicoms(demo) -> DicomFolder:
+    return demo[0]
+
+
+@pytest.fixture(scope="module")
+def patients(demo) -> pd.DataFrame:
+    return demo[1]
+
+
+def _cache_plan(dicoms: DicomFolder):
+    config = CacheConfig(image_size=SIZE, workers=0, chunk_size=2, progress=False)
+    return plan(dicoms, dicoms.patient_ids, config)
+
+
+def _same_cache(a: Path, b: Path) -> None:
+    """Byte for byte: the image array file and the index."""
+    assert (a / "images.npy").read_bytes() == (b / "images.npy").read_bytes()
+    pd.testing.assert_frame_equal(ImageCache(a).index, ImageCache(b).index)
+
+
+def test_engine_setting_is_local_by_default_and_accepts_a_name():
+    assert not engine_config(None).is_ray and not EngineConfig().is_ray
+    assert engine_config("ray").is_ray
+    assert engine_config({"backend": "ray", "address": "auto"}).address == "auto"
+    with pytest.raises(Exception, match="backend"):
+        engine_config({"backend": "spark"})
+
+
+def test_the_local_engine_imports_no_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from pneumonia_kedro.pipelines import cache, classify, inference, train\n"
+            "from pneumonia_kedro.pipelines import cross_validation\n"
+            "from pneumonia_kedro.engines import engine_config\n"
+            "for module in (cache, classify, inference, train): module.create_pipeline()\n"
+            "cross_validation.create_pipeline(folds=2)\n"
+            "engine_config(None)\n"
+            "print('ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=PROJECT_ROOT)
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_cache_built_on_the_cluster_equals_the_local_build(cluster, dicoms, tmp_path):
+    build(_cache_plan(dicoms), tmp_path / "local")
+    figures = build(_cache_plan(dicoms), tmp_path / "ray", ENGINE)
+    assert figures["decoded"] == 8
+    _same_cache(tmp_path / "local", tmp_path / "ray")
+
+
+def test_an_interrupted_build_on_the_cluster_resumes_to_the_same_cache(cluster, dicoms,
+                                                                       tmp_path):
+    build(_cache_plan(dicoms), tmp_path / "local")
+    target = tmp_path / "ray"
+    chunks = decode_chunks(_cache_plan(dicoms), read_state(target), ENGINE)
+    for _ in range(3):  # the manifest, then two chunks of two images: then the run dies
+        write_chunk(target, next(chunks))
+    chunks.close()  # cancels the tasks still in flight
+    figures = build(_cache_plan(dicoms), target, ENGINE)
+    assert (figures["reused"], figures["decoded"]) == (4, 4)
+    _same_cache(tmp_path / "local", target)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(dicoms, tmp_path_factory) -> ImageCache:
+    path = tmp_path_factory.mktemp("ray_cache") / "all"
+    build(_cache_plan(dicoms), path)
+    return ImageCache(path)
+
+
+NO_AUGMENT = AugmentConfig(horizontal_flip=0.0, scale=(1.0, 1.0), translate=0.0,
+                           brightness=0.0, contrast=0.0)
+# Frozen BatchNorm: on the CPU (gloo) there is no SyncBatchNorm (as in test_training).
+MODEL = replace(TINY_MODEL, freeze_batchnorm=True)
+
+
+def _datasets(cache: ImageCache, patients: pd.DataFrame, train_cls=CachedDetectionDataset):
+    return (train_cls(cache, patients, "empty", NO_AUGMENT),
+            CachedDetectionDataset(cache, patients))
+
+
+def _logged_epochs(tracking_uri: str, run_id: str) -> list[int]:
+    history = mlflow.MlflowClient(tracking_uri).get_metric_history(run_id, "train_loss")
+    return sorted(metric.step for metric in history)
+
+
+def test_one_epoch_on_two_ray_workers_equals_two_local_ddp_processes(cluster, tiny_cache,
+                                                                     patients, tmp_path):
+    train_data, validation_data = _datasets(tiny_cache, patients)
+    config = replace(TINY_TRAIN, epochs=1, batch_size=4, augment=NO_AUGMENT)
+    local = train_model(MODEL, replace(config, world_size=2), train_data, validation_data)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run() as run:
+        logger = MlflowEpochLogger(uri, run.info.run_id)
+        on_ray = train_model(MODEL, config, train_data, validation_data, on_epoch_end=logger,
+                             engine=replace(ENGINE, storage=str(tmp_path / "ray")))
+    assert_same_weights(local.last_state, on_ray.last_state, atol=1e-5)
+    assert on_ray.history[0]["train_loss"] == pytest.approx(local.history[0]["train_loss"],
+                                                            rel=1e-5)
+    assert _logged_epochs(uri, run.info.run_id) == [1]  # rank 0 logs, once
+    # Ray Train's results and this run's checkpoints are in the run's storage.
+    assert list((tmp_path / "ray").glob("*/checkpoints/last.pt"))
+
+
+class KilledOnceMidEpoch(CachedDetectionDataset):
+    """Kills the worker process loading it, once, during the second epoch (after the first
+    epoch's checkpoint): a lost worker, as a dead machine would be."""
+
+    def __init__(self, *args, marker: str, checkpoint: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.marker, self.checkpoint = marker, checkpoint
+
+    def __getitems__(self, indices: list[int]) -> list:
+        if Path(self.checkpoint).exists():
+            try:
+                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return super().__getitems__(indices)
+
+
+def test_a_worker_killed_mid_epoch_and_the_training_still_ends(cluster, tiny_cache, patients,
+                                                              tmp_path):
+    from pneumonia_kedro.training import CheckpointStore
+
+    checkpoints = CheckpointStore(tmp_path / "checkpoints")
+    train_data, validation_data = _datasets(tiny_cache, patients)
+    train_data = KilledOnceMidEpoch(tiny_cache, patients, "empty", NO_AUGMENT,
+                                    marker=str(tmp_path / "killed"),
+                                    checkpoint=str(checkpoints.last_file))
+    config = replace(TINY_TRAIN, epochs=3, batch_size=4, augment=NO_AUGMENT)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run() as run:
+        result = train_model(MODEL, config, train_data, validation_data, checkpoints,
+                             MlflowEpochLogger(uri, run.info.run_id),
+                             engine=replace(ENGINE, storage=str(tmp_path / "ray")))
+    assert (tmp_path / "killed").exists()  # a worker did die
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert result.resumed_after_epoch >= 1  # the restarted group resumed, not restarted
+    assert _logged_epochs(uri, run.info.run_id) == [1, 2, 3]  # each epoch once
+    model = build_model(MODEL)
+    model.load_state_dict(result.best_state)
+    assert all(torch.isfinite(v).all() for v in result.last_state.values()
+               if v.is_floating_point())
+
+
+POSTPROCESSING = {"score_threshold": 0.0, "nms_iou": 0.5, "max_boxes": 5, "shrink": 1.0}
+
+
+def test_prediction_on_the_cluster_equals_the_local_one(cluster, tiny_cache):
+    torch.manual_seed(0)
+    detector = TrainedModel(config=replace(TINY_MODEL, image_size=SIZE),
+                            state_dict=build_model(TINY_MODEL).state_dict(), info={})
+    ensemble = Ensemble.of(detector, None)
+    params = {"cache": {"workers": 0, "progress": False}, "progress": False, "batch_size": 3}
+    tuned = {**POSTPROCESSING, "models": ensemble.record()}  # as if tuned for it
+    local = predict_test(ensemble, tiny_cache, tuned, params)
+    on_ray = predict_test(ensemble, tiny_cache, tuned, params,
+                          {"backend": "ray", "address": "auto", "inference_tasks": 2})
+    assert len(local) > 0
+    pd.testing.assert_frame_equal(local, on_ray)
+    ids = tiny_cache.index["patientId"].tolist()
+    sizes = {pid: (1024, 1024) for pid in ids}
+    np.testing.assert_array_equal(
+        build_submission(local, ids, "empty", sizes).to_numpy(),
+        build_submission(on_ray, ids, "empty", sizes).to_numpy())
