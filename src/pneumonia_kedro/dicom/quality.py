@@ -3,7 +3,13 @@
 Each check gives a flag with a reason; a policy per check decides what a flag does:
 ``warn`` keeps the image and records the flag, ``skip`` leaves the image out (listed with the
 reason), ``error`` stops the run naming the file. Header checks read values the decoder has
-anyway; the two pixel checks are cheap statistics of the converted image.
+anyway; the pixel checks are cheap statistics of the converted image, and ``appearance``
+(``dicom.appearance``) measures how far the image lies from the training images, whatever its
+header says.
+
+Every policy and threshold comes from one parameter group, ``params:quality``
+(``conf/base/parameters_quality.yml``, read by ``dicom.quality_settings``): this module holds
+no default value.
 """
 
 from __future__ import annotations
@@ -13,12 +19,21 @@ from typing import Literal
 
 import numpy as np
 
-from pneumonia_kedro.config import AT_LEAST_ONE, Range
+from pneumonia_kedro.dicom.appearance import AppearanceReference, features
 from pneumonia_kedro.dicom.reader import DicomImage
 from pneumonia_kedro.errors import DicomError
 
 Policy = Literal["warn", "skip", "error"]
 
+# What a chest radiograph comes as: computed or digital radiography, or (as the RSNA
+# competition's files) a secondary capture of one.
+RADIOGRAPH_MODALITIES = {"CR", "DX"}
+RADIOGRAPH_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1": "Computed Radiography Image Storage",
+    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
+}
 CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "PORT CHEST", "CHEST_LAT", "TORSO"}
 FRONTAL_VIEWS = {"AP", "PA"}
 LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "LLD", "RLD", "LATERAL LEFT", "LATERAL RIGHT"}
@@ -30,34 +45,50 @@ class InputQualityError(DicomError):
 
 @dataclass(frozen=True)
 class QualityConfig:
-    """A policy per check and the thresholds of the checks that have one."""
+    """One gate: a policy per check and the thresholds of the checks that have one.
 
-    RANGES = {"min_side": AT_LEAST_ONE, "max_aspect_ratio": Range(1),
-              "near_constant_levels": Range(0, 255)}
+    No defaults: ``quality_settings.gate_config`` builds it from ``params:quality``.
+    """
 
-    not_chest: Policy = "warn"              # BodyPartExamined present and not the chest
-    lateral_view: Policy = "warn"           # ViewPosition lateral (LL, RL, ...)
-    unknown_view: Policy = "warn"           # ViewPosition empty or neither AP/PA nor lateral
-    colour: Literal["skip", "error"] = "error"  # colour or palette: the model needs grayscale
-    tiny_image: Policy = "warn"             # shorter side below min_side pixels
-    burned_in_annotation: Policy = "warn"   # BurnedInAnnotation == YES
-    looks_inverted: Policy = "warn"         # lungs brighter than the mediastinum
-    aspect_ratio: Policy = "warn"           # longer/shorter side above max_aspect_ratio
-    near_constant: Policy = "warn"          # converted pixels (almost) all one grey level
-    min_side: int = 256
-    max_aspect_ratio: float = 1.6
-    near_constant_levels: int = 8           # 1st..99th percentile spans fewer grey levels
+    modality: Policy              # Modality not one a chest radiograph comes as (CR, DX)
+    sop_class: Policy             # SOP Class not CR, DX or Secondary Capture image storage
+    not_chest: Policy             # BodyPartExamined present and not the chest
+    lateral_view: Policy          # ViewPosition lateral (LL, RL, ...)
+    unknown_view: Policy          # ViewPosition empty or neither AP/PA nor lateral
+    colour: Literal["skip", "error"]  # colour or palette: the model needs grayscale
+    tiny_image: Policy            # shorter side below min_side pixels
+    burned_in_annotation: Policy  # BurnedInAnnotation == YES
+    looks_inverted: Policy        # lungs brighter than the mediastinum
+    aspect_ratio: Policy          # longer/shorter side above max_aspect_ratio
+    near_constant: Policy         # converted pixels (almost) all one grey level
+    appearance: Policy            # far from the training images (only with a reference)
+    min_side: int
+    max_aspect_ratio: float
+    near_constant_levels: int     # flagged when the 1st..99th percentile spans fewer levels
+    reference: AppearanceReference | None  # None: appearance is not checked (training)
 
     @property
     def policies(self) -> dict[str, str]:
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if isinstance(getattr(self, f.name), str)}
 
+    def as_dict(self) -> dict:
+        """JSON-ready: the served model's settings, the cache's fingerprint."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["reference"] = self.reference.as_dict() if self.reference else None
+        return values
 
-# Inference (and the served model) refuse what the model was not trained for; training
-# (ingest.quality) only warns, except for colour images.
-INFERENCE_QUALITY = QualityConfig(not_chest="skip", lateral_view="skip", colour="skip",
-                                  tiny_image="skip", near_constant="skip")
+    @classmethod
+    def from_dict(cls, values: dict) -> QualityConfig:
+        """Back from ``as_dict``; settings saved by older code (a check missing) are refused."""
+        missing = sorted({f.name for f in fields(cls)} - set(values))
+        if missing:
+            raise ValueError(f"the quality gate settings lack {missing}: they were saved by "
+                             "an older version; run `kedro run --pipelines evaluate` to "
+                             "package the model again")
+        reference = values["reference"]
+        return cls(**{**values, "reference": AppearanceReference.from_dict(reference)
+                      if reference else None})
 
 
 @dataclass(frozen=True)
@@ -72,6 +103,15 @@ class Flag:
 def header_flags(image: DicomImage, config: QualityConfig) -> list[Flag]:
     """Flags from the header values and the image's size."""
     flags = []
+    modality = image.modality.strip().upper()
+    if modality not in RADIOGRAPH_MODALITIES:
+        flags.append(Flag("modality", f"Modality {modality or '(empty)'}: the model knows "
+                                      "chest radiographs (CR, DX)"))
+    sop_class = image.sop_class.strip()
+    if sop_class not in RADIOGRAPH_SOP_CLASSES:
+        flags.append(Flag("sop_class", f"SOP Class {sop_class or '(empty)'} is not a "
+                                       "radiograph (CR, DX or secondary capture image "
+                                       "storage)"))
     body_part = image.body_part.strip().upper()
     if body_part and body_part not in CHEST_BODY_PARTS:
         flags.append(Flag("not_chest", f"BodyPartExamined is {body_part}, not the chest"))
@@ -140,17 +180,26 @@ INVERSION_MARGIN = 10.0
 
 
 def pixel_flags(image: DicomImage, config: QualityConfig) -> list[Flag]:
-    """Flags from the converted pixels: near-constant, or looking inverted."""
+    """Flags from the converted pixels: near-constant or looking inverted, and far from the
+    training images (when the gate has a reference)."""
+    flags = []
     span = grey_level_span(image)
     if span < config.near_constant_levels:
-        return [Flag("near_constant", f"converted image is nearly constant (1st..99th "
-                                      f"percentile span {span} grey levels)")]
-    contrast = inversion_contrast(_thumbnail(image.pixels))
-    if contrast < -INVERSION_MARGIN:
-        return [Flag("looks_inverted", f"lung fields {-contrast:.0f} grey levels brighter "
-                                       "than the mediastinum: photometric interpretation "
-                                       "may be wrong")]
-    return []
+        flags.append(Flag("near_constant", f"converted image is nearly constant (1st..99th "
+                                           f"percentile span {span} grey levels)"))
+    elif (contrast := inversion_contrast(_thumbnail(image.pixels))) < -INVERSION_MARGIN:
+        flags.append(Flag("looks_inverted", f"lung fields {-contrast:.0f} grey levels brighter "
+                                            "than the mediastinum: photometric "
+                                            "interpretation may be wrong"))
+    reference = config.reference
+    if reference is not None:
+        distance = reference.distance(features(image.pixels))
+        if distance > reference.threshold:
+            flags.append(Flag("appearance", f"appearance distance {distance:.2f} from the "
+                                            f"training images, above {reference.threshold:.2f}"
+                                            ": not like the chest X-rays the model was trained "
+                                            "on"))
+    return flags
 
 
 @dataclass(frozen=True)

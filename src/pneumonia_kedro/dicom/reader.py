@@ -87,6 +87,8 @@ class DicomImage:
     body_part: str = ""
     burned_in_annotation: str = ""
     padding: np.ndarray | None = None
+    modality: str = ""
+    sop_class: str = ""  # SOPClassUID, else the file meta's MediaStorageSOPClassUID
 
 
 class ColourImageError(DicomError):
@@ -386,4 +388,7 @@ def _decode(data: bytes, name: str, target_size: int | None) -> DicomImage:
             body_part=str(ds.get("BodyPartExamined", "") or ""),
             burned_in_annotation=str(ds.get("BurnedInAnnotation", "") or ""),
             padding=padding,
+            modality=str(ds.get("Modality", "") or ""),
+            sop_class=str(ds.get("SOPClassUID", "")
+                          or ds.file_meta.get("MediaStorageSOPClassUID", "") or ""),
         )
