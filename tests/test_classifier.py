@@ -135,8 +135,9 @@ def test_offline_imagenet_weights_fail_with_the_file_to_provide(tmp_path, monkey
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    with pytest.raises(WeightsUnavailableError, match=r"resnet18-f37072fd\.pth"):
+    with pytest.raises(WeightsUnavailableError, match=r"resnet18-f37072fd\.pth") as caught:
         build_classifier("resnet18", "imagenet")
+    assert "set classifier.pretrained to the path of a local weights file" in str(caught.value)
 
 
 def test_settings_are_checked_by_name():
@@ -165,3 +166,32 @@ def test_the_classifier_trains_data_parallel_in_two_gloo_processes(tmp_path):
     last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert last["epoch"] == 1 and last["settings"]["world_size"] == 2
     assert trained.state_dict.keys() == last["model"].keys()
+
+
+def test_classifier_weights_files_are_checked_and_named_as_classifier_pretrained(tmp_path):
+    from torchvision.models import resnet34
+
+    with pytest.raises(WeightsUnavailableError,
+                       match=r"missing.pth: weights file not found \(classifier.pretrained\)"):
+        build_classifier("resnet18", str(tmp_path / "missing.pth"))
+    # A ResNet-34 holds every ResNet-18 tensor, and more: another network all the same.
+    torch.save(resnet34().state_dict(), tmp_path / "resnet34.pth")
+    with pytest.raises(WeightsUnavailableError, match=(
+            r"resnet34.pth \(classifier.pretrained\) does not fit the ResNet: 120 of the "
+            r"network's 122 tensors are in the file's 218 with the same shape; 80 of the "
+            r"file's tensors are not in the network \(first: 'layer1.2.conv1.weight'\)"
+            r".*classifier.partial_weights: true")):
+        build_classifier("resnet18", str(tmp_path / "resnet34.pth"))
+    loaded = build_classifier("resnet18", str(tmp_path / "resnet34.pth"), partial_weights=True)
+    assert loaded.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 1)
+
+
+def test_a_trained_classifier_file_fine_tunes_with_its_own_head(tmp_path):
+    torch.manual_seed(5)
+    trained = build_classifier("resnet18", "none")
+    # The file TrainedModelDataset writes: the weights under state_dict, head included.
+    torch.save({"model_config": {"architecture": "resnet18", "image_size": 32},
+                "state_dict": trained.state_dict(), "info": {}}, tmp_path / "trained.pt")
+    loaded = build_classifier("resnet18", str(tmp_path / "trained.pt"))
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name

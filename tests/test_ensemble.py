@@ -111,3 +111,27 @@ def test_with_several_gpus_each_fold_gets_its_own(monkeypatch):
         0: torch.device("cuda:0"), 1: torch.device("cuda:1"), 2: torch.device("cuda:0"),
         None: torch.device("cuda")}
     assert resolve_device("cpu", 1) == torch.device("cpu")
+
+
+def test_the_record_names_every_member_s_weights_and_differences_are_spelled_out(folds):
+    from pneumonia_kedro.ensemble import differences
+
+    record = folds.record()
+    assert record["version"] == folds.version
+    assert record["members"] == {
+        name: {"detector": d.version, "classifier": c.version}
+        for name, d, c in zip(folds.names, folds.detectors, folds.classifiers, strict=True)}
+    assert differences(record, record) == []
+    assert differences(folds.select("fold_0").record(), record) == []  # one fold of them
+    single = Ensemble.of(folds.detectors[0], None)
+    assert differences(single.record(), record) == [
+        "model is not among its models (fold_0, fold_1)"]
+    swapped = Ensemble(["fold_0"], [folds.detectors[1]], [folds.classifiers[0]])
+    assert differences(swapped.record(), record) == [
+        f"fold_0's detector is {folds.detectors[1].version}, it was tuned for "
+        f"{folds.detectors[0].version}"]
+    without = Ensemble(["fold_1"], [folds.detectors[1]], [None])
+    assert differences(without.record(), record) == [
+        f"fold_1's classifier is None, it was tuned for {folds.classifiers[1].version}"]
+    assert differences(record, None) == differences(record, {"version": "x"}) == [
+        "it names no models (written before post-processing recorded them)"]

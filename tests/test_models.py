@@ -3,6 +3,7 @@ the same network without pickle, and a version that names the weights."""
 
 from __future__ import annotations
 
+import traceback
 from dataclasses import replace
 
 import pytest
@@ -135,3 +136,92 @@ def test_offline_download_names_the_file_to_provide():
     assert "COCO weights could not be downloaded" in message
     assert "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth" in message
     assert "model.pretrained" in message
+
+
+def _same(first: dict, second: dict, names: list[str]) -> bool:
+    return all(torch.equal(first[name], second[name]) for name in names)
+
+
+def test_a_weights_file_of_another_architecture_is_refused_naming_file_key_and_counts(
+        tmp_path):
+    other = replace(TINY, architecture="resnet18_fpn", anchor_sizes=((8, 16, 32),) * 5)
+    torch.save(build_model(other).state_dict(), tmp_path / "resnet18.pth")
+    config = replace(TINY, pretrained=str(tmp_path / "resnet18.pth"))
+    with pytest.raises(WeightsUnavailableError) as caught:
+        build_model(config)
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'resnet18.pth'} (model.pretrained) does not fit")
+    own = len(build_model(TINY).state_dict())
+    assert f"of the network's {own} tensors are in the file's" in message
+    assert "of the network's tensors are not in the file (first: 'backbone.body." in message
+    assert "model.partial_weights: true" in message
+
+
+def test_partial_weights_loads_only_what_fits_and_says_so(tmp_path, caplog):
+    other = replace(TINY, box_head_size=16)  # the box head differs, the rest fits
+    source = build_model(other).state_dict()
+    torch.save(source, tmp_path / "narrow_head.pth")
+    config = replace(TINY, pretrained=str(tmp_path / "narrow_head.pth"))
+    with pytest.raises(WeightsUnavailableError, match=(
+            r"324 of the network's 330 tensors are in the file's 330 with the same shape; "
+            r"4 have another shape \(first: 'roi_heads.box_head.fc6.weight' is \[16, 12544\] "
+            r"in the file, \[32, 12544\] in the network\)")):
+        build_model(config)
+    with caplog.at_level("WARNING", logger="pneumonia_kedro.pretrained"):
+        loaded = build_model(replace(config, partial_weights=True)).state_dict()
+    fits = [k for k in loaded if not k.startswith("roi_heads.")]
+    assert _same(source, loaded, fits)
+    assert not torch.equal(source["roi_heads.box_head.fc7.bias"][:16],
+                           loaded["roi_heads.box_head.fc7.bias"][:16])
+    assert "model.partial_weights: true" in caplog.text and "loaded only what fits" in caplog.text
+
+
+def test_a_file_with_another_class_count_fits_its_box_predictor_is_replaced(tmp_path):
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+
+    coco_like = build_model(TINY)
+    coco_like.roi_heads.box_predictor = FastRCNNPredictor(32, 91)  # COCO's 91 classes
+    torch.save({"state_dict": coco_like.state_dict()}, tmp_path / "coco_like.pth")
+    loaded = build_model(replace(TINY, pretrained=str(tmp_path / "coco_like.pth")))
+    assert loaded.roi_heads.box_predictor.cls_score.out_features == 2
+    body = [k for k in loaded.state_dict() if not k.startswith("roi_heads.box_predictor.")]
+    assert _same(coco_like.state_dict(), loaded.state_dict(), body)
+
+
+def test_a_file_that_is_not_weights_names_file_and_key_without_unsafe_advice(tmp_path):
+    pickled = tmp_path / "whole_model.pth"
+    torch.save(build_model(TINY), pickled)  # a pickled network, not its state_dict
+    (tmp_path / "notes.pth").write_text("these are not weights\n")
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    expected = {pickled: "it holds Python objects, not only tensors",
+                tmp_path / "notes.pth": "not a PyTorch weights file",
+                tmp_path / "list.pth": "not a state_dict"}
+    for path, reason in expected.items():
+        with pytest.raises(WeightsUnavailableError) as caught:
+            build_model(replace(TINY, pretrained=str(path)))
+        message = str(caught.value)
+        assert message.startswith(f"{path} (model.pretrained): {reason}")
+        # Nor is torch's own message (which advises weights_only=False) in the traceback.
+        assert "weights_only" not in "".join(traceback.format_exception(caught.value))
+    with pytest.raises(WeightsUnavailableError,
+                       match=r"missing.pth: weights file not found \(model.pretrained\)"):
+        build_model(replace(TINY, pretrained=str(tmp_path / "missing.pth")))
+
+
+def test_a_run_can_check_the_weights_file_before_its_first_node(tmp_path, monkeypatch):
+    from pneumonia_kedro.classifier import ClassifierConfig
+    from pneumonia_kedro.classifier import check_weights_file as check_classifier_file
+    from pneumonia_kedro.models import check_weights_file
+
+    def no_download(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a check downloads nothing")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    check_weights_file(ModelConfig(architecture="resnet50_fpn", pretrained="coco"))
+    check_classifier_file(ClassifierConfig(pretrained="imagenet"))
+    torch.save({"not": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(WeightsUnavailableError, match=r"other.pth \(model.pretrained\) does "
+                                                      r"not fit the FasterRCNN: none of its 1"):
+        check_weights_file(replace(TINY, pretrained=str(tmp_path / "other.pth")))
+    with pytest.raises(WeightsUnavailableError, match=r"\(classifier.pretrained\) does not fit"):
+        check_classifier_file(ClassifierConfig(pretrained=str(tmp_path / "other.pth")))

@@ -25,9 +25,11 @@ from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
 from pneumonia_kedro.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, PROBABILITY, Range
+from pneumonia_kedro.engines import EngineConfig
 from pneumonia_kedro.imagecache import ImageCache
 from pneumonia_kedro.inference import CachedImages
-from pneumonia_kedro.models import load_weights_file, weights_version, with_download
+from pneumonia_kedro.models import weights_version, with_download
+from pneumonia_kedro.pretrained import load_weights_file
 from pneumonia_kedro.training import CheckpointStore, Optimisation, TrainingResult, fit_task
 from pneumonia_kedro.training.engine import EpochCallback
 
@@ -51,6 +53,7 @@ class ClassifierConfig:
 
     architecture: Architecture = "resnet18"
     pretrained: str = "imagenet"  # imagenet | none | path/to/weights.pth
+    partial_weights: bool = False  # true: a weights file that fits only in part loads what fits
     image_size: int | None = None  # None: the image cache's size
     epochs: int = 5
     batch_size: int = 32
@@ -69,27 +72,46 @@ class ClassifierConfig:
     progress: bool = True
 
 
-def build_classifier(architecture: str, pretrained: str = "none") -> nn.Module:
-    """A torchvision classification network with one output: the opacity logit."""
+def build_classifier(architecture: str, pretrained: str = "none",
+                     partial_weights: bool = False) -> nn.Module:
+    """A torchvision classification network with one output: the opacity logit.
+
+    ``pretrained``: imagenet, none, or a weights file (``classifier.pretrained``) that must fit
+    the network, its 1000-class head aside, unless ``partial_weights``."""
     weights = None
     if pretrained == "imagenet":
         weights = torchvision.models.get_model_weights(architecture).DEFAULT
     model = with_download(lambda: torchvision.models.get_model(architecture, weights=weights),
-                          weights, "ImageNet") if weights else \
+                          weights, "ImageNet", "classifier.pretrained") if weights else \
         torchvision.models.get_model(architecture, weights=None)
+    head = _replace_head(model)
     if pretrained not in ("imagenet", "none"):
-        load_weights_file(model, Path(pretrained))
+        # After the new head: an ImageNet file's head differs, a trained classifier's fits.
+        load_weights_file(model, Path(pretrained), "classifier", partial_weights, head=(head,))
+    return model
+
+
+def check_weights_file(config: ClassifierConfig) -> None:
+    """Read and fit a weights file that ``classifier.pretrained`` names (nothing is
+    downloaded): a run can refuse it before its first node."""
+    if config.pretrained not in ("imagenet", "none"):
+        build_classifier(config.architecture, config.pretrained, config.partial_weights)
+
+
+def _replace_head(model: nn.Module) -> str:
+    """One opacity logit instead of the 1000 ImageNet classes; the new layer's name prefix."""
     if hasattr(model, "fc"):  # resnets
         model.fc = nn.Linear(model.fc.in_features, 1)
-    else:  # densenet: a Linear; efficientnet and mobilenet: a Sequential ending in one
-        head = model.classifier
-        last = head[-1] if isinstance(head, nn.Sequential) else head
-        replacement = nn.Linear(last.in_features, 1)
-        if isinstance(head, nn.Sequential):
-            head[-1] = replacement
-        else:
-            model.classifier = replacement
-    return model
+        return "fc."
+    # densenet: a Linear; efficientnet and mobilenet: a Sequential ending in one
+    head = model.classifier
+    last = head[-1] if isinstance(head, nn.Sequential) else head
+    replacement = nn.Linear(last.in_features, 1)
+    if isinstance(head, nn.Sequential):
+        head[-1] = replacement
+        return f"classifier.{len(head) - 1}."
+    model.classifier = replacement
+    return "classifier."
 
 
 def to_classifier_input(images: torch.Tensor, image_size: int, device: torch.device
@@ -206,7 +228,8 @@ class ClassifierTask:
     collate = staticmethod(default_collate)
 
     def build(self) -> nn.Module:
-        return build_classifier(self.config.architecture, self.config.pretrained)
+        return build_classifier(self.config.architecture, self.config.pretrained,
+                                self.config.partial_weights)
 
     def optimisation(self, model: nn.Module, steps_per_epoch: int) -> Optimisation:
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.config.learning_rate,
@@ -240,7 +263,8 @@ class ClassifierTask:
 def train_classifier(train_cache: ImageCache, train_targets: pd.Series,
                      validation_cache: ImageCache, validation_targets: pd.Series,
                      config: ClassifierConfig, checkpoints: CheckpointStore | None = None,
-                     on_epoch_end: EpochCallback | None = None, fold: int | None = None
+                     on_epoch_end: EpochCallback | None = None, fold: int | None = None,
+                     engine: EngineConfig | None = None
                      ) -> tuple[TrainedClassifier, TrainingResult]:
     """Train on the training split through the detector's engine (``training.fit_task``: AMP,
     checkpoints and resume, DDP), keep the epoch with the best validation ROC AUC.
@@ -250,7 +274,7 @@ def train_classifier(train_cache: ImageCache, train_targets: pd.Series,
     image_size = config.image_size or train_cache.image_size
     task = ClassifierTask(config, image_size, _LabelledImages(train_cache, train_targets),
                           _LabelledImages(validation_cache, validation_targets))
-    result = fit_task(task, config, checkpoints, on_epoch_end, fold)
+    result = fit_task(task, config, checkpoints, on_epoch_end, fold, engine)
     info = {"best_epoch": result.best_epoch, "validation_roc_auc": result.best_metric,
             "config": asdict(config)}
     return TrainedClassifier(config.architecture, image_size, result.best_state, info), result

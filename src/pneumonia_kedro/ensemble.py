@@ -10,6 +10,7 @@ are averaged (``Networks.classify``).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,11 +62,25 @@ class Ensemble:
     def version(self) -> str:
         """The one member's version, or the architecture, member count and a digest of every
         member's (what a DICOM SR names as the algorithm version)."""
-        if len(self.detectors) == 1:
-            return self.detectors[0].version
-        digest = hashlib.sha256(",".join(d.version for d in self.detectors).encode())
-        return (f"{self.detectors[0].config.architecture}-x{len(self.detectors)}-"
+        return self._version([d.version for d in self.detectors])
+
+    def _version(self, detector_versions: list[str]) -> str:
+        if len(detector_versions) == 1:
+            return detector_versions[0]
+        digest = hashlib.sha256(",".join(detector_versions).encode())
+        return (f"{self.detectors[0].config.architecture}-x{len(detector_versions)}-"
                 f"{digest.hexdigest()[:12]}")
+
+    def record(self) -> dict:
+        """The models by their weights: the version and each member's detector and classifier
+        version (``postprocessing.json`` and the reports carry it; each weights digest is
+        computed once)."""
+        members = {name: {"detector": d.version,
+                          "classifier": None if c is None else c.version}
+                   for name, d, c in zip(self.names, self.detectors, self.classifiers,
+                                         strict=True)}
+        return {"version": self._version([m["detector"] for m in members.values()]),
+                "members": members}
 
     def select(self, choice: str) -> Ensemble:
         """``ensemble``: every member; a member's name (e.g. ``fold_2``): that one alone."""
@@ -137,3 +152,33 @@ def load_ensemble(weights_file: Path, classifier_file: Path | None = None,
         classifiers = [TrainedClassifier.from_payload(p)
                        for p in saved.get("members", [saved])]
     return Ensemble([m["name"] for m in members], detectors, classifiers)
+
+
+def differences(models: Mapping, tuned_for: Mapping | None) -> list[str]:
+    """How the ``models`` (a ``record()``) differ from those ``tuned_for`` names; empty when
+    each member is one of them, weights included (one fold of an ensemble is)."""
+    if not isinstance(tuned_for, Mapping) or not isinstance(tuned_for.get("members"), Mapping):
+        return ["it names no models (written before post-processing recorded them)"]
+    recorded = tuned_for["members"]
+    found = []
+    for name, now in models["members"].items():
+        then = recorded.get(name)
+        if not isinstance(then, Mapping):
+            found.append(f"{name} is not among its models ({', '.join(recorded)})")
+            continue
+        found += [f"{name}'s {part} is {now[part]}, it was tuned for {then.get(part)}"
+                  for part in ("detector", "classifier") if then.get(part) != now[part]]
+    return found
+
+
+def tag_active_run(record: dict) -> None:
+    """Tag the open MLflow run (if any) with the models a ``record()`` names, so runs can be
+    searched by model (``tags.`models.version` = '...'``)."""
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    tags = {"models.version": record["version"]}
+    for name, member in record["members"].items():
+        tags |= {f"models.{name}.{part}": str(version) for part, version in member.items()}
+    mlflow.set_tags(tags)

@@ -10,7 +10,6 @@ and normalised by the model's transform.
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,8 +35,7 @@ from torchvision.ops import misc as misc_nn_ops
 
 from pneumonia_kedro.config import AT_LEAST_ONE, PROBABILITY, Range
 from pneumonia_kedro.errors import PneumoniaKedroError, WeightsUnavailableError
-
-logger = logging.getLogger(__name__)
+from pneumonia_kedro.pretrained import load_weights_file
 
 NUM_CLASSES = 2  # background, lung opacity
 OPACITY_LABEL = 1
@@ -76,6 +74,8 @@ class ModelConfig:
 
     architecture: Architecture = "resnet50_fpn"
     pretrained: str = "coco"  # coco | imagenet | none | path to a local weights file
+    # A weights file must fit the network (all but the box predictor); true loads what fits.
+    partial_weights: bool = False
     trainable: str | int = "box_predictor"  # box_predictor | all | trainable backbone layers
     image_size: int = 512
     anchor_sizes: tuple | None = None  # one tuple of sizes per feature map, in cache pixels
@@ -102,8 +102,10 @@ def _weights_file(weights) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
 
 
-def with_download(build: Callable[[], nn.Module], weights, label: str) -> nn.Module:
-    """Run a torchvision builder that fetches ``weights``; offline, name the file to provide."""
+def with_download(build: Callable[[], nn.Module], weights, label: str,
+                  key: str = "model.pretrained") -> nn.Module:
+    """Run a torchvision builder that fetches ``weights``; offline, name the file to provide
+    (and the setting, ``key``, that can name a local file instead)."""
     try:
         return build()
     except OSError as exc:  # URLError and friends: no network and no cached file
@@ -111,7 +113,7 @@ def with_download(build: Callable[[], nn.Module], weights, label: str) -> nn.Mod
             f"{label} weights could not be downloaded ({exc}). Offline, put the file "
             f"{Path(weights.url).name} (from {weights.url}) at {_weights_file(weights)} "
             "(or point TORCH_HOME at a folder holding hub/checkpoints/ with it), or set "
-            "model.pretrained to the path of a local weights file, or to 'none'."
+            f"{key} to the path of a local weights file, or to 'none'."
         ) from None
 
 
@@ -221,8 +223,9 @@ def build_model(config: ModelConfig) -> FasterRCNN:
     if predictor.cls_score.out_features != NUM_CLASSES:
         model.roi_heads.box_predictor = FastRCNNPredictor(predictor.cls_score.in_features,
                                                           NUM_CLASSES)
-    if is_file:
-        load_weights_file(model, Path(pretrained))
+    if is_file:  # into the network as configured: its box predictor has another class count
+        load_weights_file(model, Path(pretrained), "model", config.partial_weights,
+                          head=("roi_heads.box_predictor.",))
     if config.trainable == "box_predictor":
         for parameter in model.parameters():
             parameter.requires_grad_(False)
@@ -231,19 +234,11 @@ def build_model(config: ModelConfig) -> FasterRCNN:
     return model
 
 
-def load_weights_file(model: nn.Module, path: Path) -> None:
-    """Load a local state_dict (safely, ``weights_only``); tensors of other shapes are left."""
-    if not path.is_file():
-        raise WeightsUnavailableError(f"{path}: weights file not found (model.pretrained)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    own = model.state_dict()
-    compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not compatible:
-        raise WeightsUnavailableError(f"{path}: no tensor matches the {type(model).__name__}")
-    model.load_state_dict(compatible, strict=False)
-    logger.info("loaded %d of %d tensors from %s", len(compatible), len(own), path)
+def check_weights_file(config: ModelConfig) -> None:
+    """Read and fit a weights file that ``model.pretrained`` names (nothing is downloaded):
+    a run can refuse a missing, unsafe or unfitting file before its first node."""
+    if config.pretrained not in ("coco", "imagenet", "none"):
+        build_model(config)
 
 
 @dataclass
