@@ -81,7 +81,7 @@ def test_the_registry_holds_what_it_says_for_one_fold_and_for_k(register):
 
 
 def test_a_fold_count_that_is_not_a_whole_number_is_refused_by_name(register):
-    with pytest.raises(ConfigError, match=r"split.folds = 'two' \(FOLDS='two'\)"):
+    with pytest.raises(ConfigError, match=r"split.folds \(FOLDS='two'\) = 'two': the number"):
         register("two")
 
 
@@ -130,7 +130,7 @@ def test_the_run_is_tagged_with_its_environment_and_the_error_that_failed_it():
     hook = MlflowRunTagsHook()
     node = Node(func=len, inputs="x", outputs="y", name="broken_node")
     with mlflow.start_run() as run:
-        hook.before_node_run()
+        hook.before_node_run(node)
         hook.on_node_error(ValueError("bad pixel data in a.dcm " + "x" * 5000), node)
     tags = mlflow.get_run(run.info.run_id).data.tags
     assert {"git_commit", "git_dirty", "python_version", "torch_version", "device"} <= set(tags)
@@ -145,18 +145,125 @@ def _fold_pipeline() -> Pipeline:
                      Node(func=len, inputs="c", outputs="d", name="m")])
 
 
+def _children(parent) -> dict:
+    return {r.data.tags["fold"]: r for r in _runs()
+            if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+
+
+def _enter(hook: FoldRunsHook, node: Node, done: bool = True) -> None:
+    """What the runner's hooks do around one node."""
+    hook.ender.before_node_run()
+    hook.before_node_run(node, {})
+    if done:
+        hook.after_node_run(node)
+
+
 @pytest.mark.parametrize(("end", "status"), [("after_pipeline_run", "FINISHED"),
                                               ("on_pipeline_error", "FAILED")])
-def test_each_fold_has_a_child_run_ended_with_the_pipeline(end, status):
-    hook = FoldRunsHook()
+def test_each_fold_that_ran_has_a_child_run_ended_with_the_pipeline(end, status):
+    hook, pipeline = FoldRunsHook(), _fold_pipeline()
     with mlflow.start_run() as parent:
-        hook.before_pipeline_run(_fold_pipeline())
+        hook.before_pipeline_run(pipeline)
+        fold_0, fold_1, last = pipeline.nodes
+        _enter(hook, fold_0)
+        _enter(hook, fold_1, done=end == "after_pipeline_run")  # on error: it failed
+        if end == "after_pipeline_run":
+            _enter(hook, last)
         getattr(hook.ender, end)()
-    children = {r.data.tags["fold"]: r for r in _runs()
-                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = _children(parent)
     assert sorted(children) == ["fold_0", "fold_1"]
     assert {r.info.run_name for r in children.values()} == {"fold_0", "fold_1"}
-    assert {r.info.status for r in children.values()} == {status}
+    # On error the last fold's node failed (FAILED); the first fold had finished.
+    assert children["fold_1"].info.status == status
+    assert children["fold_0"].info.status == "FINISHED"
+
+
+def test_a_fold_that_never_started_has_no_child_run_and_an_unfinished_one_ends_killed():
+    """A cross-validation run killed during fold_0 left fold_1's child run, which never
+    trained, FINISHED with no metrics."""
+    hook, interrupted = FoldRunsHook(), InterruptedRunHook()
+    two_nodes = Pipeline([Node(func=len, inputs="a", outputs="b", name="t", namespace="fold_0"),
+                          Node(func=len, inputs="b", outputs="c", name="c", namespace="fold_0"),
+                          Node(func=len, inputs="c", outputs="d", name="n", namespace="fold_1"),
+                          Node(func=len, inputs="d", outputs="e", name="m")])
+    parent = mlflow.start_run()
+    hook.before_pipeline_run(two_nodes)
+    first = next(n for n in two_nodes.nodes if n.name == "fold_0.t")
+    _enter(hook, first)
+    hook.ender.before_node_run()  # a node of the parent between fold_0's two nodes
+    assert mlflow.active_run().info.run_id == parent.info.run_id
+    (child,) = _children(parent).values()
+    assert child.info.status == "RUNNING"  # fold_0 is not done: not FINISHED
+    interrupted.signal_name = "SIGINT"
+    interrupted.end_runs_killed()  # what Ctrl-C leads to at exit
+    children = _children(parent)
+    assert list(children) == ["fold_0"]  # fold_1 never started: no run claims it
+    assert children["fold_0"].info.status == "KILLED"
+    assert mlflow.get_run(parent.info.run_id).info.status == "KILLED"
+
+
+def test_an_error_in_a_generator_node_s_later_chunk_is_tagged_on_the_run():
+    """Kedro calls on_node_error only around node.run: the cache and SR nodes' later chunks
+    failed without error.node / error.message on the run."""
+    from kedro.framework.hooks.manager import _create_hook_manager
+    from kedro.io import DataCatalog, MemoryDataset
+    from kedro.runner import SequentialRunner
+
+    def chunks(x: int):
+        yield x
+        raise OSError("disk full writing chunk 2 of train_image_cache")
+
+    manager = _create_hook_manager()
+    hook = MlflowRunTagsHook()
+    manager.register(hook)
+    pipeline = Pipeline([Node(func=chunks, inputs="x", outputs="y", name="cache_node")])
+    catalog = DataCatalog({"x": MemoryDataset(1), "y": MemoryDataset()})
+    with mlflow.start_run() as run:
+        hook.before_pipeline_run()
+        with pytest.raises(OSError, match="disk full") as info:
+            SequentialRunner().run(pipeline, catalog, manager)
+        manager.hook.on_pipeline_error(error=info.value, run_params={}, pipeline=pipeline,
+                                       catalog=catalog)  # what the session calls
+    tags = mlflow.get_run(run.info.run_id).data.tags
+    assert tags["error.node"] == "cache_node"
+    assert tags["error.message"] == "OSError: disk full writing chunk 2 of train_image_cache"
+
+
+def test_bad_parameters_are_refused_together_before_any_node_and_before_mlflow(
+        register, kedro_project):
+    """Bad train.* settings were caught only after ingest, split, cache and the classifier
+    had run (and the classifier had saved a new version)."""
+    register(None)
+    bad = {"train": {"epochs": 0}, "classifier": {"batch_size": -2},
+           "inference": {"no_box": "nothing"}}
+    with pytest.raises(ConfigError, match="3 bad parameter") as info:
+        run_session(kedro_project, env="demo", params=bad)
+    message = str(info.value)
+    assert "params:train.epochs = 0 is out of range: it must be >= 1" in message
+    assert "params:classifier.batch_size = -2 is out of range" in message
+    assert "params:inference.no_box = 'nothing'" in message
+    assert _runs() == []  # before kedro-mlflow opened a run
+    assert not (kedro_project / "data").exists()  # no node ran
+
+
+def test_a_run_checks_only_the_parameters_its_pipelines_take(register, kedro_project):
+    register(None)
+    # The ingest pipeline takes no train.* settings: its own raw-data check answers.
+    with pytest.raises(MissingDataError, match="Raw data for this run"):
+        run_session(kedro_project, env="demo", pipelines=["ingest"],
+                    params={"train": {"epochs": 0}})
+
+
+def test_more_folds_than_the_split_can_leave_training_patients_is_refused_up_front(
+        register, kedro_project):
+    """split.folds=1000 took 6.5 minutes (ingest, split, cache) to fail."""
+    register(40)
+    with pytest.raises(ConfigError, match=r"params:split.folds = 40, but the split leaves at "
+                                          r"most 16 training patients \(n_per_class 10 per "
+                                          r"Target, validation_fraction 0.2\)"):
+        run_session(kedro_project, env="demo", params={"split": {"folds": 40,
+                                                                 "n_per_class": 10}})
+    assert _runs() == []
 
 
 @pytest.mark.slow

@@ -268,3 +268,57 @@ def test_reduced_jpeg_decoding_matches_full_decode_and_area_resize(demo_folder, 
     assert fast_box == full_box
     difference = np.abs(fast.astype(int) - full.astype(int))
     assert difference.max() <= 3 and difference.mean() < 0.3
+
+
+HOLD_A_BUILD = """
+import sys, time
+from pathlib import Path
+from pneumonia_kedro.imagecache.files import CacheChunk, write_chunk
+path = Path(sys.argv[1])
+write_chunk(path, CacheChunk(start={"fingerprint": "other-run", "image_size": 64,
+                                    "preprocessing_version": 3, "images": 7,
+                                    "complete": False}))
+(path.parent / "started").write_text("yes")
+time.sleep(600)  # in the middle of its build, until killed
+"""
+
+
+def test_a_second_build_of_a_cache_another_process_builds_is_refused_by_name(demo_folder,
+                                                                            tmp_path):
+    """Two cache runs at once: one died with a raw `OSError: Directory not empty` from the
+    build's rmtree of the folder the other was writing."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pneumonia_kedro.imagecache.files import CacheBusyError
+
+    path = tmp_path / "caches" / "train"
+    other = subprocess.Popen([sys.executable, "-c", HOLD_A_BUILD, str(path)])
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "caches" / "started").is_file():
+            assert other.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        folder = DicomFolder.scan(str(demo_folder))
+        config = CacheConfig(image_size=64, workers=0, chunk_size=3, progress=False)
+        message = rf"another run is building the image cache {path} \(pid {other.pid} on "
+        with pytest.raises(CacheBusyError, match=message):
+            build(plan(folder, folder.patient_ids, config), path)
+        with pytest.raises(CacheBusyError, match="wait for it to finish, then run again"):
+            files.write_chunk(path, files.CacheChunk(start={"fingerprint": "mine"}))
+        # The other run's files are as it left them.
+        assert read_state_unlocked(path) == "other-run"
+    finally:
+        other.send_signal(signal.SIGKILL)
+        other.wait()
+    # A killed build lets go of the lock: the next one rebuilds the cache.
+    figures = build(plan(folder, folder.patient_ids, config), path)
+    assert figures["decoded"] == 7 and ImageCache(path).images.shape == (7, 64, 64)
+
+
+def read_state_unlocked(path: Path) -> str:
+    import json
+
+    return json.loads((path / "manifest.json").read_text())["fingerprint"]

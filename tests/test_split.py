@@ -7,7 +7,13 @@ import pandas as pd
 import pytest
 
 from pneumonia_kedro.config import ConfigError, from_params
-from pneumonia_kedro.split import SplitConfig, describe_split, split_patients
+from pneumonia_kedro.split import (
+    SplitConfig,
+    describe_split,
+    fold_count,
+    split_patients,
+    training_patients_at_most,
+)
 
 
 @pytest.fixture
@@ -171,3 +177,70 @@ def test_a_fold_s_name_and_index_are_one_mapping():
     assert fold_name(2) == "fold_2"
     for other in ("model", "fold_", "fold_x", "fold_2.sub", "my_fold_2", ""):
         assert fold_index(other) is None, other
+
+
+@pytest.mark.parametrize(("fraction", "message"), [
+    (0.01, r"params:split.validation_fraction = 0.01 leaves 1 of 16 patients \(distinct "
+           r"images\) for validation and 15 for training, but each part needs one of each of "
+           r"the 2 strata \(Target\): use a value from 0.125 to 0.875 with this data"),
+    (0.99, r"params:split.validation_fraction = 0.99 leaves 16 of 16 .* use a value from "
+           r"0.125 to 0.875"),
+])
+def test_a_validation_fraction_the_data_cannot_split_names_the_key_and_the_workable_values(
+        patients, fraction, message):
+    """0.01 and 0.99 gave scikit-learn's raw errors (test_size = 1 should be greater or
+    equal to the number of classes = 2; the resulting train set will be empty)."""
+    config = SplitConfig(n_per_class=8, validation_fraction=fraction, seed=1)
+    with pytest.raises(ConfigError, match=message):
+        split_patients(patients, config)
+
+
+def test_every_validation_fraction_either_splits_or_names_the_key(patients):
+    """No fraction reaches scikit-learn's own errors, and the advertised range works."""
+    accepted, fractions = [], [float(f) for f in np.round(np.arange(0.01, 1.0, 0.01), 2)]
+    for fraction in fractions:
+        config = SplitConfig(n_per_class=8, validation_fraction=fraction,
+                             stratify_by_view=True, seed=1)
+        try:
+            train, validation = split_patients(patients, config)
+        except ConfigError as error:
+            assert "params:split." in str(error)
+            continue
+        accepted.append(float(fraction))
+        assert len(train) and len(validation)
+    # One contiguous band, and a wide one: not a few lucky values.
+    assert accepted == [f for f in fractions if accepted[0] <= f <= accepted[-1]]
+    assert accepted[-1] - accepted[0] > 0.5
+
+
+def test_a_stratum_of_one_patient_names_the_setting(patients):
+    one_lateral = patients.head(40).assign(view_position="AP")
+    one_lateral.loc[0, "view_position"] = "LL"
+    with pytest.raises(ConfigError, match="stratum '.*_LL' has only 1 patient .* set "
+                                          "params:split.stratify_by_view: false"):
+        split_patients(one_lateral, SplitConfig(n_per_class=None, stratify_by_view=True))
+
+
+def test_more_folds_than_training_patients_is_refused_by_the_split_with_the_numbers(patients):
+    config = SplitConfig(n_per_class=8, validation_fraction=0.25, folds=13, seed=1)
+    with pytest.raises(ConfigError, match=r"params:split.folds = 13, but the split leaves 12 "
+                                          r"training patients .* use at most 12 folds"):
+        split_patients(patients, config)
+    train, _ = split_patients(patients, SplitConfig(n_per_class=8, validation_fraction=0.25,
+                                                    folds=12, seed=1))
+    assert len(train) == 12
+
+
+def test_the_most_training_patients_follow_from_the_settings():
+    assert training_patients_at_most(SplitConfig(n_per_class=500)) == 800
+    assert training_patients_at_most(SplitConfig(n_per_class=10, validation_fraction=0.25)) \
+        == 15
+    assert training_patients_at_most(SplitConfig(n_per_class=None)) is None
+
+
+@pytest.mark.parametrize("value", ["two", 0, -1, 2.5, True, None])
+def test_a_fold_count_that_is_not_a_whole_number_is_refused_in_one_place(value):
+    with pytest.raises(ConfigError, match=rf"params:split.folds = {value!r}: the number of "
+                                          "cross-validation folds, a whole number"):
+        fold_count(value)
+    assert fold_count(3) == 3

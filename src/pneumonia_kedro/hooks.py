@@ -1,33 +1,37 @@
 """Project hooks: only what a hook alone can do.
 
-Before any node runs: the Kedro environment exists, the raw data is there, the run's
-``split.folds`` is the one the pipelines were registered for. Around the MLflow run that
-kedro-mlflow opens: tags (environment, error), one nested run per cross-validation fold, and
-the status KILLED when Ctrl-C or SIGTERM stops ``kedro run``.
+Before any node runs: the Kedro environment exists, the raw data is there, every parameter
+the run takes is valid and ``split.folds`` is the one the pipelines were registered for.
+Around the MLflow run that kedro-mlflow opens (``mlflow_hooks.py``): tags (environment,
+error), one nested run per cross-validation fold, and the status KILLED when Ctrl-C or
+SIGTERM stops ``kedro run``.
 """
 
 from __future__ import annotations
 
-import atexit
-import gc
 import logging
-import platform
-import signal
-import subprocess
-import threading
 from pathlib import Path
 
 from kedro.framework.context import KedroContext
 from kedro.framework.hooks import hook_impl
 from kedro.io import DataCatalog
-from kedro.pipeline import Node, Pipeline
+from kedro.pipeline import Pipeline
 
-from pneumonia_kedro.config import ConfigError
+from pneumonia_kedro.config import ConfigError, from_params
 from pneumonia_kedro.datasets import DicomFolderDataset, LabelsCSVDataset
 from pneumonia_kedro.errors import MissingDataError
-from pneumonia_kedro.pipelines.folds import fold_of, folds_in
+from pneumonia_kedro.mlflow_hooks import (
+    FoldRunsHook,
+    InterruptedRunHook,
+    MlflowRunTagsHook,
+    environment_tags,
+)
+from pneumonia_kedro.pipelines.folds import folds_in
 
 RAW_DATASET_TYPES = (LabelsCSVDataset, DicomFolderDataset)
+# The MLflow run's hooks live in mlflow_hooks.py; settings.py registers them from here.
+__all__ = ["EnvironmentHook", "FoldRunsHook", "InterruptedRunHook", "MlflowRunTagsHook",
+           "RawDataPresenceHook", "RunParametersCheckHook", "environment_tags"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +63,22 @@ class RawDataPresenceHook:
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict, pipeline: Pipeline, catalog: DataCatalog
                             ) -> None:
-        missing = []
+        missing, unusable = [], []
         for name in sorted(pipeline.inputs()):
             if name.startswith("params:") or name == "parameters" or name not in catalog:
                 continue
             dataset = catalog.get(name)
             optional = getattr(dataset, "optional", False)
             if isinstance(dataset, RAW_DATASET_TYPES) and not optional and not dataset.exists():
-                missing.append(f"{name}: {dataset._describe()}")
+                # A folder that exists but holds only files it cannot read (X.DCM,
+                # subfolders) says so: renaming them, not downloading, is the fix.
+                found = getattr(dataset, "unusable_entries", lambda: "")()
+                (unusable if found else missing).append(
+                    f"{name}: {found or dataset._describe()}")
+        if unusable:
+            raise MissingDataError("Raw data for this run is there but cannot be read:\n  "
+                                   + "\n  ".join(unusable) + "\nImages must lie directly in "
+                                   "the folder, named <patientId>.dcm (lower case).")
         if missing:
             env = run_params.get("env") or "local"
             raise MissingDataError(
@@ -80,19 +92,76 @@ class RawDataPresenceHook:
             )
 
 
-class FoldCountCheckHook:
-    """Refuses a run whose ``split.folds`` (after ``--env`` and ``--params``) differs from
-    the fold count the pipelines were registered for: Kedro registers them before it reads
-    a run's ``--env`` and ``--params`` (``pipeline_registry.py``)."""
+def _parameter_classes() -> dict[str, type]:
+    """The dataclass each parameter group configures (imported here: they pull in torch)."""
+    from pneumonia_kedro.classifier import ClassifierConfig
+    from pneumonia_kedro.demo import DemoConfig
+    from pneumonia_kedro.dicom.quality_settings import QualitySettings
+    from pneumonia_kedro.engines import EngineConfig
+    from pneumonia_kedro.evaluation import EvaluateConfig
+    from pneumonia_kedro.imagecache import CacheConfig
+    from pneumonia_kedro.models import ModelConfig
+    from pneumonia_kedro.pipelines.deliver.nodes import DeliverConfig
+    from pneumonia_kedro.pipelines.evaluate.nodes import ServingConfig
+    from pneumonia_kedro.pipelines.inference.nodes import InferenceConfig
+    from pneumonia_kedro.pipelines.ingest.nodes import IngestConfig
+    from pneumonia_kedro.split import SplitConfig
+    from pneumonia_kedro.training import TrainConfig
+
+    return {"demo_data": DemoConfig, "ingest": IngestConfig, "split": SplitConfig,
+            "cache": CacheConfig, "model": ModelConfig, "train": TrainConfig,
+            "classifier": ClassifierConfig, "evaluate": EvaluateConfig,
+            "serving": ServingConfig, "inference": InferenceConfig, "deliver": DeliverConfig,
+            "quality": QualitySettings, "engine": EngineConfig}
+
+
+def _read(group: str, settings: type, params: object) -> None:
+    """Build one parameter group as its node does (evaluate names moved settings)."""
+    if group == "evaluate":
+        from pneumonia_kedro.evaluation import evaluate_config
+
+        evaluate_config(params)
+    else:
+        from_params(settings, params, group)
+
+
+class RunParametersCheckHook:
+    """Refuses a run with a bad parameter before any node runs (and before MLflow opens a
+    run): every ``params:<group>`` the run's nodes take is built into its dataclass (types,
+    choices, ranges), and ``split.folds`` must be the registered fold count and not exceed
+    the training patients the split settings can leave.
+
+    A hook, not Kedro's typed-parameter validation: the nodes take the raw dictionaries
+    (kedro-mlflow logs them flattened, one MLflow param per key), and the project's own
+    ranges and messages (``config.from_params``) name the key and the allowed values.
+    """
 
     @hook_impl(tryfirst=True)
-    def before_pipeline_run(self, run_params: dict, catalog: DataCatalog) -> None:
+    def before_pipeline_run(self, run_params: dict, pipeline: Pipeline, catalog: DataCatalog
+                            ) -> None:
+        # The fold count shapes the pipelines, whichever a run asks for: checked first.
+        self._check_folds(run_params, catalog.load("params:split"))
+        groups = sorted(name.removeprefix("params:") for name in pipeline.inputs()
+                        if name.startswith("params:") and "." not in name)
+        problems = []
+        classes = _parameter_classes()
+        for group in groups:
+            if group in classes:
+                try:
+                    _read(group, classes[group], catalog.load(f"params:{group}"))
+                except ConfigError as error:
+                    problems.append(str(error))
+        if problems:
+            raise ConfigError(f"{len(problems)} bad parameter(s) in this run, found before any "
+                              "node ran:\n  " + "\n  ".join(problems))
+
+    @staticmethod
+    def _check_folds(run_params: dict, split_params: dict) -> None:
         from kedro.framework.project import pipelines
 
-        folds = catalog.load("params:split").get("folds", 1)
-        if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
-            raise ConfigError(f"params:split.folds = {folds!r}: the number of cross-validation "
-                              "folds, a whole number (1: one train/validation split)")
+        from pneumonia_kedro.split import SplitConfig, fold_count, training_patients_at_most
+
+        folds = fold_count(split_params.get("folds", 1))
         registered = folds_in(pipelines["__default__"])
         if folds != registered:
             env = f" --env {run_params['env']}" if run_params.get("env") else ""
@@ -103,203 +172,11 @@ class FoldCountCheckHook:
                 "comes from the FOLDS environment variable (conf/base/parameters_split.yml), or "
                 "from conf/base and conf/$KEDRO_ENV (else conf/local). Ask for "
                 f"{folds} fold{'s' * (folds > 1)} with `FOLDS={folds} kedro run{env}`.")
-
-
-class MlflowRunTagsHook:
-    """Tags the run's MLflow run with the git commit, the Kedro environment and the machine,
-    and with the error that failed it."""
-
-    def __init__(self) -> None:
-        self._tagged_run: str | None = None
-
-    @hook_impl
-    def before_node_run(self) -> None:
-        import mlflow
-
-        run = mlflow.active_run()
-        if run is None or run.info.run_id == self._tagged_run:
-            return
-        self._tagged_run = run.info.run_id
-        mlflow.set_tags(environment_tags())
-
-    @hook_impl
-    def on_node_error(self, error: Exception, node: Node) -> None:
-        """Keep the error with the run; kedro-mlflow then ends it with status FAILED."""
-        import mlflow
-
-        if mlflow.active_run() is None:
-            return
-        # MLflow caps tag values; the start of the message names the file and the problem.
-        mlflow.set_tags({"error.node": node.name,
-                         "error.message": f"{type(error).__name__}: {error}"[:4000]})
-
-
-class FoldRunsHook:
-    """One nested MLflow run per cross-validation fold (``fold_0`` ...) under the run
-    kedro-mlflow opens for ``kedro run``: a fold's nodes log their parameters, curves,
-    metrics and artefacts there; the parent keeps the out-of-fold and ensemble metrics.
-
-    The child runs are made when the pipeline starts, in this process, so that nodes
-    running side by side (``--runner ThreadRunner``) share them. A fold's node enters its
-    child run after kedro-mlflow has re-entered the parent (``trylast``); the next node
-    leaves it first (``ender``, ``tryfirst``), so that its parameters go to the parent.
-    """
-
-    def __init__(self) -> None:
-        self.children: dict[str, str] = {}
-        self.ender = _FoldRunEnder(self)
-
-    @hook_impl(trylast=True)
-    def before_pipeline_run(self, pipeline: Pipeline) -> None:
-        import mlflow
-
-        run = mlflow.active_run()
-        folds = sorted({fold_of(node.namespace) for node in pipeline.nodes} - {None})
-        self.children = {fold: mlflow.MlflowClient().create_run(
-            run.info.experiment_id, run_name=fold,
-            tags={"mlflow.parentRunId": run.info.run_id, "fold": fold}).info.run_id
-            for fold in folds if run is not None}
-
-    @hook_impl(trylast=True)
-    def before_node_run(self, node: Node, inputs: dict) -> None:
-        import mlflow
-        from kedro_mlflow.framework.hooks import mlflow_hook
-        from kedro_mlflow.framework.hooks.utils import _flatten_dict
-
-        child = self.children.get(fold_of(node.namespace) or "")
-        if child is None or mlflow.active_run() is None:
-            return
-        mlflow.start_run(run_id=child, nested=True)
-        # The node's parameters, as kedro-mlflow logs them in the parent (mlflow.yml).
-        params = {name.removeprefix("params:"): value for name, value in inputs.items()
-                  if name.startswith("params:")}
-        if mlflow_hook.flatten:
-            params = _flatten_dict(params, recursive=mlflow_hook.recursive, sep=mlflow_hook.sep)
-        for name, value in params.items():
-            mlflow_hook._log_param(mlflow_hook.sanitize_param_name(name), value)
-
-    def leave_fold_run(self) -> None:
-        import mlflow
-
-        run = mlflow.active_run()
-        if run is not None and run.info.run_id in self.children.values():
-            mlflow.end_run()
-
-    def end_fold_runs(self, status: str) -> None:
-        import mlflow
-
-        self.leave_fold_run()
-        client = mlflow.MlflowClient()
-        for child in self.children.values():
-            if client.get_run(child).info.status == "RUNNING":
-                client.set_terminated(child, status)
-        self.children = {}
-
-
-class _FoldRunEnder:
-    """The ``tryfirst`` half of ``FoldRunsHook`` (one object holds one implementation of
-    each hook)."""
-
-    def __init__(self, owner: FoldRunsHook) -> None:
-        self.owner = owner
-
-    @hook_impl(tryfirst=True)
-    def before_node_run(self) -> None:
-        self.owner.leave_fold_run()
-
-    @hook_impl(tryfirst=True)
-    def after_pipeline_run(self) -> None:
-        self.owner.end_fold_runs("FINISHED")
-
-    @hook_impl(tryfirst=True)
-    def on_pipeline_error(self) -> None:
-        self.owner.end_fold_runs("FAILED")
-
-
-class InterruptedRunHook:
-    """Marks the MLflow runs KILLED (tag ``interrupted``) when Ctrl-C or SIGTERM stops
-    ``kedro run``; the next run resumes from the last checkpoint (``train.resume``).
-
-    Kedro hands only ``Exception`` to ``on_pipeline_error``: without this, MLflow's exit
-    handler closed an interrupted run as FINISHED, with a partial curve that looked complete.
-    The runs are marked at exit, once the stack has unwound. A signal that lands inside an
-    SQLite write leaves that write's connection holding the database lock until the
-    connection is collected, so a garbage collection comes first.
-    """
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self._previous: dict[int, object] = {}
-
-    @hook_impl
-    def before_pipeline_run(self) -> None:
-        if threading.current_thread() is threading.main_thread():  # signals arrive there
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self.interrupted)
-
-    def interrupted(self, signum: int, frame: object) -> None:
-        if self.signal_name is None:
-            # Runs before MLflow's own exit handler (atexit runs the last registered first).
-            atexit.register(self.end_runs_killed)
-        self.signal_name = signal.Signals(signum).name
-        self._restore()  # a second Ctrl-C stops at once
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        raise SystemExit(128 + signum)
-
-    def end_runs_killed(self) -> None:
-        """Every active run, and its child runs still RUNNING (folds), ends KILLED."""
-        import mlflow
-
-        gc.collect()  # the interrupted write's connection: its lock goes with it
-        client = mlflow.MlflowClient()
-        while (run := mlflow.active_run()) is not None:
-            try:  # the marks are best effort; the status below is what must land
-                children = client.search_runs(
-                    [run.info.experiment_id], "attributes.status = 'RUNNING' and "
-                    f"tags.mlflow.parentRunId = '{run.info.run_id}'")
-                for child in children:
-                    client.set_tag(child.info.run_id, "interrupted", self.signal_name)
-                    client.set_terminated(child.info.run_id, "KILLED")
-                mlflow.set_tag("interrupted", self.signal_name)
-            except Exception:  # MLflow's own exit handler would end it FINISHED
-                logger.exception("could not tag the interrupted MLflow run %s", run.info.run_id)
-            finally:
-                mlflow.end_run(status="KILLED")
-
-    @hook_impl
-    def after_pipeline_run(self) -> None:
-        self._restore()
-
-    @hook_impl
-    def on_pipeline_error(self) -> None:
-        self._restore()
-
-    def _restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
-
-def _git(*args: str) -> str:
-    try:
-        result = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                                check=True)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return result.stdout.strip()
-
-
-def environment_tags() -> dict[str, str]:
-    """Git commit and state, Python, torch and the device the run can use."""
-    import torch
-
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return {
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": str(bool(status) and status != "unknown").lower(),
-        "python_version": platform.python_version(),
-        "torch_version": torch.__version__,
-        "platform": platform.platform(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-    }
+        config = from_params(SplitConfig, split_params, "split")
+        most = training_patients_at_most(config)
+        if folds > 1 and most is not None and folds > most:
+            raise ConfigError(
+                f"params:split.folds = {folds}, but the split leaves at most {most} training "
+                f"patients (n_per_class {config.n_per_class} per Target, validation_fraction "
+                f"{config.validation_fraction:g}): every fold needs one; use at most {most} "
+                "folds (FOLDS)")

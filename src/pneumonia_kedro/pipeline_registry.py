@@ -22,7 +22,7 @@ the ``FOLDS`` environment variable (default 1), the one knob every command reads
     make viz FOLDS=3
 
 A run whose own ``split.folds`` differs is refused before any node runs
-(``hooks.FoldCountCheckHook``).
+(``hooks.RunParametersCheckHook``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from kedro.pipeline import Pipeline
 from kedro.utils import find_kedro_project
 from omegaconf import OmegaConf
 
-from pneumonia_kedro.config import ConfigError
 from pneumonia_kedro.pipelines import (
     cache,
     classify,
@@ -50,6 +49,7 @@ from pneumonia_kedro.pipelines import (
     split,
     train,
 )
+from pneumonia_kedro.split import fold_count
 
 ONE_FOLD = ("ingest", "split", "cache", "train", "classify", "evaluate", "inference", "report")
 K_FOLDS = ("ingest", "split", "cache", "cross_validation", "inference", "report")
@@ -107,8 +107,4 @@ def configured_folds() -> int:
                                    env=os.environ.get("KEDRO_ENV"),
                                    **settings.CONFIG_LOADER_ARGS)
     folds = loader["parameters"].get("split", {}).get("folds", 1)
-    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
-        raise ConfigError(f"split.folds = {folds!r} (FOLDS={os.environ.get('FOLDS')!r}): the "
-                          "number of cross-validation folds, a whole number (1: one "
-                          "train/validation split)")
-    return folds
+    return fold_count(folds, f"split.folds (FOLDS={os.environ.get('FOLDS')!r})")

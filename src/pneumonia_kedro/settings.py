@@ -6,11 +6,11 @@ from omegaconf.resolvers import oc
 
 from pneumonia_kedro.hooks import (
     EnvironmentHook,
-    FoldCountCheckHook,
     FoldRunsHook,
     InterruptedRunHook,
     MlflowRunTagsHook,
     RawDataPresenceHook,
+    RunParametersCheckHook,
 )
 
 # Telemetry is opt-out in Kedro; this project never sends it (the Makefile, CI and tests set
@@ -18,7 +18,7 @@ from pneumonia_kedro.hooks import (
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 
 _FOLD_RUNS = FoldRunsHook()
-HOOKS = (EnvironmentHook(), RawDataPresenceHook(), FoldCountCheckHook(), MlflowRunTagsHook(),
+HOOKS = (EnvironmentHook(), RawDataPresenceHook(), RunParametersCheckHook(), MlflowRunTagsHook(),
          _FOLD_RUNS, _FOLD_RUNS.ender, InterruptedRunHook())
 
 CONFIG_LOADER_ARGS = {

@@ -7,13 +7,14 @@ keeps every one of its boxes.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.utils import shuffle
 
-from pneumonia_kedro.config import AT_LEAST_ONE, Range
+from pneumonia_kedro.config import AT_LEAST_ONE, ConfigError, Range
 
 logger = logging.getLogger(__name__)
 
@@ -71,15 +72,67 @@ def split_patients(patients: pd.DataFrame, config: SplitConfig
     # group is split as one, represented by its first patient.
     groups = image_groups(sampled)
     representatives = sampled.loc[~groups.duplicated()]
+    labels = strata(representatives, config.stratify_by_view)
+    check_split_sizes(labels, config)
     _, validation_groups = train_test_split(
         representatives,
         test_size=config.validation_fraction,
-        stratify=strata(representatives, config.stratify_by_view),
+        stratify=labels,
         random_state=config.seed,
     )
     in_validation = groups.isin(set(groups[validation_groups.index]))
     return (sampled.loc[~in_validation].sort_values("patientId").reset_index(drop=True),
             sampled.loc[in_validation].sort_values("patientId").reset_index(drop=True))
+
+
+def check_split_sizes(labels: pd.Series, config: SplitConfig) -> None:
+    """Refuse, naming the key and the workable values, a split scikit-learn cannot make:
+    each part needs a patient of every stratum (``labels``: one per distinct image), every
+    stratum two patients, and k folds at least k training patients."""
+    n, counts = len(labels), labels.value_counts()
+    strata_named = "Target and view" if config.stratify_by_view else "Target"
+    if counts.min() < 2:
+        raise ConfigError(
+            f"the split is stratified by {strata_named}, and stratum {counts.idxmin()!r} has "
+            f"only {counts.min()} patient (distinct image) of {n}: every stratum needs 2"
+            + ("; set params:split.stratify_by_view: false" if config.stratify_by_view
+               else "; sample more patients (params:split.n_per_class)"))
+    # scikit-learn puts ceil(fraction * n) in the validation part, the rest in training.
+    n_validation = math.ceil(config.validation_fraction * n)
+    lowest = math.ceil(len(counts) / n * 1000) / 1000
+    highest = math.floor((n - len(counts)) / n * 1000) / 1000
+    if not len(counts) <= n_validation <= n - len(counts):
+        raise ConfigError(
+            f"params:split.validation_fraction = {config.validation_fraction:g} leaves "
+            f"{n_validation} of {n} patients (distinct images) for validation and "
+            f"{n - n_validation} for training, but each part needs one of each of the "
+            f"{len(counts)} strata ({strata_named}): use a value from {lowest:g} to "
+            f"{highest:g} with this data")
+    if config.folds > 1 and n - n_validation < config.folds:
+        raise ConfigError(
+            f"params:split.folds = {config.folds}, but the split leaves {n - n_validation} "
+            f"training patients (distinct images; {n} sampled, validation_fraction "
+            f"{config.validation_fraction:g}): every fold needs one; use at most "
+            f"{n - n_validation} folds")
+
+
+def training_patients_at_most(config: SplitConfig, targets: int = 2) -> int | None:
+    """The most training patients the split can leave, from the settings alone (None: no
+    bound without the data, ``n_per_class`` null), so that a fold count too large for
+    them is refused before any node runs."""
+    if config.n_per_class is None:
+        return None
+    sampled = config.n_per_class * targets
+    return sampled - math.ceil(config.validation_fraction * sampled)
+
+
+def fold_count(value: object, source: str = "params:split.folds") -> int:
+    """``split.folds`` as a whole number of at least 1; the one check, wherever the fold
+    count is read (the pipeline registry, the run's parameter check)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{source} = {value!r}: the number of cross-validation folds, a "
+                          "whole number (1: one train/validation split)")
+    return value
 
 
 FOLD_PREFIX = "fold_"

@@ -3,9 +3,12 @@ build's chunks (``write_chunk``). No decoding here."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import socket
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pneumonia_kedro.boxes import Letterbox
+from pneumonia_kedro.errors import PneumoniaKedroError
 from pneumonia_kedro.reporting import capped
 
 # Bump when preprocess() or the DICOM conversion changes what it writes, so that old caches
@@ -126,10 +130,78 @@ def is_complete(path: Path, fingerprint: str | None = None) -> bool:
         fingerprint in (None, content.get("fingerprint"))
 
 
+class CacheBusyError(PneumoniaKedroError):
+    """Another process is building the cache folder."""
+
+
+# Build locks this process holds, by lock file: a build takes its lock with its first
+# write and keeps it until the cache is complete (or the process ends, which releases it).
+_HELD: dict[Path, int] = {}
+_HELD_LOCK = threading.Lock()
+
+
+def _lock_file(path: Path) -> Path:
+    """Beside the cache folder, not in it: a new build clears the folder."""
+    return path.parent / f".{path.name}.lock"
+
+
+def _busy(path: Path, lock: Path) -> CacheBusyError:
+    holder = lock.read_text().strip() if lock.is_file() else ""
+    return CacheBusyError(
+        f"another run is building the image cache {path} ({holder or 'lock ' + str(lock)}); "
+        "wait for it to finish, then run again: this run would use its cache as it is. Two "
+        "runs that need different caches at once need different cache folders (catalog "
+        "entries *_image_cache).")
+
+
+def acquire_build_lock(path: str | Path) -> None:
+    """Hold the build lock of the cache at ``path`` (an ``flock`` on a file beside it, which
+    the system releases when the process dies), or raise ``CacheBusyError``."""
+    lock = _lock_file(Path(path).resolve())
+    with _HELD_LOCK:
+        if lock in _HELD:
+            return
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _busy(Path(path), lock) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        _HELD[lock] = fd
+
+
+def release_build_lock(path: str | Path) -> None:
+    """Let go of the build lock of the cache at ``path``, if this process holds it."""
+    with _HELD_LOCK:
+        fd = _HELD.pop(_lock_file(Path(path).resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def check_not_building(path: str | Path) -> None:
+    """Raise ``CacheBusyError`` when another process holds the build lock of ``path``."""
+    lock = _lock_file(Path(path).resolve())
+    with _HELD_LOCK:
+        if lock in _HELD or not lock.is_file():
+            return
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _busy(Path(path), lock) from None
+    finally:
+        os.close(fd)
+
+
 def read_state(path: str | Path) -> CacheState:
     """What the cache at ``path`` holds: its fingerprint and every finished chunk's records
-    (row order), or nothing when there is no cache there."""
+    (row order), or nothing when there is no cache there. Refused while another process
+    builds it (``CacheBusyError``): its state is changing."""
     path = Path(path)
+    check_not_building(path)
     manifest = path / "manifest.json"
     if not manifest.is_file():
         return CacheState(path=path)
@@ -154,6 +226,10 @@ def write_chunk(path: str | Path, chunk: CacheChunk) -> None:
     folder cleared, the image array allocated), rows into the array and then their record
     (the note that they are done), the index, and last the manifest marked complete."""
     path = Path(path)
+    if chunk.start is None and not chunk.records and chunk.index is None \
+            and chunk.build is None:
+        return  # an up-to-date cache: nothing to write, no lock to take
+    acquire_build_lock(path)  # held from a build's first write until it is complete
     if chunk.start is not None:
         if path.exists():
             shutil.rmtree(path)
@@ -184,3 +260,4 @@ def write_chunk(path: str | Path, chunk: CacheChunk) -> None:
         manifest = json.loads((path / "manifest.json").read_text())
         manifest.update(complete=True, build=chunk.build)
         _write_atomic(path / "manifest.json", json.dumps(manifest, indent=2).encode())
+        release_build_lock(path)

@@ -53,8 +53,12 @@ class CheckpointStore:
     def save_last(self, state: dict) -> None:
         self._save({**state, "fingerprint": self.fingerprint}, self.last_file)
 
-    def save_best(self, state_dict: dict) -> None:
-        self._save({"state_dict": state_dict, "fingerprint": self.fingerprint}, self.best_file)
+    def save_best(self, state_dict: dict, epoch: int) -> None:
+        """The best weights, with their epoch (1-based): written after ``last.pt`` names
+        that epoch best, so a kill between the two files leaves a pair ``best_state`` can
+        check."""
+        self._save({"state_dict": state_dict, "epoch": epoch, "fingerprint": self.fingerprint},
+                   self.best_file)
 
     def load_last(self) -> dict | None:
         if not self.last_file.is_file():
@@ -66,11 +70,23 @@ class CheckpointStore:
             return None
         return last
 
-    def load_best(self) -> dict | None:
+    def load_best(self, epoch: int) -> dict | None:
+        """The best weights saved for ``epoch`` (1-based); None when ``best.pt`` is of
+        another epoch or other settings."""
         if not self.best_file.is_file():
             return None
         best = torch.load(self.best_file, map_location="cpu", weights_only=True)
-        return best["state_dict"] if best.get("fingerprint", "") == self.fingerprint else None
+        if best.get("fingerprint", "") != self.fingerprint or best.get("epoch") != epoch:
+            return None
+        return best["state_dict"]
+
+    def best_state(self, last: dict) -> dict | None:
+        """The best epoch's weights of the run ``last`` (a ``load_last``) checkpointed: its
+        own model when its epoch was the best (it is written first), else ``best.pt`` of
+        that epoch; None when neither holds them."""
+        if int(last["best_epoch"]) == int(last["epoch"]) + 1:
+            return last["model"]
+        return self.load_best(int(last["best_epoch"]))
 
 
 def checkpoint_store(folder: str | None, fingerprint: str, fold: int | None = None

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import pandas as pd
 
 from pneumonia_kedro.config import AT_LEAST_ONE, from_params
 from pneumonia_kedro.dicom import DicomFolder, header_table
-from pneumonia_kedro.dicom.quality import QualityConfig
 from pneumonia_kedro.errors import MissingDataError
 from pneumonia_kedro.labels import (
     build_patient_table,
@@ -25,14 +24,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class IngestConfig:
-    """Competition image size (for box bounds), what to do with patients lacking a DICOM, and
-    the input quality gate for training images (applied when the cache decodes them)."""
+    """Competition image size (for box bounds), what to do with patients lacking a DICOM and
+    with conflicting duplicates. (The input quality gate of training images: params:quality.)"""
 
     RANGES = {"image_size": AT_LEAST_ONE}
 
     image_size: int = 1024
     on_missing_image: Literal["error", "exclude"] = "error"
-    quality: QualityConfig = field(default_factory=QualityConfig)
+    # One image (byte-identical pixel data) labelled positive under one patientId and
+    # negative under another: warn (train on both, warned), drop (leave the whole group out)
+    # or error (stop).
+    on_conflicting_duplicates: Literal["warn", "drop", "error"] = "warn"
 
 
 def duplicate_groups(table: pd.DataFrame, limit: int = REPORT_LIMIT) -> dict:
@@ -44,6 +46,32 @@ def duplicate_groups(table: pd.DataFrame, limit: int = REPORT_LIMIT) -> dict:
                    if table.loc[table["patientId"].isin(ids), "Target"].nunique() > 1]
     return {"groups": len(groups), "patients": sum(map(len, groups)),
             "with_different_labels": len(conflicting), "first": sorted(groups)[:limit]}
+
+
+def conflicting_duplicates(table: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, list]:
+    """Apply ``ingest.on_conflicting_duplicates`` to the groups of patients whose images are
+    byte-identical but whose labels differ: the table (without them when dropped) and the
+    dropped patientIds. Either way the console says which groups they are."""
+    groups = duplicate_groups(table, limit=len(table))
+    conflicting = [ids for ids in groups["first"]
+                   if table.loc[table["patientId"].isin(ids), "Target"].nunique() > 1]
+    if not conflicting:
+        return table, []
+    shown = "; ".join(" = ".join(ids) for ids in conflicting[:5])
+    more = f" and {len(conflicting) - 5} more" if len(conflicting) > 5 else ""
+    message = (f"{len(conflicting)} image(s) appear under several patientIds with different "
+               f"labels (Target 0 and 1): {shown}{more}")
+    if policy == "error":
+        raise MissingDataError(f"{message}. Correct the labels, or set "
+                               "ingest.on_conflicting_duplicates: drop to leave them out")
+    if policy == "warn":
+        logger.warning("%s. They are trained on as labelled; set "
+                       "ingest.on_conflicting_duplicates: drop to leave them out", message)
+        return table, []
+    dropped = sorted(pid for ids in conflicting for pid in ids)
+    logger.warning("%s. Leaving out their %d patients (ingest.on_conflicting_duplicates: "
+                   "drop)", message, len(dropped))
+    return table.loc[~table["patientId"].isin(dropped)].reset_index(drop=True), dropped
 
 
 def validate_patients(
@@ -95,6 +123,8 @@ def attach_images(
     table = patients.loc[~patients["patientId"].isin(excluded)].merge(
         dicom_headers.drop(columns=["error"]), on="patientId", how="left"
     )
+    duplicates = duplicate_groups(table)
+    table, dropped = conflicting_duplicates(table, config.on_conflicting_duplicates)
     report = {
         **label_checks,
         "patients": len(table),
@@ -112,7 +142,7 @@ def attach_images(
                                            - set(patients["patientId"]))),
         # Byte-identical pixel data under several patientIds (a copied file): reported, and
         # the split keeps each such group in one split.
-        "duplicate_images": duplicate_groups(table),
+        "duplicate_images": {**duplicates, "dropped_patients": capped(dropped)},
         "patient_id_mismatches": capped(sorted(
             table.loc[table["patient_id_matches"].eq(False), "patientId"])),
         "missing_images": capped(missing),
