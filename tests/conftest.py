@@ -24,6 +24,12 @@ def _temporary_mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     """Every test tracks to its own SQLite store, never the project's mlflow.db."""
     store = tmp_path / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    # MLflow remembers the last experiment set in this process (a Kedro session sets one):
+    # a run started in the next test's new store would look for it there.
+    import mlflow.tracking.fluent
+
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None, raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # set_experiment exports it
     return store
 
 

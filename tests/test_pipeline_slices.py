@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.pipeline import Pipeline
 from kedro.runner import SequentialRunner
@@ -13,8 +14,12 @@ from kedro.runner import SequentialRunner
 from pneumonia_kedro.dicom import DicomFolder
 from pneumonia_kedro.errors import LabelsError
 from pneumonia_kedro.pipelines import evaluate, ingest, split
+from tests.conftest import PROJECT_ROOT
 from tests.dicom_files import native_dicom
 
+QUALITY = yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_quality.yml").read_text())[
+    "quality"]
+SMALL_IMAGES = {**QUALITY, "min_side": 16}  # the gate of conf/base, for 20-pixel files
 PATIENTS = [f"p{i}" for i in range(8)]
 COPY = "p8"  # a byte copy of p0's file (PatientID p0 inside), labelled negative
 BOXES = {"p0": [[100.0, 200.0, 150.0, 250.0], [600.0, 180.0, 160.0, 240.0]],
@@ -67,9 +72,11 @@ def test_ingest_then_split_keeps_every_patient_whole(dicoms):
     assert report["patients"] == 9 and out["split_report"]
     # The copied image is reported, with its disagreeing label and header, and stays with
     # its original in one split (they landed in different splits with opposite labels).
+    # (kept and warned about: ingest.on_conflicting_duplicates defaults to warn)
     assert report["duplicate_images"] == {"groups": 1, "patients": 2,
                                           "with_different_labels": 1,
-                                          "first": [["p0", COPY]]}
+                                          "first": [["p0", COPY]],
+                                          "dropped_patients": {"count": 0, "first": []}}
     assert report["patient_id_mismatches"] == {"count": 1, "first": [COPY]}
     assert ("p0" in set(train["patientId"])) == (COPY in set(train["patientId"]))
 
@@ -95,9 +102,12 @@ def test_threshold_tuning_then_evaluation_on_given_predictions():
         .to_nodes("evaluate_node")
     # An uninformative classifier: no gating rule beats "none", which wins the ties.
     probabilities = pd.DataFrame({"patientId": ["a", "b", "c"], "probability": 0.5})
+    ensemble = _tiny_ensemble()
     out = run(pipeline, raw_validation_predictions=predictions, validation_patients=truth,
-              validation_image_probabilities=probabilities,
+              validation_image_probabilities=probabilities, ensemble=ensemble,
               **{"params:evaluate": {"progress": False}})
+    # The post-processing names the models it was tuned for.
+    assert out["evaluation_metrics"]["postprocessing"]["models"] == ensemble.record()
     assert out["evaluation_metrics"]["postprocessing"]["gating"]["rule"] == "none"
     # Above 0.3 and up to 0.6 every image scores 1; the lowest such grid value is chosen.
     assert out["evaluation_metrics"]["postprocessing"]["score_threshold"] == pytest.approx(0.35)
@@ -140,7 +150,7 @@ def test_cache_pipeline_decodes_in_its_nodes_resumes_and_reports_the_build(dicom
 
     inputs = {"train_patients": pd.DataFrame({"patientId": PATIENTS[:6]}),
               "validation_patients": pd.DataFrame({"patientId": [*PATIENTS[6:], COPY]}),
-              "train_dicoms": dicoms, "params:ingest": {},
+              "train_dicoms": dicoms, "params:quality": QUALITY, "params:engine": None,
               "params:cache": {"image_size": 16, "workers": 0, "chunk_size": 2,
                                "progress": False}}
     pipeline = cache.create_pipeline()
@@ -186,9 +196,10 @@ def test_test_cache_node_caches_every_file_at_the_model_size(dicoms, tmp_path):
     pipeline = inference.create_pipeline(folds=1).only_nodes("cache_test_images_node")
     catalog = cache_catalog(tmp_path, ("test",), test_dicoms=dicoms,
                             ensemble=Ensemble.of(model, None),
+                            appearance_reference={"reference": None, "reason": "none here"},
                             **{"params:inference": {"cache": {"workers": 2, "chunk_size": 3,
-                                                              "progress": False},
-                                                    "quality": {"min_side": 16}}})
+                                                              "progress": False}},
+                               "params:quality": SMALL_IMAGES, "params:engine": None})
     SequentialRunner().run(pipeline, catalog)
     cache = ImageCache(tmp_path / "test")
     assert cache.images.shape == (9, 24, 24) and cache.image_size == 24
@@ -219,7 +230,7 @@ def _tiny_cache(dicoms: DicomFolder, ensemble, folder, params: dict):
     from pneumonia_kedro.imagecache import ImageCache, build
     from pneumonia_kedro.pipelines.inference.nodes import plan_test_cache
 
-    build(plan_test_cache(dicoms, ensemble, params), folder)
+    build(plan_test_cache(dicoms, ensemble, params, SMALL_IMAGES, None), folder)
     return ImageCache(folder)
 
 
@@ -244,7 +255,7 @@ def test_inference_pipeline_predicts_cached_images_into_a_submission(dicoms, tmp
     from pneumonia_kedro.prediction import predict, prediction_settings
     from pneumonia_kedro.submission import parse_prediction_string
 
-    params = {"cache": {"workers": 0, "progress": False}, "quality": {"min_side": 16},
+    params = {"cache": {"workers": 0, "progress": False},
               "batch_size": 4, "progress": False, "overlay_patients": ["p1", "missing"]}
     postprocessing = {"score_threshold": 0.0, "nms_iou": 0.3, "max_boxes": 2, "shrink": 0.9,
                       "gating": {"rule": "product", "threshold": 0.0},
@@ -253,9 +264,11 @@ def test_inference_pipeline_predicts_cached_images_into_a_submission(dicoms, tmp
     cache = _tiny_cache(dicoms, ensemble, tmp_path / "test", params)
     pipeline = inference.create_pipeline(folds=1).from_nodes("predict_test_node")
     catalog = _in_memory({"ensemble": ensemble, "test_image_cache": cache,
-                          "test_dicoms": dicoms, "postprocessing": postprocessing,
+                          "test_dicoms": dicoms,
+                          "postprocessing": {**postprocessing, "models": ensemble.record()},
                           "sample_submission": pd.DataFrame({"patientId": dicoms.patient_ids}),
-                          "params:inference": params}, kept=("test_predictions",))
+                          "params:inference": params, "params:engine": None},
+                         kept=("test_predictions",))
     out = {name: dataset.load() for name, dataset in
            SequentialRunner().run(pipeline, catalog).items()}
     catalog_predictions = catalog["test_predictions"].load()
@@ -295,8 +308,7 @@ def test_evaluation_predicts_keeps_variants_apart_tunes_and_scores(dicoms, tmp_p
         "view_position": ["AP" if i % 2 else "PA" for i in range(9)]})
     ensemble = _tiny_ensemble()
     cache = _tiny_cache(dicoms, ensemble, tmp_path / "validation",
-                        {"cache": {"workers": 0, "progress": False},
-                         "quality": {"min_side": 16}})
+                        {"cache": {"workers": 0, "progress": False}})
     params = {"batch_size": 4, "progress": False, "tta": {"hflip": True},
               "search": {"score_threshold": [0.05, 0.5], "nms_iou": [0.3], "shrink": [1.0],
                          "max_boxes": [2], "gating_rule": ["none", "product"]},

@@ -25,6 +25,7 @@ from pneumonia_kedro.prediction import predict, prediction_settings
 from pneumonia_kedro.serving import OpacityDetector
 from pneumonia_kedro.submission import parse_prediction_string
 from tests.dicom_files import native_dicom
+from tests.test_dicom_quality import INFERENCE
 from tests.test_training import TINY_MODEL
 
 POSTPROCESS = {"score_threshold": 0.0, "nms_iou": 0.5, "max_boxes": 3, "shrink": 1.0,
@@ -63,7 +64,8 @@ def _load(folder: Path, **settings: object) -> OpacityDetector:
                          artifacts["classifier"])
     artifacts["settings"].write_text(json.dumps({
         "image_size": TINY_MODEL.image_size, "postprocess": POSTPROCESS,
-        "max_files_per_request": 6, "max_file_bytes": 2**20, **settings}))
+        "max_files_per_request": 6, "max_file_bytes": 2**20,
+        "quality": INFERENCE.as_dict(), **settings}))
     model = OpacityDetector()
     model.load_context(SimpleNamespace(artifacts={k: str(v) for k, v in artifacts.items()}))
     return model
@@ -178,7 +180,8 @@ def test_bad_requests_are_refused_with_http_400(served, files, tmp_path):
 @pytest.mark.slow  # loads a second model: outside the quick loop
 def test_paths_and_raw_bytes_are_read_and_an_error_policy_refuses(tmp_path, files):
     model = _load(tmp_path, allow_paths=True,
-                  quality={"lateral_view": "error", "tiny_image": "skip"})
+                  quality=dataclasses.replace(INFERENCE, lateral_view="error",
+                                              tiny_image="skip").as_dict())
     path = tmp_path / "a.dcm"
     path.write_bytes(files["a"])
     answer = model.predict(None, pd.DataFrame({"dicom": [str(path), files["b"]]}))

@@ -25,7 +25,7 @@ from pneumonia_kedro.bootstrap import (
     roc_auc_interval,
 )
 from pneumonia_kedro.boxes import xywh_to_xyxy
-from pneumonia_kedro.config import AT_LEAST_ONE, Range
+from pneumonia_kedro.config import AT_LEAST_ONE, ConfigError, Range, from_params
 from pneumonia_kedro.labels import boxes_array
 from pneumonia_kedro.metrics import (
     coco_metrics,
@@ -55,6 +55,23 @@ class EvaluateConfig:
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     inclusive_iou: bool = False
     progress: bool = True
+
+
+# Settings the post-processing search replaced: named with what to use instead.
+MOVED = {
+    "threshold_grid": "evaluate.search.score_threshold (a list; [t] fixes it at t)",
+    "postprocess": "evaluate.search (nms_iou, shrink, max_boxes: lists of values to try; "
+                   "one value fixes it) and evaluate.label_shift",
+}
+
+
+def evaluate_config(params: dict) -> EvaluateConfig:
+    """``params:evaluate`` validated, a moved setting named with its replacement."""
+    for key, replacement in MOVED.items():
+        if key in params:
+            raise ConfigError(f"params:evaluate.{key} is tuned as one search now: use "
+                              f"{replacement}")
+    return from_params(EvaluateConfig, params, "evaluate")
 
 
 def patient_truth(patients: pd.DataFrame) -> tuple[list[str], list[np.ndarray]]:

@@ -72,6 +72,7 @@ def prediction_settings(postprocessing: Mapping) -> tuple[TTAConfig, Postprocess
     evaluation's tuned choice) holds; the TTA is the one its raw predictions were made with."""
     values = dict(postprocessing)
     tta = values.pop("tta", {})
+    values.pop("models", None)  # the models it was tuned for: inference checks them
     return (from_params(TTAConfig, tta, "postprocessing.tta"),
             from_params(PostprocessConfig, values, "postprocessing"))
 

@@ -30,7 +30,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from pneumonia_kedro.dicom.quality import INFERENCE_QUALITY, QualityConfig
+from pneumonia_kedro.dicom.quality import QualityConfig
 from pneumonia_kedro.ensemble import load_ensemble
 from pneumonia_kedro.errors import DicomError
 from pneumonia_kedro.imagecache import decode_checked, preprocess
@@ -61,8 +61,9 @@ class OpacityDetector(mlflow.pyfunc.PythonModel):
         self.max_file_bytes = int(settings.get("max_file_bytes", 64 * 2**20))
         self.allow_paths = bool(settings.get("allow_paths", False))
         self.no_box = settings.get("no_box", "empty")
-        self.quality = QualityConfig(**settings["quality"]) if "quality" in settings \
-            else INFERENCE_QUALITY
+        # The gate packaged with the model (params:quality, inference policies, and the
+        # training images' appearance reference); a package without one is refused.
+        self.quality = QualityConfig.from_dict(settings.get("quality") or {})
         self.dicom_sr = bool(settings.get("dicom_sr", False))
 
     def _file_bytes(self, value: object, row: int) -> bytes:

@@ -157,7 +157,13 @@ def boxes_and_scores(rows: pd.DataFrame | None) -> tuple[list, list]:
 def report_bytes(source_data: bytes, name: str, boxes_xywh: Sequence[Sequence[float]],
                  scores: Sequence[float], image_probability: float | None,
                  model_version: str) -> bytes:
-    """The encoded SR for the source file ``source_data``."""
-    report = structured_report(source_header(source_data, name), boxes_xywh, scores,
-                               image_probability, model_version)
-    return encode(report)
+    """The encoded SR for the source file ``source_data``; ``DicomError`` naming the file when
+    its header cannot make one (the caller skips that image, like any per-image problem)."""
+    source = source_header(source_data, name)
+    try:
+        return encode(structured_report(source, boxes_xywh, scores, image_probability,
+                                        model_version))
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        # highdicom and pydicom refuse header values an SR cannot carry with these.
+        raise DicomError(f"{name}: no structured report: {type(exc).__name__}: {exc}"
+                         ) from None

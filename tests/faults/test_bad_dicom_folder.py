@@ -142,7 +142,8 @@ def test_strict_cache_stops_at_a_bad_file_with_its_name_and_reason(project, monk
 
 def test_lenient_run_reports_every_bad_file_and_caches_every_good_one(project, monkeypatch):
     data = run(project, monkeypatch,
-               ingest={"on_missing_image": "exclude", "quality": {"colour": "skip"}},
+               ingest={"on_missing_image": "exclude"},
+               quality={"policies": {"colour": {"training": "skip"}}},
                cache={"on_error": "skip"})
     ingest = json.loads((data / "08_reporting/demo/ingest_report.json").read_text())
     assert ingest["rejected_files"]["count"] == len(ENTRY_CASES)
@@ -170,3 +171,23 @@ def test_lenient_run_reports_every_bad_file_and_caches_every_good_one(project, m
     split = pd.concat([pd.read_parquet(data / f"05_model_input/demo/{name}_patients.parquet")
                        for name in ("train", "validation")])
     assert len(split) == 16 + len(decodable_header)
+
+
+def test_a_test_folder_of_upper_case_dcm_files_says_to_rename_them(project, tmp_path,
+                                                                   monkeypatch):
+    """It was reported as missing raw data, with advice to download the Kaggle files."""
+    copy = tiny_demo_project(tmp_path, monkeypatch, raw=project / DEMO_RAW)
+    test_images = copy / DEMO_RAW / "stage_2_test_images"
+    for path in test_images.glob("*.dcm"):
+        path.rename(path.with_suffix(".DCM"))
+    (test_images / "series1").mkdir()
+    with pytest.raises(MissingDataError) as info:
+        run_session(copy, pipelines=["inference"])
+    message = str(info.value)
+    assert message.startswith(
+        "Raw data for this run is there but cannot be read:\n  test_dicoms: "
+        f"{test_images} holds no .dcm file it can read: 1 x a "
+        "subfolder: images must lie directly in the folder; 3 x file name ends in '.DCM', "
+        "not '.dcm' (names are case-sensitive)\nImages must lie directly in the folder, "
+        "named <patientId>.dcm (lower case)."), message
+    assert "Kaggle" not in message

@@ -17,6 +17,7 @@ from pneumonia_kedro.ensemble import Ensemble
 from pneumonia_kedro.submission import parse_prediction_string
 from pneumonia_kedro.ui import free_port
 from tests.conftest import run_session, tiny_demo_project, use_run
+from tests.test_dicom_quality import PARAMS as QUALITY
 
 # Real Kedro sessions, servers or subprocesses: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
@@ -62,6 +63,12 @@ def kedro_project(demo_run, monkeypatch) -> Path:
     """This module's tests all look at the one demo run's project and MLflow store."""
     return use_run(demo_run, monkeypatch)
 
+
+
+def _model_run() -> pd.Series:
+    """The latest run that logged a model (runs refused or failed by other tests log none)."""
+    runs = mlflow.search_runs(experiment_names=["pneumonia-kedro"])
+    return runs.loc[runs["tags.model_uri"].notna()].sort_values("start_time").iloc[-1]
 
 def test_whole_pipeline_on_demo_data(demo_run, kedro_project: Path):
     data = kedro_project / "data"
@@ -221,15 +228,15 @@ def test_served_model_answers_like_the_pipeline_and_rejects_bad_requests(
     params = {"cache": {"workers": 0, "progress": False}, "progress": False}
     dicoms = DicomFolder.scan(str(folder))
     ensemble = Ensemble.of(trained, classifier)
-    build(plan_test_cache(dicoms, ensemble, params), tmp_path / "cache")
+    build(plan_test_cache(dicoms, ensemble, params, QUALITY, None), tmp_path / "cache")
     from pneumonia_kedro.imagecache import ImageCache
 
     cache = ImageCache(tmp_path / "cache")
     predictions = predict_test(ensemble, cache, postprocessing, params)
-    expected, _ = write_submission(predictions, cache, dicoms, pd.DataFrame(), params)
+    expected, _, _ = write_submission(predictions, cache, dicoms, pd.DataFrame(), {},
+                                      params)
 
-    run = mlflow.search_runs(experiment_names=["pneumonia-kedro"]).sort_values(
-        "start_time").iloc[-1]
+    run = _model_run()
     port = free_port()
     bin_folder = str(Path(sys.executable).parent)  # mlflow starts uvicorn from PATH
     env = {**os.environ, "MLFLOW_TRACKING_URI": demo_run["tracking_uri"],
@@ -302,8 +309,7 @@ def test_inference_can_use_the_mlflow_model_instead_of_the_catalog(demo_run,
         write_submission,
     )
 
-    run = mlflow.search_runs(experiment_names=["pneumonia-kedro"]).sort_values(
-        "start_time").iloc[-1]
+    run = _model_run()
     params = {"cache": {"workers": 0, "progress": False}, "progress": False,
               "model_uri": run["tags.model_uri"]}
     with KedroSession.create(project_path=kedro_project, env="demo") as session:
@@ -313,11 +319,12 @@ def test_inference_can_use_the_mlflow_model_instead_of_the_catalog(demo_run,
                                      state_dict=build_model(catalog_model.config).state_dict(),
                                      info={}), None)
     dicoms = DicomFolder.scan(str(kedro_project / "data/01_raw/rsna-demo/stage_2_test_images"))
-    build(plan_test_cache(dicoms, other, params), tmp_path / "cache")
+    build(plan_test_cache(dicoms, other, params, QUALITY, None), tmp_path / "cache")
     cache = ImageCache(tmp_path / "cache")
     # Neither the catalog's classifier (None here) nor its post-processing is used either.
     predictions = predict_test(other, cache, {"score_threshold": 1.1}, params)
-    submission, _ = write_submission(predictions, cache, dicoms, pd.DataFrame(), params)
+    submission, _, _ = write_submission(predictions, cache, dicoms, pd.DataFrame(), {},
+                                        params)
     expected = pd.read_csv(kedro_project / "data/07_model_output/demo/submission.csv",
                            keep_default_na=False)
     pd.testing.assert_frame_equal(submission.reset_index(drop=True), expected)
@@ -358,9 +365,7 @@ def test_served_model_answers_per_row_with_gate_flags_and_reports(demo_run,
                                                                    kedro_project: Path):
     from tests.test_inference import check_report_against_submission
 
-    run = mlflow.search_runs(experiment_names=["pneumonia-kedro"]).sort_values(
-        "start_time").iloc[-1]
-    model = mlflow.pyfunc.load_model(run["tags.model_uri"])
+    model = mlflow.pyfunc.load_model(_model_run()["tags.model_uri"])
     from pneumonia_kedro.dicom import decode
     from tests.dicom_files import native_dicom
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -14,6 +15,19 @@ from tqdm.auto import tqdm
 from pneumonia_kedro.dicom.reader import HEADER_FIELDS, read_header
 from pneumonia_kedro.errors import DicomError
 from pneumonia_kedro.labels import is_safe_patient_id
+
+
+class FolderChunk(dict[str, bytes]):
+    """Files a generator node yields to a folder dataset, ``{patientId: bytes}``.
+
+    ``last`` marks the run's final chunk: a dataset that replaces its folder (``overwrite``)
+    writes a run's chunks aside and puts them in place, all together, when it saves this one.
+    """
+
+    def __init__(self, files: Iterable[tuple[str, bytes]] | dict[str, bytes] = (), *,
+                 last: bool = False) -> None:
+        super().__init__(files)
+        self.last = last
 
 
 @dataclass
@@ -99,6 +113,11 @@ class DicomFolder:
 
     def display_name(self, patient_id: str) -> str:
         return self.files.get(patient_id, f"{self.root}/{patient_id}{self.suffix}")
+
+    def not_used(self) -> str:
+        """What the folder holds but does not read, counted by reason ("" when nothing)."""
+        counts = Counter(self.rejected.values())
+        return "; ".join(f"{count} x {reason}" for reason, count in sorted(counts.items()))
 
     def absence_reason(self, patient_id: str) -> str:
         """Why a patient has no usable file: none, or the reason it was rejected."""

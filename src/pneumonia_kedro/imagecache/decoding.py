@@ -10,11 +10,11 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from itertools import islice
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import cv2
 import numpy as np
@@ -36,6 +36,9 @@ from pneumonia_kedro.imagecache.files import (
     write_chunk,
 )
 
+if TYPE_CHECKING:
+    from pneumonia_kedro.engines import EngineConfig
+
 logger = logging.getLogger(__name__)
 
 
@@ -51,7 +54,9 @@ class CacheConfig:
     chunk_size: int = 32
     on_error: Literal["error", "skip"] = "error"
     progress: bool = True
-    quality: QualityConfig = field(default_factory=QualityConfig)
+    # The input quality gate: the pipelines set it from params:quality; None (scripts and
+    # tests of the cache itself) checks nothing.
+    quality: QualityConfig | None = None
 
 
 @dataclass
@@ -69,7 +74,7 @@ class CachePlan:
             "image_size": self.config.image_size,
             # What is refused or skipped changes what the cache holds.
             "on_error": self.config.on_error,
-            "quality": asdict(self.config.quality),
+            "quality": self.config.quality.as_dict() if self.config.quality else None,
             "root": self.folder.root,
             "sources": self.sources,
         }, sort_keys=True)
@@ -116,9 +121,9 @@ def preprocess(image: DicomImage | np.ndarray, size: int) -> tuple[np.ndarray, L
     return square, box
 
 
-def decode_checked(data: bytes, name: str, size: int, quality: QualityConfig
+def decode_checked(data: bytes, name: str, size: int, quality: QualityConfig | None
                    ) -> tuple[DicomImage | None, str, str]:
-    """Decode one file and pass it through the quality gate.
+    """Decode one file and pass it through the quality gate (``None``: no gate).
 
     Returns the image (None when the gate skips it), the skip reason and the gate's flags;
     raises ``InputQualityError`` for a check whose policy is ``error``, and ``DicomError``
@@ -127,8 +132,12 @@ def decode_checked(data: bytes, name: str, size: int, quality: QualityConfig
     try:
         image = decode(data, name, target_size=size)
     except ColourImageError as exc:
+        if quality is None:
+            raise
         result = colour_result(exc, quality, name)
         return None, result.skip_reason, result.flag_text
+    if quality is None:
+        return image, "", ""
     result = quality_check(image, quality, name)
     return (None if result.skip_reason else image), result.skip_reason, result.flag_text
 
@@ -191,12 +200,15 @@ def _decoded_in_workers(cache_plan: CachePlan, chunks: list[list[tuple[int, str]
             raise
 
 
-def decode_chunks(cache_plan: CachePlan, state: CacheState) -> Iterator[CacheChunk]:
+def decode_chunks(cache_plan: CachePlan, state: CacheState,
+                  engine: EngineConfig | None = None) -> Iterator[CacheChunk]:
     """The work of building the cache ``state`` describes: a new cache when it was built from
     other sources or settings, then every row not yet done, a chunk at a time, then the index
     and the build's figures. Each chunk is written before the next is made, so a kill loses
     one chunk. An up-to-date cache gets one empty chunk (Kedro saves at least one): it is left
-    untouched, its manifest keeping the figures of the build that made it."""
+    untouched, its manifest keeping the figures of the build that made it. ``engine``: where
+    the chunks are decoded (``ray``: tasks on a Ray cluster; default: ``config.workers``
+    processes here)."""
     started = time.perf_counter()
     config, fingerprint = cache_plan.config, cache_plan.fingerprint()
     n = len(cache_plan.patient_ids)
@@ -216,7 +228,12 @@ def decode_chunks(cache_plan: CachePlan, state: CacheState) -> Iterator[CacheChu
     todo = [(row, pid) for row, pid in enumerate(cache_plan.patient_ids) if row not in done]
     logger.info("image cache %s: %d of %d images to decode", state.path, len(todo), n)
     chunks = list(_chunks(todo, config.chunk_size))
-    if config.workers <= 0 or len(chunks) <= 1:
+    if engine is not None and engine.is_ray:
+        # Imported only here: the local engine imports no Ray.
+        from pneumonia_kedro.engines.ray_engine import decoded_on_ray
+
+        decoded = decoded_on_ray(cache_plan, chunks, engine)
+    elif config.workers <= 0 or len(chunks) <= 1:
         decoded = (_decode_rows(cache_plan.folder, rows, config) for rows in chunks)
     else:
         decoded = _decoded_in_workers(cache_plan, chunks)
@@ -242,9 +259,9 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[start:start + size]
 
 
-def build(cache_plan: CachePlan, path: str | Path) -> dict:
+def build(cache_plan: CachePlan, path: str | Path, engine: EngineConfig | None = None) -> dict:
     """Build or resume the cache at ``path`` outside a Kedro run (scripts, tests): what the
     cache node and its dataset do. Returns the figures of the build that made the cache."""
-    for chunk in decode_chunks(cache_plan, read_state(path)):
+    for chunk in decode_chunks(cache_plan, read_state(path), engine):
         write_chunk(path, chunk)
     return json.loads((Path(path) / "manifest.json").read_text())["build"]

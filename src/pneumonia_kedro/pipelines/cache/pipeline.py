@@ -2,7 +2,7 @@
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import cache_images, report_cache
+from .nodes import cache_images, calibrate_appearance, report_cache
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -10,11 +10,17 @@ def create_pipeline(**kwargs) -> Pipeline:
         *(Node(
             func=cache_images,
             # The state is a read-only view of the same folder: what is already finished.
-            inputs=[f"{split}_patients", "train_dicoms", "params:cache", "params:ingest",
-                    f"{split}_image_cache_state"],
+            inputs=[f"{split}_patients", "train_dicoms", "params:cache", "params:quality",
+                    f"{split}_image_cache_state", "params:engine"],
             outputs=f"{split}_image_cache",
             name=f"cache_{split}_images_node",
         ) for split in ("train", "validation")),
+        Node(
+            func=calibrate_appearance,
+            inputs=["train_image_cache", "params:quality"],
+            outputs="appearance_reference",
+            name="calibrate_appearance_node",
+        ),
         Node(
             func=report_cache,
             inputs=["train_image_cache", "validation_image_cache"],

@@ -16,7 +16,7 @@ def create_pipeline(fold: int | None = None, **kwargs) -> Pipeline:
         Node(
             func=func,
             inputs=["train_image_cache", "validation_image_cache", "train_patients",
-                    "validation_patients", "params:classifier"],
+                    "validation_patients", "params:classifier", "params:engine"],
             outputs=["trained_classifier", "classifier_history", "classifier_metrics"],
             name="train_classifier_node",
         ),

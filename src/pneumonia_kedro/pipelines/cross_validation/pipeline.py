@@ -35,7 +35,7 @@ from .nodes import (
 from .nodes import select_fold as select_fold_patients
 
 # Every fold trains and predicts with the same parameters (not namespaced ones).
-FITTING_PARAMETERS = {"params:model", "params:train", "params:classifier"}
+FITTING_PARAMETERS = {"params:model", "params:train", "params:classifier", "params:engine"}
 
 
 def fold_pipeline(index: int) -> Pipeline:
@@ -105,8 +105,8 @@ def create_pipeline(folds: int = 2) -> Pipeline:
             name="collect_training_histories_node",
         ),
         Node(
-            func=tune_postprocessing,
-            inputs=[*out_of_fold, "params:evaluate"],
+            func=tune_postprocessing,  # for the fold ensemble: inference checks its models
+            inputs=["ensemble", *out_of_fold, "params:evaluate"],
             outputs=["postprocessing", "threshold_curve", "postprocessing_search"],
             name="tune_postprocessing_out_of_fold_node",
         ),

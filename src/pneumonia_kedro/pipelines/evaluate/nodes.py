@@ -10,10 +10,11 @@ import pandas as pd
 
 from pneumonia_kedro.classifier import TrainedClassifier
 from pneumonia_kedro.config import AT_LEAST_ONE, ConfigError, from_params
-from pneumonia_kedro.dicom.quality import INFERENCE_QUALITY, QualityConfig
-from pneumonia_kedro.ensemble import Ensemble
+from pneumonia_kedro.dicom.quality_settings import inference_gate
+from pneumonia_kedro.ensemble import Ensemble, tag_active_run
 from pneumonia_kedro.evaluation import (
     EvaluateConfig,
+    evaluate_config,
     held_out_postprocessing,
     scored,
     truth_by_patient,
@@ -30,19 +31,8 @@ from pneumonia_kedro.tuning import search_with_fusion
 logger = logging.getLogger(__name__)
 
 
-_MOVED = {
-    "threshold_grid": "evaluate.search.score_threshold (a list; [t] fixes it at t)",
-    "postprocess": "evaluate.search (nms_iou, shrink, max_boxes: lists of values to try; "
-                   "one value fixes it) and evaluate.label_shift",
-}
-
-
 def _config(params: dict) -> EvaluateConfig:
-    for key, replacement in _MOVED.items():
-        if key in params:
-            raise ConfigError(f"params:evaluate.{key} is tuned as one search now: use "
-                              f"{replacement}")
-    return from_params(EvaluateConfig, params, "evaluate")
+    return evaluate_config(params)
 
 
 def gather_ensemble(*members: TrainedModel | TrainedClassifier) -> Ensemble:
@@ -83,13 +73,14 @@ def _probabilities(table: pd.DataFrame) -> pd.Series:
     return table.set_index("patientId")["probability"]
 
 
-def tune_postprocessing(raw_validation_predictions: pd.DataFrame,
+def tune_postprocessing(ensemble: Ensemble, raw_validation_predictions: pd.DataFrame,
                         validation_patients: pd.DataFrame,
                         validation_image_probabilities: pd.DataFrame, params: dict
                         ) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     """The post-processing that maximises the competition metric on all validation patients
-    (what inference uses), the threshold curve at the other chosen values, and every
-    combination tried."""
+    (what inference uses, with the ``models`` of ``ensemble`` it was tuned for: inference
+    refuses others), the threshold curve at the other chosen values, and every combination
+    tried."""
     config = _config(params)
     base = PostprocessConfig(label_shift=config.label_shift)
     chosen, fusion_iou, table = search_with_fusion(
@@ -106,7 +97,10 @@ def tune_postprocessing(raw_validation_predictions: pd.DataFrame,
     curve = table.loc[at_chosen, ["score_threshold", "competition_metric"]]
     # The TTA it was tuned with, at the fusion IoU chosen: inference predicts with it.
     tta = {**dataclasses.asdict(config.tta), "fusion_iou": fusion_iou}
-    return ({**dataclasses.asdict(chosen), "tta": tta}, curve.reset_index(drop=True), table)
+    models = ensemble.record()
+    tag_active_run(models)
+    return ({**dataclasses.asdict(chosen), "tta": tta, "models": models},
+            curve.reset_index(drop=True), table)
 
 
 def evaluate(raw_validation_predictions: pd.DataFrame, validation_patients: pd.DataFrame,
@@ -154,14 +148,16 @@ class ServingConfig:
     max_file_bytes: int = 64 * 2**20
     allow_paths: bool = False  # paths let a caller read any file the server can: off
     no_box: str = "empty"
-    quality: QualityConfig = INFERENCE_QUALITY
     dicom_sr: bool = False  # answer with a base64 DICOM SR per file (carries patient identity)
 
 
-def package_model(ensemble: Ensemble, postprocessing: dict, params: dict) -> dict[str, bytes]:
+def package_model(ensemble: Ensemble, postprocessing: dict, params: dict,
+                  quality_params: dict, appearance_reference: dict | None) -> dict[str, bytes]:
     """The servable MLflow model's files: the trained detector(s) and classifier(s) with the
-    preprocessing and tuned post-processing they are served with."""
+    preprocessing, tuned post-processing and input quality gate (the inference policies of
+    ``quality``, with the training images' appearance reference) they are served with."""
     config = from_params(ServingConfig, params, "serving")
     settings = {"image_size": ensemble.image_size, "postprocess": postprocessing,
-                "members": ensemble.names, **dataclasses.asdict(config)}
+                "members": ensemble.names, **dataclasses.asdict(config),
+                "quality": inference_gate(quality_params, appearance_reference).as_dict()}
     return package_detector(ensemble, settings)

@@ -13,8 +13,11 @@ import pandas as pd
 
 from pneumonia_kedro.config import AT_LEAST_ONE, ConfigError, from_params
 from pneumonia_kedro.dicom import DicomFolder
-from pneumonia_kedro.dicom.quality import INFERENCE_QUALITY, QualityConfig
-from pneumonia_kedro.ensemble import Ensemble
+from pneumonia_kedro.dicom.folder import FolderChunk
+from pneumonia_kedro.dicom.quality_settings import inference_gate
+from pneumonia_kedro.engines import engine_config
+from pneumonia_kedro.ensemble import Ensemble, differences, tag_active_run
+from pneumonia_kedro.errors import DicomError
 from pneumonia_kedro.figures import overlay_figure
 from pneumonia_kedro.imagecache import (
     CacheChunk,
@@ -34,7 +37,7 @@ from pneumonia_kedro.submission import build_submission, check_against_sample
 from pneumonia_kedro.training import resolve_device
 
 logger = logging.getLogger(__name__)
-SR_CHUNK = 256  # structured reports per saved chunk
+SR_CHUNK = 256  # structured reports held in memory before the dataset writes them
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,6 @@ class InferenceConfig:
     RANGES = {"batch_size": AT_LEAST_ONE}
 
     cache: CacheConfig = field(default_factory=lambda: CacheConfig(on_error="skip"))
-    quality: QualityConfig = INFERENCE_QUALITY
     dicom_sr: bool = False
     batch_size: int = 16
     device: str = "auto"
@@ -73,8 +75,24 @@ def _chosen_models(ensemble: Ensemble, postprocessing: dict, config: InferenceCo
     return logged.select(config.models), settings["postprocess"]
 
 
-def plan_test_cache(test_dicoms: DicomFolder, ensemble: Ensemble, params: dict) -> CachePlan:
-    """Every file of the folder, converted exactly as the training images were."""
+def _refuse_other_models(models: dict, postprocessing: dict) -> None:
+    """Post-processing tuned for other models (retrained since, ``--load-versions``, another
+    fold count) would be applied in silence: refuse it, saying what to run."""
+    found = differences(models, postprocessing.get("models"))
+    if found:
+        raise ConfigError(
+            f"postprocessing.json was not tuned for the models inference would use "
+            f"({models['version']}): {'; '.join(found)}. Tune it for them with `kedro run "
+            "--pipelines evaluate` (with FOLDS > 1: `--pipelines cross_validation`), or load "
+            "the models it was tuned for with `kedro run --pipelines inference --load-versions "
+            "trained_model:<version>,trained_classifier:<version>` (versions: the folders under "
+            "data/06_models/), or use the MLflow model with inference.model_uri")
+
+
+def plan_test_cache(test_dicoms: DicomFolder, ensemble: Ensemble, params: dict,
+                    quality_params: dict, appearance_reference: dict | None) -> CachePlan:
+    """Every file of the folder, converted exactly as the training images were, through the
+    inference policies of ``quality`` (with the training images' appearance reference)."""
     config = _config(params)
     chosen, _ = _chosen_models(ensemble, {}, config)
     asked = params.get("cache", {}).get("image_size")
@@ -84,27 +102,44 @@ def plan_test_cache(test_dicoms: DicomFolder, ensemble: Ensemble, params: dict) 
             f"{chosen.image_size} px: test images are cached at the size the model was "
             "trained on; leave inference.cache.image_size out")
     cache_config = CacheConfig(**{**config.cache.__dict__, "image_size": chosen.image_size,
-                                  "quality": config.quality})
+                                  "quality": inference_gate(quality_params,
+                                                            appearance_reference)})
     return plan(test_dicoms, test_dicoms.patient_ids, cache_config)
 
 
 def cache_test_images(test_dicoms: DicomFolder, ensemble: Ensemble, params: dict,
-                      finished: CacheState) -> Iterator[CacheChunk]:
+                      quality_params: dict, appearance_reference: dict | None,
+                      finished: CacheState, engine: dict | str | None = None
+                      ) -> Iterator[CacheChunk]:
     """Decode the folder's files that the cache ``finished`` describes does not hold yet, a
-    chunk at a time (each saved as it comes, so a killed build resumes)."""
-    yield from decode_chunks(plan_test_cache(test_dicoms, ensemble, params), finished)
+    chunk at a time (each saved as it comes, so a killed build resumes); with ``engine: ray``
+    in tasks across the cluster."""
+    yield from decode_chunks(plan_test_cache(test_dicoms, ensemble, params, quality_params,
+                                             appearance_reference), finished,
+                             engine_config(engine))
 
 
 def predict_test(ensemble: Ensemble, test_image_cache: ImageCache, postprocessing: dict,
-                 params: dict) -> pd.DataFrame:
-    """Post-processed boxes per test image with its image-level probabilities and view."""
+                 params: dict, engine: dict | str | None = None) -> pd.DataFrame:
+    """Post-processed boxes per test image with its image-level probabilities and view;
+    with ``engine: ray`` predicted in shards across the cluster (the same predictions)."""
     config = _config(params)
     chosen, postprocessing = _chosen_models(ensemble, postprocessing, config)
+    models = chosen.record()
+    if not config.model_uri:  # an MLflow model brings the post-processing logged with it
+        _refuse_other_models(models, postprocessing)
+    tag_active_run(models)
     # The TTA the post-processing was tuned with: they belong together.
     tta, values = prediction_settings(postprocessing)
-    prediction = predict(chosen.build(resolve_device(config.device)),
-                         cached_squares(test_image_cache), tta, values, config.batch_size,
-                         config.progress, desc="test")
+    if (engine_settings := engine_config(engine)).is_ray:
+        from pneumonia_kedro.engines.ray_engine import predict_on_ray  # no Ray for local runs
+
+        prediction = predict_on_ray(chosen, test_image_cache, tta, values, config.batch_size,
+                                    config.device, engine_settings)
+    else:
+        prediction = predict(chosen.build(resolve_device(config.device)),
+                             cached_squares(test_image_cache), tta, values,
+                             config.batch_size, config.progress, desc="test")
     final, classifier_p = prediction.boxes, prediction.classifier_probability
     views = test_image_cache.usable.set_index("patientId")["view_position"]
     final["image_probability"] = final["patientId"].map(prediction.image_probability)
@@ -115,9 +150,13 @@ def predict_test(ensemble: Ensemble, test_image_cache: ImageCache, postprocessin
 
 
 def write_submission(test_predictions: pd.DataFrame, test_image_cache: ImageCache,
-                     test_dicoms: DicomFolder, sample_submission: pd.DataFrame, params: dict
-                     ) -> tuple[pd.DataFrame, dict]:
-    """The Kaggle submission (one row per input file, sorted) and the inference report."""
+                     test_dicoms: DicomFolder, sample_submission: pd.DataFrame,
+                     structured_report_skips: dict[str, str], params: dict,
+                     ensemble: Ensemble | None = None
+                     ) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
+    """The Kaggle submission (one row per input file, sorted), the inference report (naming
+    the models of ``ensemble`` that predicted) and the predictions: the run's output set,
+    saved together once the SRs are in place."""
     config = _config(params)
     index = test_image_cache.index
     patient_ids = sorted(index["patientId"])
@@ -125,33 +164,65 @@ def write_submission(test_predictions: pd.DataFrame, test_image_cache: ImageCach
              for r in index.loc[index["status"] == "ok"].to_dict("records")}
     submission = build_submission(test_predictions, patient_ids, config.no_box, sizes)
     skipped = index.loc[index["status"] != "ok"]
+    # A file the gate left out has the flag that did it; one that did not decode has none.
+    by_gate = skipped["flags"].fillna("") != ""
     report = {
         "files": len(index) + len(test_dicoms.rejected),
         "predicted": int((index["status"] == "ok").sum()),
         "with_boxes": int(test_predictions["patientId"].nunique()),
         "boxes": len(test_predictions),
         "skipped": capped(dict(zip(skipped["patientId"], skipped["reason"], strict=True))),
+        "undecodable": int((~by_gate).sum()),
+        "skipped_by_quality_gate": int(by_gate.sum()),
         "rejected_files": capped(test_dicoms.rejected),
         "quality_flags": quality_summary(index),
         "no_box_convention": config.no_box,
         **check_against_sample(submission, sample_submission),
     }
-    if len(skipped):
-        logger.warning("%d file(s) could not be decoded; listed in the inference report and "
-                       "written with an empty PredictionString", len(skipped))
-    return submission, report
+    if ensemble is not None:  # by their weights, and where they came from
+        report["models"] = {**_chosen_models(ensemble, {}, config)[0].record(),
+                            "source": config.model_uri or "catalog"}
+    if config.dicom_sr:
+        report["structured_reports"] = {
+            "written": report["predicted"] - len(structured_report_skips),
+            "skipped": capped(structured_report_skips)}
+    _warn_about_unused_files(report, test_dicoms)
+    return submission, report, test_predictions
+
+
+def _warn_about_unused_files(report: dict, test_dicoms: DicomFolder) -> None:
+    """Say on the console which inputs have no prediction, each kind with its own cause."""
+    listed = "listed in inference_report.json and written with an empty PredictionString"
+    if report["undecodable"]:
+        logger.warning("%d file(s) could not be decoded; %s", report["undecodable"], listed)
+    if report["skipped_by_quality_gate"]:
+        logger.warning("%d file(s) were left out by the input quality gate (settings: "
+                       "quality.policies, inference); %s", report["skipped_by_quality_gate"],
+                       listed)
+    if count := len(test_dicoms.rejected):
+        entries = "1 entry" if count == 1 else f"{count} entries"
+        logger.warning("%s of %s %s not read, so not in the submission: %s; listed in "
+                       "inference_report.json rejected_files", entries, test_dicoms.root,
+                       "is" if count == 1 else "are", test_dicoms.not_used())
+    skips = report.get("structured_reports", {}).get("skipped", {}).get("count", 0)
+    if skips:
+        logger.warning("%d predicted image(s) got no DICOM SR; the reasons are in "
+                       "inference_report.json structured_reports", skips)
 
 
 def write_structured_reports(test_predictions: pd.DataFrame, test_image_cache: ImageCache,
-                             test_dicoms: DicomFolder, ensemble: Ensemble,
-                             params: dict) -> Iterator[dict[str, bytes]]:
+                             test_dicoms: DicomFolder, ensemble: Ensemble, params: dict
+                             ) -> Iterator[tuple[FolderChunk, dict[str, str]]]:
     """With ``inference.dicom_sr``, one DICOM SR per predicted image (boxes in the source's
-    pixels), yielded in chunks that Kedro saves as they come; one empty chunk otherwise (the
-    dataset then holds no SR from an earlier run)."""
+    pixels), yielded in chunks that Kedro saves as they come, each with the images so far that
+    got no SR and why (an image whose header cannot make one is skipped, not fatal). The last
+    chunk is marked: the dataset then swaps the run's whole set in for the earlier run's. With
+    the setting off, one empty last chunk (the folder then holds no earlier run's SR)."""
     config = _config(params)
     patient_ids = test_image_cache.usable["patientId"].tolist() if config.dicom_sr else []
+    skips: dict[str, str] = {}
     if not patient_ids:
-        yield {}
+        yield FolderChunk(last=True), skips
         return
     version = _chosen_models(ensemble, {}, config)[0].version
     by_patient = {pid: rows for pid, rows in test_predictions.groupby("patientId", sort=False)}
@@ -165,9 +236,14 @@ def write_structured_reports(test_predictions: pd.DataFrame, test_image_cache: I
                             test_dicoms.display_name(patient_id), boxes, scores, probability,
                             version)
 
-    # Large chunks: the MLflow artifact wrapper uploads the whole folder after each save.
     for start in range(0, len(patient_ids), SR_CHUNK):
-        yield {pid: report(pid) for pid in patient_ids[start:start + SR_CHUNK]}
+        chunk = FolderChunk(last=start + SR_CHUNK >= len(patient_ids))
+        for patient_id in patient_ids[start:start + SR_CHUNK]:
+            try:
+                chunk[patient_id] = report(patient_id)
+            except DicomError as exc:
+                skips[patient_id] = str(exc)
+        yield chunk, dict(skips)
 
 
 def draw_overlays(test_predictions: pd.DataFrame, test_image_cache: ImageCache,

@@ -21,33 +21,38 @@ def create_pipeline(**kwargs) -> Pipeline:
         ensemble_node(member_datasets(folds)),
         Node(
             func=cache_test_images,
-            inputs=["test_dicoms", "ensemble", "params:inference", "test_image_cache_state"],
+            inputs=["test_dicoms", "ensemble", "params:inference", "params:quality",
+                    "appearance_reference", "test_image_cache_state", "params:engine"],
             outputs="test_image_cache",
             name="cache_test_images_node",
         ),
         Node(
             func=predict_test,
-            inputs=["ensemble", "test_image_cache", "postprocessing", "params:inference"],
-            outputs="test_predictions",
+            inputs=["ensemble", "test_image_cache", "postprocessing", "params:inference",
+                    "params:engine"],
+            outputs="test_boxes",  # saved as test_predictions with the submission
             name="predict_test_node",
         ),
-        Node(
-            func=write_submission,
-            inputs=["test_predictions", "test_image_cache", "test_dicoms", "sample_submission",
-                    "params:inference"],
-            outputs=["submission", "inference_report"],
-            name="write_submission_node",
-        ),
+        # The SRs first, whole or not at all (written aside, swapped in at the last chunk);
+        # then the submission, report and predictions, saved together by one node: a run
+        # that stops before leaves the earlier run's outputs as they were.
         Node(
             func=write_structured_reports,
-            inputs=["test_predictions", "test_image_cache", "test_dicoms", "ensemble",
+            inputs=["test_boxes", "test_image_cache", "test_dicoms", "ensemble",
                     "params:inference"],
-            outputs="structured_reports",
+            outputs=["structured_reports", "structured_report_skips"],
             name="write_structured_reports_node",
         ),
         Node(
+            func=write_submission,
+            inputs=["test_boxes", "test_image_cache", "test_dicoms", "sample_submission",
+                    "structured_report_skips", "params:inference", "ensemble"],
+            outputs=["submission", "inference_report", "test_predictions"],
+            name="write_submission_node",
+        ),
+        Node(
             func=draw_overlays,
-            inputs=["test_predictions", "test_image_cache", "params:inference"],
+            inputs=["test_boxes", "test_image_cache", "params:inference"],
             outputs="test_overlays",
             name="draw_test_overlays_node",
         ),

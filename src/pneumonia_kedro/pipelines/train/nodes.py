@@ -7,6 +7,7 @@ import dataclasses
 import pandas as pd
 
 from pneumonia_kedro.config import ConfigError, from_params
+from pneumonia_kedro.engines import engine_config
 from pneumonia_kedro.imagecache import ImageCache
 from pneumonia_kedro.models import ModelConfig, TrainedModel
 from pneumonia_kedro.training import (
@@ -28,10 +29,12 @@ def train(
     validation_patients: pd.DataFrame,
     model_params: dict,
     train_params: dict,
+    engine: dict | str | None = None,
     fold: int | None = None,
 ) -> tuple[TrainedModel, pd.DataFrame, dict]:
     """Train the detector; return the best epoch's model, the per-epoch history and the final
-    metrics. ``fold``: the cross-validation fold (its checkpoint folder and GPU)."""
+    metrics. ``engine``: here or on Ray Train; ``fold``: the cross-validation fold (its
+    checkpoint folder and GPU)."""
     model_config = from_params(ModelConfig, model_params, "model")
     config = from_params(TrainConfig, train_params, "train")
     if "image_size" in model_params and model_config.image_size != train_image_cache.image_size:
@@ -50,7 +53,7 @@ def train(
         [train_patients, validation_patients])
     result = train_model(model_config, config, train_data, validation_data,
                          checkpoint_store(config.checkpoint_folder, fingerprint, fold),
-                         MlflowEpochLogger.for_active_run(), fold)
+                         MlflowEpochLogger.for_active_run(), fold, engine_config(engine))
     info = {"best_epoch": result.best_epoch,
             "best_validation_competition_metric": result.best_metric,
             "epochs": config.epochs, "negative_boxes": config.negative_boxes,

@@ -16,7 +16,7 @@ def create_pipeline(fold: int | None = None, **kwargs) -> Pipeline:
         Node(
             func=func,
             inputs=["train_image_cache", "validation_image_cache", "train_patients",
-                    "validation_patients", "params:model", "params:train"],
+                    "validation_patients", "params:model", "params:train", "params:engine"],
             outputs=["trained_model", "training_history", "training_metrics"],
             name="train_detector_node",
         ),
