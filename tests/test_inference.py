@@ -29,9 +29,9 @@ from pneumonia_kedro.submission import (
     SubmissionError,
     build_submission,
     check_against_sample,
-    parse_prediction_string,
 )
 from tests.conftest import PROJECT_ROOT, write_demo_dicoms
+from tests.submission_format import parse_prediction_string
 from tests.test_training import TINY_MODEL
 
 PARAMS = {"cache": {"workers": 0, "progress": False}, "progress": False}

@@ -253,7 +253,7 @@ def test_inference_pipeline_predicts_cached_images_into_a_submission(dicoms, tmp
     from pneumonia_kedro.inference import cached_squares
     from pneumonia_kedro.pipelines import inference
     from pneumonia_kedro.prediction import predict, prediction_settings
-    from pneumonia_kedro.submission import parse_prediction_string
+    from tests.submission_format import parse_prediction_string
 
     params = {"cache": {"workers": 0, "progress": False},
               "batch_size": 4, "progress": False, "overlay_patients": ["p1", "missing"]}

@@ -23,8 +23,8 @@ from pneumonia_kedro.inference import Square
 from pneumonia_kedro.models import TrainedModel, build_model
 from pneumonia_kedro.prediction import predict, prediction_settings
 from pneumonia_kedro.serving import OpacityDetector
-from pneumonia_kedro.submission import parse_prediction_string
 from tests.dicom_files import native_dicom
+from tests.submission_format import parse_prediction_string
 from tests.test_dicom_quality import INFERENCE
 from tests.test_training import TINY_MODEL
 

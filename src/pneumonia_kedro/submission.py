@@ -28,24 +28,6 @@ def format_prediction_string(boxes_xywh: np.ndarray, scores: Sequence[float]) ->
     )
 
 
-def parse_prediction_string(text: object, where: str = "PredictionString"
-                            ) -> tuple[np.ndarray, np.ndarray]:
-    """``(boxes xywh (N, 4), confidences (N,))`` from a PredictionString."""
-    if text is None or (isinstance(text, float) and np.isnan(text)) or not str(text).strip():
-        return np.zeros((0, 4)), np.zeros(0)
-    try:
-        values = np.asarray(str(text).split(), dtype=float)
-    except ValueError:
-        raise SubmissionError(f"{where}: {text!r} holds a value that is not a number") from None
-    if not np.isfinite(values).all():
-        raise SubmissionError(f"{where}: {text!r} holds a value that is not a finite number")
-    if values.size % 5:
-        raise SubmissionError(f"{where}: {values.size} numbers, not groups of 5 "
-                              "(confidence x y width height)")
-    groups = values.reshape(-1, 5)
-    return groups[:, 1:], groups[:, 0]
-
-
 def build_submission(predictions: pd.DataFrame, patient_ids: Sequence[str],
                      no_box: str = "empty",
                      image_sizes: dict[str, tuple[int, int]] | None = None) -> pd.DataFrame:

@@ -19,8 +19,8 @@ from pneumonia_kedro.imagecache import ImageCache
 from pneumonia_kedro.submission import (
     SubmissionError,
     format_prediction_string,
-    parse_prediction_string,
 )
+from tests.submission_format import parse_prediction_string
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
 anything = st.recursive(

@@ -17,9 +17,9 @@ from kedro.framework.startup import bootstrap_project
 from kedro.runner import ThreadRunner
 
 from pneumonia_kedro.config import ConfigError
-from pneumonia_kedro.submission import parse_prediction_string
 from tests.conftest import DEMO_RAW, run_session, tiny_demo_project, use_run
 from tests.pipelines.test_full_run import TINY_RUN
+from tests.submission_format import parse_prediction_string
 
 # Real Kedro sessions: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow

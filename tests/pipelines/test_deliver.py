@@ -30,9 +30,9 @@ from pneumonia_kedro.pacs.server import PacsError, PacsServer
 from pneumonia_kedro.pipelines import deliver, inference
 from pneumonia_kedro.pipelines.deliver.nodes import build_secondary_captures, deliver_results
 from pneumonia_kedro.structured_report import report_bytes
-from pneumonia_kedro.submission import parse_prediction_string
 from tests.conftest import copy_project
 from tests.orthanc import AET, PASSWORD, USER, running_orthanc
+from tests.submission_format import parse_prediction_string
 from tests.test_pacs import IDENTITY, hospital_file
 from tests.test_training import TINY_MODEL
 

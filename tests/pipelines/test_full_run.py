@@ -14,9 +14,9 @@ from kedro.framework.session import KedroSession
 from PIL import Image
 
 from pneumonia_kedro.ensemble import Ensemble
-from pneumonia_kedro.submission import parse_prediction_string
 from pneumonia_kedro.ui import free_port
 from tests.conftest import run_session, tiny_demo_project, use_run
+from tests.submission_format import parse_prediction_string
 from tests.test_dicom_quality import PARAMS as QUALITY
 
 # Real Kedro sessions, servers or subprocesses: left out of the quick loop (-m 'not slow').
