@@ -55,6 +55,7 @@ def gate(calibration) -> QualityConfig:
     return inference_gate(PARAMS, calibration)
 
 
+@pytest.mark.slow  # trains or builds several networks: outside the quick loop
 def test_the_calibration_node_writes_a_reference_from_the_training_cache(calibration):
     assert calibration["training_images"] == 40 and calibration["reason"] == ""
     reference = calibration["reference"]

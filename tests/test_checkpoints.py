@@ -15,6 +15,9 @@ from pneumonia_kedro.classifier import ClassifierConfig, ClassifierTask, train_c
 from pneumonia_kedro.training import CheckpointStore
 from tests.test_classifier import assert_same_weights, synthetic_cache
 
+# Real classifier training runs, killed and resumed: left out of the quick loop.
+pytestmark = pytest.mark.slow
+
 CONFIG = ClassifierConfig(architecture="resnet18", pretrained="none", epochs=3, batch_size=8,
                           learning_rate=0.003, progress=False, seed=1, device="cpu")
 

@@ -97,6 +97,7 @@ def _stop_after(epochs: int):
     return callback
 
 
+@pytest.mark.slow  # trains or builds several networks: outside the quick loop
 def test_an_interrupted_classifier_resumes_to_the_uninterrupted_weights(tmp_path):
     """The classifier trains through the detector's engine: checkpoints after every epoch,
     and a resumed run ends with exactly the weights of an uninterrupted one (on the CPU)."""

@@ -67,6 +67,7 @@ def test_files_round_trip_and_a_single_model_s_older_file_still_loads(folds, tmp
     assert not (tmp_path / "c.pt").exists()
 
 
+@pytest.mark.slow  # trains or builds several networks: outside the quick loop
 def test_networks_are_built_as_asked():
     folds = Ensemble.of(*_member(1), *_member(2))
     both = folds.build("cpu")

@@ -28,6 +28,9 @@ from pneumonia_kedro.pipeline_registry import K_FOLDS, ON_PURPOSE, ONE_FOLD
 from pneumonia_kedro.pipelines.folds import folds_in
 from tests.conftest import run_session
 
+# Real Kedro sessions and MLflow stores: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 PIPELINES = Path(pneumonia_kedro.__file__).parent / "pipelines"
 
 

@@ -448,6 +448,7 @@ def test_one_fold_of_the_tuned_ensemble_is_accepted_another_fold_set_refused(
         predict_test(Ensemble.of(*fold_0, *_member(2)), cache, postprocessing, PARAMS)
 
 
+@pytest.mark.slow  # trains or builds several networks: outside the quick loop
 def test_the_report_and_the_mlflow_run_name_the_models_that_predicted(small_test_set):
     import mlflow
 

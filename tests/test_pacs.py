@@ -30,6 +30,9 @@ from pneumonia_kedro.structured_report import report_bytes
 from tests.demo_folder import one_demo_file
 from tests.orthanc import AET, PASSWORD, USER, connections_to, running_orthanc
 
+# A real Orthanc server per module: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 # Identification a hospital file carries; it must reach no message, log or report.
 IDENTITY = {"PatientName": "Doe^Jane", "PatientID": "MRN-884421", "AccessionNumber": "ACC77123",
             "PatientBirthDate": "19520317"}

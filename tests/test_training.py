@@ -92,6 +92,7 @@ def test_augmentation_keeps_boxes_with_the_image(tiny_data):
     np.testing.assert_allclose(flipped_target["boxes"], expected)
 
 
+@pytest.mark.slow  # trains or builds several networks: outside the quick loop
 def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_data, tmp_path):
     train_data, validation_data = datasets(tiny_data)
     config = replace(TINY_TRAIN, epochs=3, scheduler="cosine")  # the demo's schedule
