@@ -34,6 +34,9 @@ from tests.conftest import PROJECT_ROOT, write_demo_dicoms
 from tests.submission_format import parse_prediction_string
 from tests.test_training import TINY_MODEL
 
+# The inference pipeline's nodes on real DICOMs and models: outside the quick loop.
+pytestmark = pytest.mark.slow
+
 PARAMS = {"cache": {"workers": 0, "progress": False}, "progress": False}
 QUALITY = yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_quality.yml").read_text())[
     "quality"]
