@@ -163,18 +163,26 @@ def secondary_capture(source_data: bytes, name: str, findings: Findings) -> byte
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
     sc.SourceImageSequence = [reference]
-    # The SR's dates: the same SR gives the same bytes, whenever the overlay is built.
+    if findings.content_date and findings.content_time:
+        sc.DateOfSecondaryCapture = findings.content_date
+        sc.TimeOfSecondaryCapture = findings.content_time
+    return dated_bytes(sc, findings, ("Content", "InstanceCreation"))
+
+
+def dated_bytes(dataset: pydicom.Dataset, findings: Findings, prefixes: tuple[str, ...]
+                ) -> bytes:
+    """``dataset`` as a file, its ``<prefix>Date``/``Time`` and contribution times set to the
+    SR's: the same SR gives the same bytes, whenever the object is built."""
     date, time = findings.content_date, findings.content_time
     if date and time:
-        for prefix in ("Content", "InstanceCreation"):
-            setattr(sc, f"{prefix}Date", date)
-            setattr(sc, f"{prefix}Time", time)
-        sc.DateOfSecondaryCapture, sc.TimeOfSecondaryCapture = date, time
-        for item in sc.get("ContributingEquipmentSequence", []):
+        for prefix in prefixes:
+            setattr(dataset, f"{prefix}Date", date)
+            setattr(dataset, f"{prefix}Time", time)
+        for item in dataset.get("ContributingEquipmentSequence", []):
             if "ContributionDateTime" in item:
                 item.ContributionDateTime = date + time
     buffer = io.BytesIO()
-    sc.save_as(buffer, enforce_file_format=True)
+    dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
 
 

@@ -14,7 +14,6 @@ dates are the SR's, so a rerun builds the same bytes and a re-send leaves one co
 
 from __future__ import annotations
 
-import io
 import warnings
 
 import highdicom as hd
@@ -24,7 +23,7 @@ from pydicom.uid import generate_uid
 
 from pneumonia_kedro.dicom.reader import lenient_values
 from pneumonia_kedro.errors import DicomError
-from pneumonia_kedro.pacs.overlay import NOT_FOR_DIAGNOSIS, Findings
+from pneumonia_kedro.pacs.overlay import NOT_FOR_DIAGNOSIS, Findings, dated_bytes
 from pneumonia_kedro.structured_report import ALGORITHM_NAME, MANUFACTURER, source_header
 from pneumonia_kedro.structured_report import _conform_patient_age as conform_patient_age
 
@@ -78,14 +77,4 @@ def presentation_state(source_data: bytes, name: str, findings: Findings) -> byt
             graphic_annotations=[_annotation(source, findings, layer)])
     gsps.SeriesDescription = SERIES_DESCRIPTION
     conform_patient_age(gsps)
-    date, time = findings.content_date, findings.content_time
-    if date and time:  # the SR's dates: the same SR gives the same bytes
-        for prefix in ("PresentationCreation", "InstanceCreation"):
-            setattr(gsps, f"{prefix}Date", date)
-            setattr(gsps, f"{prefix}Time", time)
-        for item in gsps.get("ContributingEquipmentSequence", []):
-            if "ContributionDateTime" in item:
-                item.ContributionDateTime = date + time
-    buffer = io.BytesIO()
-    gsps.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    return dated_bytes(gsps, findings, ("PresentationCreation", "InstanceCreation"))
