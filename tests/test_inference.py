@@ -158,9 +158,11 @@ def mixed(tmp_path_factory) -> Path:
     return folder
 
 
-def run_pipeline(incoming: Path, out: Path, params: dict) -> dict:
+def run_pipeline(incoming: Path, out: Path, params: dict, sample: pd.DataFrame | None = None
+                 ) -> dict:
     """The inference pipeline from prediction on, with the project's own datasets writing the
-    outputs into ``out`` (an untrained tiny model over a built cache)."""
+    outputs into ``out`` (an untrained tiny model over a built cache; ``sample``: the sample
+    submission, none by default)."""
     import yaml
     from kedro_datasets.json import JSONDataset
     from kedro_datasets.pandas import CSVDataset, ParquetDataset
@@ -177,7 +179,8 @@ def run_pipeline(incoming: Path, out: Path, params: dict) -> dict:
                                   ).read_text())["quality"]
         build(plan_test_cache(dicoms, trained, params, quality, None), cache_folder)
     memory = {"ensemble": trained, "test_image_cache": ImageCache(cache_folder),
-              "postprocessing": tuned_for(trained), "sample_submission": pd.DataFrame(),
+              "postprocessing": tuned_for(trained),
+              "sample_submission": pd.DataFrame() if sample is None else sample,
               "params:inference": params, "params:engine": "local"}
     catalog = DataCatalog(datasets={
         **{name: MemoryDataset(value, copy_mode="assign") for name, value in memory.items()},
@@ -250,6 +253,21 @@ def test_a_run_that_stops_leaves_the_earlier_output_set_whole(mixed, tmp_path, m
     assert sorted(p.name for p in out.iterdir()) == [
         "inference_report.json", "structured_reports", "submission.csv",
         "test_predictions.parquet"]
+
+
+def test_a_test_set_unlike_the_sample_submission_replaces_no_output(mixed, tmp_path):
+    """The sample-submission check ran after the SRs had been swapped in: a failing check
+    left the new SRs beside the earlier run's submission."""
+    from pneumonia_kedro.submission import SubmissionError
+
+    out = tmp_path / "out"
+    run_pipeline(mixed, out, SR_ON)
+    before = _snapshot(out)
+    assert len([name for name in before if name.startswith("structured_reports/")]) == 3
+    other_test_set = pd.DataFrame({"patientId": ["first", "someone-else"]})
+    with pytest.raises(SubmissionError, match="differ from the sample submission"):
+        run_pipeline(mixed, out, {**SR_ON, "no_box": "whole_image"}, sample=other_test_set)
+    assert _snapshot(out) == before  # nothing written aside, nothing replaced
 
 
 def check_report_against_submission(report: bytes, source: bytes, prediction_string: str

@@ -216,7 +216,7 @@ def test_training_killed_at_a_random_point_resumes_to_the_uninterrupted_model(tm
     assert resumed_metrics["training.resumed_after_epoch"] == killed_after
     # The run with train.resume false trained from scratch and says so.
     scratch_metrics = client.get_run(runs.iloc[-1]["run_id"]).data.metrics
-    assert scratch_metrics["training.resumed_after_epoch"] == 0
+    assert "training.resumed_after_epoch" not in scratch_metrics
     assert scratch_metrics["training.best_epoch"] == resumed_metrics["training.best_epoch"]
 
     # A run that fails is FAILED in MLflow with its error; earlier versions stay as they were.

@@ -46,8 +46,10 @@ def history_table(result: TrainingResult) -> pd.DataFrame:
 
 
 def final_metrics(result: TrainingResult, metric: str) -> dict[str, dict[str, float]]:
-    """The best epoch, its validation ``metric`` and the epochs resumed from a checkpoint (0:
-    trained from scratch), as ``MlflowMetricsHistoryDataset`` saves them."""
-    values = {"best_epoch": result.best_epoch, f"best_{metric}": result.best_metric,
-              "resumed_after_epoch": result.resumed_after_epoch}
+    """The best epoch, its validation ``metric`` and, for a run that resumed, the epochs taken
+    from a checkpoint, as ``MlflowMetricsHistoryDataset`` saves them. A run trained from scratch
+    carries no ``resumed_after_epoch``: a 0 would read as "resumed" in MLflow's metric filters."""
+    values = {"best_epoch": result.best_epoch, f"best_{metric}": result.best_metric}
+    if result.resumed_after_epoch:
+        values["resumed_after_epoch"] = result.resumed_after_epoch
     return {key: {"value": float(value), "step": 0} for key, value in values.items()}

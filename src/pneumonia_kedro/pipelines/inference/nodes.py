@@ -122,7 +122,7 @@ def cache_test_images(test_dicoms: DicomFolder, ensemble: Ensemble, params: dict
 def predict_test(ensemble: Ensemble, test_image_cache: ImageCache, postprocessing: dict,
                  params: dict, engine: dict | str | None = None) -> pd.DataFrame:
     """Post-processed boxes per test image with its image-level probabilities and view;
-    with ``engine: ray`` predicted in shards across the cluster (the same predictions)."""
+    with ``engine: ray`` predicted on Ray Data across the cluster (the same predictions)."""
     config = _config(params)
     chosen, postprocessing = _chosen_models(ensemble, postprocessing, config)
     models = chosen.record()
@@ -135,7 +135,7 @@ def predict_test(ensemble: Ensemble, test_image_cache: ImageCache, postprocessin
         from pneumonia_kedro.engines.ray_engine import predict_on_ray  # no Ray for local runs
 
         prediction = predict_on_ray(chosen, test_image_cache, tta, values, config.batch_size,
-                                    config.device, engine_settings)
+                                    config.device, engine_settings, config.progress)
     else:
         prediction = predict(chosen.build(resolve_device(config.device)),
                              cached_squares(test_image_cache), tta, values,
@@ -147,6 +147,13 @@ def predict_test(ensemble: Ensemble, test_image_cache: ImageCache, postprocessin
         if classifier_p is not None else np.nan
     final["view_position"] = final["patientId"].map(views)
     return final
+
+
+def check_test_set(test_image_cache: ImageCache, sample_submission: pd.DataFrame) -> dict:
+    """The submission's rows (one per input file) against the sample submission's patients;
+    raises on a mismatch."""
+    rows = pd.DataFrame({"patientId": test_image_cache.index["patientId"]})
+    return check_against_sample(rows, sample_submission)
 
 
 def write_submission(test_predictions: pd.DataFrame, test_image_cache: ImageCache,
@@ -177,7 +184,7 @@ def write_submission(test_predictions: pd.DataFrame, test_image_cache: ImageCach
         "rejected_files": capped(test_dicoms.rejected),
         "quality_flags": quality_summary(index),
         "no_box_convention": config.no_box,
-        **check_against_sample(submission, sample_submission),
+        **check_test_set(test_image_cache, sample_submission),
     }
     if ensemble is not None:  # by their weights, and where they came from
         report["models"] = {**_chosen_models(ensemble, {}, config)[0].record(),
@@ -211,14 +218,19 @@ def _warn_about_unused_files(report: dict, test_dicoms: DicomFolder) -> None:
 
 
 def write_structured_reports(test_predictions: pd.DataFrame, test_image_cache: ImageCache,
-                             test_dicoms: DicomFolder, ensemble: Ensemble, params: dict
+                             test_dicoms: DicomFolder, ensemble: Ensemble, params: dict,
+                             sample_submission: pd.DataFrame | None = None
                              ) -> Iterator[tuple[FolderChunk, dict[str, str]]]:
     """With ``inference.dicom_sr``, one DICOM SR per predicted image (boxes in the source's
     pixels), yielded in chunks that Kedro saves as they come, each with the images so far that
     got no SR and why (an image whose header cannot make one is skipped, not fatal). The last
     chunk is marked: the dataset then swaps the run's whole set in for the earlier run's. With
-    the setting off, one empty last chunk (the folder then holds no earlier run's SR)."""
+    the setting off, one empty last chunk (the folder then holds no earlier run's SR).
+    The test set is checked against ``sample_submission`` first (``write_submission`` checks
+    it again for its report): a mismatch stops the run before any SR is replaced."""
     config = _config(params)
+    if sample_submission is not None:
+        check_test_set(test_image_cache, sample_submission)
     patient_ids = test_image_cache.usable["patientId"].tolist() if config.dicom_sr else []
     skips: dict[str, str] = {}
     if not patient_ids:

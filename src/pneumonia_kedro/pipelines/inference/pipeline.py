@@ -39,7 +39,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(
             func=write_structured_reports,
             inputs=["test_boxes", "test_image_cache", "test_dicoms", "ensemble",
-                    "params:inference"],
+                    "params:inference", "sample_submission"],
             outputs=["structured_reports", "structured_report_skips"],
             name="write_structured_reports_node",
         ),
