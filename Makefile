@@ -52,7 +52,7 @@ demo-data: $(DEMO_DONE)
 
 # The marker is written only after the whole dataset is, so an interrupted generation reruns;
 # a changed generator or its settings regenerate it from an empty folder (no stale files).
-$(DEMO_DONE): conf/base/parameters_demo_data.yml src/pneumonia_kedro/demo.py | $(INSTALLED)
+$(DEMO_DONE): conf/base/parameters_demo_data.yml $(wildcard src/pneumonia_kedro/demo/*.py) | $(INSTALLED)
 	rm -rf $(DEMO_RAW)/stage_2_*
 	$(BIN)/kedro run --env demo --pipelines demo_data
 	touch $@

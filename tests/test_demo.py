@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import numpy as np
@@ -10,8 +11,15 @@ import pydicom
 import pytest
 from pydicom.uid import JPEGBaseline8Bit
 
+from pneumonia_kedro.config import ConfigError, from_params
 from pneumonia_kedro.datasets import PackageTableDataset
-from pneumonia_kedro.demo import DemoConfig, demo_file, render_chest, sample_demo_patients
+from pneumonia_kedro.demo import (
+    STYLES,
+    DemoConfig,
+    demo_file,
+    render_chest,
+    sample_demo_patients,
+)
 from pneumonia_kedro.dicom import decode, read_header
 
 CONFIG = DemoConfig(n_positive=4, n_negative=4, n_test=2, seed=3)
@@ -135,8 +143,6 @@ def test_harder_demo_has_fainter_opacities_and_the_things_a_detector_must_ignore
 
     assert any(bright(1.0, i) > bright(0.0, i) + 50 for i in range(6))
     with pytest.raises(Exception, match="difficulty"):
-        from pneumonia_kedro.config import from_params
-
         from_params(DemoConfig, {"difficulty": 1.5}, "demo_data")
 
 
@@ -162,3 +168,79 @@ def test_the_render_node_yields_files_in_chunks_that_the_folder_dataset_writes(
     assert not list((tmp_path / "images").glob("*.partial*"))
     # No patients: still one (empty) chunk, so Kedro saves the output.
     assert list(nodes.render_images(train.iloc[:0], params)) == [{}]
+
+
+# sha256 of today's generator's output (before styles existed), seed 7, one positive patient.
+# The file's hash also pins Pillow's JPEG encoder; the pixels' hash pins the renderer alone.
+CLASSIC_FILE_SHA256 = "8cb1431d5001e4b11160e5b79c4b3b00f007af37af6ec48342ae8c18ae5d620f"
+CLASSIC_PIXELS_SHA256 = "a6e9e020dd46ec38edf9363d13318250a07cbe5b6d3dda04ab69164258ab35a4"
+
+
+def test_style_is_validated_naming_the_key_and_the_allowed_values():
+    assert from_params(DemoConfig, {"style": "patchy"}, "demo_data").style == "patchy"
+    assert DemoConfig().style == "classic"
+    with pytest.raises(ConfigError, match=r"demo_data\.style = 'glassy'.*'ground_glass'"):
+        from_params(DemoConfig, {"style": "glassy"}, "demo_data")
+    with pytest.raises(ValueError, match=r"'glassy' is not a demo style.*'consolidation'"):
+        render_chest("p", "PA", [], seed=1, size=64, style="glassy")
+
+
+def test_classic_style_is_the_generator_before_styles_byte_for_byte():
+    config = DemoConfig(n_positive=1, n_negative=0, n_test=0, seed=7)
+    _, patients, _ = sample_demo_patients(None, None, config)
+    row = patients.iloc[0].to_dict()
+    assert row["boxes"] and row["view_position"] == "AP"
+    data = demo_file(row["patientId"], row, row["boxes"], config)
+    assert hashlib.sha256(data).hexdigest() == CLASSIC_FILE_SHA256
+    pixels = render_chest("p", "PA", [[300.0, 300.0, 200.0, 260.0]], seed=1, style="classic")
+    assert hashlib.sha256(pixels.tobytes()).hexdigest() == CLASSIC_PIXELS_SHA256
+
+
+def test_styles_change_the_pixels_but_never_the_labels():
+    base = DemoConfig(n_positive=3, n_negative=3, n_test=2, seed=5, difficulty=0.6)
+    tables = {name: sample_demo_patients(None, None, DemoConfig(**{**base.__dict__,
+                                                                   "style": name}))
+              for name in STYLES}
+    for labels, train, test in tables.values():
+        pd.testing.assert_frame_equal(labels, tables["classic"][0])
+        pd.testing.assert_frame_equal(train, tables["classic"][1])
+        pd.testing.assert_frame_equal(test, tables["classic"][2])
+    box = [[75.0, 75.0, 50.0, 65.0]]
+    films = {name: render_chest("p", "PA", box, seed=1, size=256, style=name).astype(float)
+             for name in STYLES}
+    names = list(films)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            assert np.abs(films[first] - films[second]).mean() > 5, (first, second)
+        # The same style and seed give the same pixels.
+        np.testing.assert_array_equal(films[first], render_chest("p", "PA", box, seed=1,
+                                                                 size=256, style=first))
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_every_style_shows_the_opacity_and_difficulty_still_makes_it_fainter(style):
+    box = [[75.0, 75.0, 50.0, 65.0]]
+    inside = (slice(82, 132), slice(80, 120))
+    top = (slice(0, 50), slice(0, 256))  # far from the box
+    contrast = []
+    for difficulty in (0.0, 0.5, 1.0):
+        with_box = render_chest("p", "PA", box, seed=1, size=256, difficulty=difficulty,
+                                style=style).astype(float)
+        without = render_chest("p", "PA", [], seed=1, size=256, difficulty=difficulty,
+                               detailed_class="Normal", style=style).astype(float)
+        contrast.append(with_box[inside].mean() - without[inside].mean())
+        assert abs(with_box[top].mean() - without[top].mean()) < 3
+    assert contrast[0] > 15, contrast  # clearly visible at difficulty 0 (patchy: about 22)
+    assert contrast[0] > contrast[1] > contrast[2] > 2, contrast
+
+
+def test_the_render_node_uses_the_style_parameter(sampled):
+    from pneumonia_kedro.pipelines.demo_data import nodes
+
+    _, train, _ = sampled
+    row = train.loc[train["Target"] == 1].iloc[0].to_dict()
+    params = {**CONFIG.__dict__, "style": "consolidation"}
+    (chunk,) = nodes.render_images(train.loc[train["patientId"] == row["patientId"]], params)
+    styled = DemoConfig(**params)
+    assert chunk[row["patientId"]] == demo_file(row["patientId"], row, row["boxes"], styled)
+    assert chunk[row["patientId"]] != demo_file(row["patientId"], row, row["boxes"], CONFIG)
