@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from kedro.io import AbstractDataset, DatasetError
@@ -12,6 +11,7 @@ from pneumonia_kedro.imagecache import (
     CacheChunk,
     CacheState,
     ImageCache,
+    cache_path,
     is_complete,
     read_state,
     write_chunk,
@@ -26,11 +26,13 @@ class ImageCacheDataset(AbstractDataset[CacheChunk, ImageCache]):
     Each chunk says what to write: a new cache (the folder cleared), decoded rows with their
     records, or the finished index. The dataset keeps no state between saves, so the chunks
     an interrupted run wrote stay and the next run resumes after them. The folder must be on
-    a local disk (memory mapping).
+    a mounted file system (memory mapping): a path or a ``file://`` URL; other fsspec URLs
+    are refused when the catalog is built. A sharded cache (``cache.shard_size``) is the same
+    folder with one sub-folder per part; loading it gives the same ``ImageCache``.
     """
 
     def __init__(self, *, path: str, metadata: dict[str, Any] | None = None) -> None:
-        self._path = Path(path)
+        self._path = cache_path(path)
         self.metadata = metadata
 
     def load(self) -> ImageCache:
@@ -55,7 +57,7 @@ class ImageCacheStateDataset(AbstractDataset[CacheState, CacheState]):
     cache). A separate entry because a node may not load and save the same dataset."""
 
     def __init__(self, *, path: str, metadata: dict[str, Any] | None = None) -> None:
-        self._path = Path(path)
+        self._path = cache_path(path)
         self.metadata = metadata
 
     def load(self) -> CacheState:

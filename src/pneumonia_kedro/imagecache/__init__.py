@@ -14,6 +14,12 @@ cache's ``CacheState``, decodes only rows not yet done, in worker processes, and
 ``CacheChunk``s; ``write_chunk`` (what the cache's dataset does with each) puts them on disk.
 A cache whose fingerprint (sources, image size, preprocessing version) matches is reused, so a
 killed build resumes and ends identical to an uninterrupted one.
+
+With ``cache.shard_size`` the cache is sharded for an archive larger than one disk (or one
+file) should hold: one such folder per part of ``shard_size`` images under the cache folder,
+each built and resumed as above, read as one array by global row (``shards``,
+``sharded_build``). The folder is memory-mapped: a path (or ``file://`` URL) on a mounted
+file system, never another fsspec URL (``cache_path``).
 """
 
 from pneumonia_kedro.imagecache.decoding import (
@@ -36,7 +42,9 @@ from pneumonia_kedro.imagecache.files import (
     read_state,
     write_chunk,
 )
+from pneumonia_kedro.imagecache.shards import CacheLocationError, ShardedImages, cache_path
 
-__all__ = ["INDEX_COLUMNS", "PREPROCESSING_VERSION", "CacheChunk", "CacheConfig", "CachePlan",
-           "CacheState", "ImageCache", "build", "decode_checked", "decode_chunks",
-           "is_complete", "plan", "preprocess", "quality_summary", "read_state", "write_chunk"]
+__all__ = ["INDEX_COLUMNS", "PREPROCESSING_VERSION", "CacheChunk", "CacheConfig",
+           "CacheLocationError", "CachePlan", "CacheState", "ImageCache", "ShardedImages",
+           "build", "cache_path", "decode_checked", "decode_chunks", "is_complete", "plan",
+           "preprocess", "quality_summary", "read_state", "write_chunk"]

@@ -35,6 +35,7 @@ from pneumonia_kedro.imagecache.files import (
     read_state,
     write_chunk,
 )
+from pneumonia_kedro.imagecache.shards import cache_path
 
 if TYPE_CHECKING:
     from pneumonia_kedro.engines import EngineConfig
@@ -45,15 +46,18 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class CacheConfig:
     """How images are cached: square size, worker processes, what to do with files that do
-    not decode (``on_error``) and with files the input quality gate flags (``quality``)."""
+    not decode (``on_error``) and with files the input quality gate flags (``quality``);
+    ``shard_size``: images per part folder of a sharded cache (None: one folder)."""
 
-    RANGES = {"image_size": Range(16), "workers": NON_NEGATIVE, "chunk_size": AT_LEAST_ONE}
+    RANGES = {"image_size": Range(16), "workers": NON_NEGATIVE, "chunk_size": AT_LEAST_ONE,
+              "shard_size": AT_LEAST_ONE}
 
     image_size: int = 512
     workers: int = 2
     chunk_size: int = 32
     on_error: Literal["error", "skip"] = "error"
     progress: bool = True
+    shard_size: int | None = None
     # The input quality gate: the pipelines set it from params:quality; None (scripts and
     # tests of the cache itself) checks nothing.
     quality: QualityConfig | None = None
@@ -69,7 +73,10 @@ class CachePlan:
     sources: list[tuple[str, int, float]] = field(default_factory=list)
 
     def fingerprint(self) -> str:
-        payload = json.dumps({
+        # shard_size only when set: an unsharded cache keeps the fingerprint it always had.
+        sharding = {} if self.config.shard_size is None else \
+            {"shard_size": self.config.shard_size}
+        payload = json.dumps({**sharding,
             "version": PREPROCESSING_VERSION,
             "image_size": self.config.image_size,
             # What is refused or skipped changes what the cache holds.
@@ -208,7 +215,8 @@ def decode_chunks(cache_plan: CachePlan, state: CacheState,
     one chunk. An up-to-date cache gets one empty chunk (Kedro saves at least one): it is left
     untouched, its manifest keeping the figures of the build that made it. ``engine``: where
     the chunks are decoded (``ray``: tasks on a Ray cluster; default: ``config.workers``
-    processes here)."""
+    processes here). With ``config.shard_size`` the cache is built in parts
+    (``sharded_build``)."""
     started = time.perf_counter()
     config, fingerprint = cache_plan.config, cache_plan.fingerprint()
     n = len(cache_plan.patient_ids)
@@ -216,9 +224,19 @@ def decode_chunks(cache_plan: CachePlan, state: CacheState,
         logger.info("image cache %s is up to date (%d images); nothing to decode", state.path, n)
         yield CacheChunk()
         return
+    if config.shard_size is not None:
+        # Imported here: sharded_build builds on this module.
+        from pneumonia_kedro.imagecache.sharded_build import decode_parts
+
+        yield from decode_parts(cache_plan, state, engine)
+        return
     finished = state.records if state.fingerprint == fingerprint else []
     if state.fingerprint != fingerprint:
-        if state.fingerprint is not None:
+        if state.shard_size is not None:
+            logger.warning("image cache %s was built in parts of %d images; rebuilding it as "
+                           "one folder (cache.shard_size is null): every image is decoded "
+                           "again", state.path, state.shard_size)
+        elif state.fingerprint is not None:
             logger.info("image cache %s was built from other sources or settings; rebuilding",
                         state.path)
         yield CacheChunk(start={
@@ -227,16 +245,7 @@ def decode_chunks(cache_plan: CachePlan, state: CacheState,
     done = {record["row"] for record in finished}
     todo = [(row, pid) for row, pid in enumerate(cache_plan.patient_ids) if row not in done]
     logger.info("image cache %s: %d of %d images to decode", state.path, len(todo), n)
-    chunks = list(_chunks(todo, config.chunk_size))
-    if engine is not None and engine.is_ray:
-        # Imported only here: the local engine imports no Ray.
-        from pneumonia_kedro.engines.ray_engine import decoded_on_ray
-
-        decoded = decoded_on_ray(cache_plan, chunks, engine)
-    elif config.workers <= 0 or len(chunks) <= 1:
-        decoded = (_decode_rows(cache_plan.folder, rows, config) for rows in chunks)
-    else:
-        decoded = _decoded_in_workers(cache_plan, chunks)
+    decoded = decoded_chunks(cache_plan, list(_chunks(todo, config.chunk_size)), engine)
     records, skipped = list(finished), 0
     with tqdm(total=len(todo), desc=f"caching {state.path.name}", unit="image",
               disable=not config.progress) as bar:
@@ -245,13 +254,36 @@ def decode_chunks(cache_plan: CachePlan, state: CacheState,
             skipped += sum(record["status"] != "ok" for record in chunk.records)
             yield chunk
             bar.update(len(chunk.records))
+    yield CacheChunk(index=index_table(records),
+                     build=figures(n, len(todo), skipped, config.workers, started))
+
+
+def decoded_chunks(cache_plan: CachePlan, chunks: list[list[tuple[int, str]]],
+                   engine: EngineConfig | None) -> Iterator[CacheChunk]:
+    """``chunks`` decoded where ``engine`` says, in the order they finish."""
+    config = cache_plan.config
+    if engine is not None and engine.is_ray:
+        # Imported only here: the local engine imports no Ray.
+        from pneumonia_kedro.engines.ray_engine import decoded_on_ray
+
+        return decoded_on_ray(cache_plan, chunks, engine)
+    if config.workers <= 0 or len(chunks) <= 1:
+        return (_decode_rows(cache_plan.folder, rows, config) for rows in chunks)
+    return _decoded_in_workers(cache_plan, chunks)
+
+
+def index_table(records: list[dict]) -> pd.DataFrame:
+    """The cache's index: one row per record, in row order, with the index's columns."""
     index = pd.DataFrame(sorted(records, key=lambda record: record["row"]))
-    index = index.reindex(columns=list(INDEX_COLUMNS)).reset_index(drop=True)
+    return index.reindex(columns=list(INDEX_COLUMNS)).reset_index(drop=True)
+
+
+def figures(images: int, decoded: int, skipped: int, workers: int, started: float) -> dict:
+    """A build's figures, as its manifest keeps them."""
     seconds = time.perf_counter() - started
-    yield CacheChunk(index=index, build={
-        "images": n, "decoded": len(todo), "reused": n - len(todo), "skipped": skipped,
-        "workers": config.workers, "seconds": round(seconds, 3),
-        "images_per_second": round(len(todo) / seconds, 1) if todo else None})
+    return {"images": images, "decoded": decoded, "reused": images - decoded,
+            "skipped": skipped, "workers": workers, "seconds": round(seconds, 3),
+            "images_per_second": round(decoded / seconds, 1) if decoded else None}
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
@@ -264,4 +296,4 @@ def build(cache_plan: CachePlan, path: str | Path, engine: EngineConfig | None =
     cache node and its dataset do. Returns the figures of the build that made the cache."""
     for chunk in decode_chunks(cache_plan, read_state(path), engine):
         write_chunk(path, chunk)
-    return json.loads((Path(path) / "manifest.json").read_text())["build"]
+    return json.loads((cache_path(path) / "manifest.json").read_text())["build"]

@@ -1,5 +1,6 @@
 """The image cache on disk: reading a cache (``ImageCache``, ``read_state``) and writing a
-build's chunks (``write_chunk``). No decoding here."""
+build's chunks (``write_chunk``), one folder or one folder per part (``shards``). No
+decoding here."""
 
 from __future__ import annotations
 
@@ -17,6 +18,13 @@ import pandas as pd
 
 from pneumonia_kedro.boxes import Letterbox
 from pneumonia_kedro.errors import PneumoniaKedroError
+from pneumonia_kedro.imagecache.shards import (
+    ShardedImages,
+    cache_path,
+    part_bounds,
+    part_folder,
+    part_number,
+)
 from pneumonia_kedro.reporting import capped
 
 # Bump when preprocess() or the DICOM conversion changes what it writes, so that old caches
@@ -29,19 +37,23 @@ INDEX_COLUMNS = ("patientId", "row", "status", "reason", "flags", "view_position
 @dataclass
 class CacheState:
     """What a cache folder holds: the fingerprint it was started with (None: no cache),
-    whether it is complete, and the records of its finished chunks."""
+    whether it is complete, and the records of its finished chunks; a sharded cache has its
+    ``shard_size`` and the state of each part folder there (``parts``, by part number)."""
 
     path: Path
     fingerprint: str | None = None
     complete: bool = False
     records: list[dict] = field(default_factory=list)
+    shard_size: int | None = None
+    parts: dict[int, CacheState] = field(default_factory=dict)
 
 
 @dataclass
 class CacheChunk:
     """One piece of a build, as the cache node yields it and its dataset writes it: the
     manifest of a new cache (``start``), decoded ``rows`` (their ``images`` and ``records``),
-    or the finished ``index`` with the build's figures (``build``, which marks it complete)."""
+    or the finished ``index`` with the build's figures (``build``, which marks it complete).
+    ``part``: the part folder of a sharded cache it goes to (None: the cache folder)."""
 
     start: dict | None = None
     rows: list[int] = field(default_factory=list)
@@ -49,14 +61,16 @@ class CacheChunk:
     records: list[dict] = field(default_factory=list)
     index: pd.DataFrame | None = None
     build: dict | None = None
+    part: int | None = None
 
 
 class ImageCache:
-    """A built cache: ``images`` (memory-mapped, read-only) and ``index``; picklable by path."""
+    """A built cache: ``images`` (memory-mapped, read-only; a ``ShardedImages`` over the part
+    folders of a sharded cache) and ``index``; picklable by path."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._images: np.ndarray | None = None
+        self.path = cache_path(path)
+        self._images: np.ndarray | ShardedImages | None = None
         self._index: pd.DataFrame | None = None
 
     @property
@@ -64,9 +78,15 @@ class ImageCache:
         return json.loads((self.path / "manifest.json").read_text())
 
     @property
-    def images(self) -> np.ndarray:
+    def images(self) -> np.ndarray | ShardedImages:
         if self._images is None:
-            self._images = np.load(self.path / "images.npy", mmap_mode="r")
+            manifest = self.manifest
+            if manifest.get("shard_size") is not None:
+                self._images = ShardedImages(self.path, int(manifest["images"]),
+                                             int(manifest["image_size"]),
+                                             int(manifest["shard_size"]))
+            else:
+                self._images = np.load(self.path / "images.npy", mmap_mode="r")
         return self._images
 
     @property
@@ -127,7 +147,16 @@ def is_complete(path: Path, fingerprint: str | None = None) -> bool:
         return False
     content = json.loads(manifest.read_text())
     return bool(content.get("complete", False)) and \
-        fingerprint in (None, content.get("fingerprint"))
+        fingerprint in (None, content.get("fingerprint")) and _images_present(path, content)
+
+
+def _images_present(path: Path, content: dict) -> bool:
+    """Every images file the manifest counts on: one deleted by hand means a rebuild."""
+    shard_size = content.get("shard_size")
+    if shard_size is None:
+        return (path / "images.npy").is_file()
+    parts = len(part_bounds(int(content.get("images", 0)), int(shard_size)))
+    return all((part_folder(path, k) / "images.npy").is_file() for k in range(parts))
 
 
 class CacheBusyError(PneumoniaKedroError):
@@ -200,17 +229,30 @@ def read_state(path: str | Path) -> CacheState:
     """What the cache at ``path`` holds: its fingerprint and every finished chunk's records
     (row order), or nothing when there is no cache there. Refused while another process
     builds it (``CacheBusyError``): its state is changing."""
-    path = Path(path)
+    path = cache_path(path)
     check_not_building(path)
+    state = _folder_state(path)
+    if state.shard_size is not None:
+        # The parts are written under the cache folder's lock: no lock of their own.
+        for folder in sorted(path.iterdir()):
+            part = part_number(folder)
+            if part is not None and folder.is_dir():
+                state.parts[part] = _folder_state(folder)
+    return state
+
+
+def _folder_state(path: Path) -> CacheState:
     manifest = path / "manifest.json"
     if not manifest.is_file():
         return CacheState(path=path)
+    content = json.loads(manifest.read_text())
     records = []
     for chunk_file in sorted((path / "records").glob("*.json")):
         records.extend(json.loads(chunk_file.read_text()))
-    return CacheState(path=path, fingerprint=json.loads(manifest.read_text())["fingerprint"],
+    return CacheState(path=path, fingerprint=content["fingerprint"],
                       complete=is_complete(path),
-                      records=sorted(records, key=lambda record: record["row"]))
+                      records=sorted(records, key=lambda record: record["row"]),
+                      shard_size=content.get("shard_size"))
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -222,15 +264,23 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def write_chunk(path: str | Path, chunk: CacheChunk) -> None:
-    """Write one chunk of a build into the cache folder at ``path``: start a new cache (the
-    folder cleared, the image array allocated), rows into the array and then their record
-    (the note that they are done), the index, and last the manifest marked complete."""
-    path = Path(path)
+    """Write one chunk of a build into the cache folder at ``path`` (or into its part folder
+    ``chunk.part``): start a new cache (the folder cleared, the image array allocated; a
+    sharded cache's own folder holds only its manifest and index), rows into the array and
+    then their record (the note that they are done), the index, and last the manifest
+    marked complete."""
+    path = cache_path(path)
     if chunk.start is None and not chunk.records and chunk.index is None \
             and chunk.build is None:
         return  # an up-to-date cache: nothing to write, no lock to take
     acquire_build_lock(path)  # held from a build's first write until it is complete
-    if chunk.start is not None:
+    top, path = path, (path if chunk.part is None else part_folder(path, chunk.part))
+    if chunk.start is not None and chunk.start.get("shard_size") is not None:
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        _write_atomic(path / "manifest.json", json.dumps(chunk.start, indent=2).encode())
+    elif chunk.start is not None:
         if path.exists():
             shutil.rmtree(path)
         (path / "records").mkdir(parents=True)
@@ -260,4 +310,5 @@ def write_chunk(path: str | Path, chunk: CacheChunk) -> None:
         manifest = json.loads((path / "manifest.json").read_text())
         manifest.update(complete=True, build=chunk.build)
         _write_atomic(path / "manifest.json", json.dumps(manifest, indent=2).encode())
-        release_build_lock(path)
+        if chunk.part is None:
+            release_build_lock(top)
