@@ -1,9 +1,20 @@
 """What each technique is worth, on several generated data sets, with intervals.
 
-    .venv/bin/python benchmarks/quality.py [--datasets 7:0.3 11:0.6 13:0.9] [--out FILE]
-        [--variants plain "+ TTA/fusion" ...] [--folds 3]
+    .venv/bin/python benchmarks/quality.py [--datasets 7:0.3 11:0.6:ground_glass ...]
+        [--out FILE] [--variants plain "+ TTA/fusion" ...] [--folds 3]
+    .venv/bin/python benchmarks/quality.py --recipes demo mobilenet@192 ... [--datasets ...]
+        [--out FILE] [--resume FILE] [--tiny]
 
-For each data set (``seed:difficulty`` of the demo generator) a scratch copy of the project
+With ``--recipes`` (the table in ``recipes.py``) each data set is generated once and its
+classifier trained once (it does not depend on the detector's recipe); then per recipe the
+cache is built and the detector trained from nothing (cache and checkpoints removed first)
+and evaluated: held-out competition metric with interval, ROC AUCs, CPU minutes of the cache
+and training (this process and its worker processes) and wall minutes. The JSON (``--out``)
+is written after every recipe; ``--resume FILE`` skips the cells it holds. ``--tiny``: 20
+positive and 20 negative patients, one epoch (a check that the benchmark runs, no figures).
+
+For each data set (``seed:difficulty[:style]`` of the demo generator; style: its
+``demo_data.style``, default classic) a scratch copy of the project
 generates it and runs the demo configuration end to end (ingest, split, cache, detector,
 classifier, evaluate), then evaluates again with each variant below. Every number is the
 held-out competition metric (post-processing tuned on the other half of the validation
@@ -36,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -46,6 +58,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recipes import RECIPES, merged, pareto_table  # noqa: E402
 
 NO_SEARCH = {"shrink": [1.0], "gating_rule": ["none"]}
 VARIANTS = {
@@ -142,12 +156,24 @@ def fold_scores(project: Path, folds: int, quiet: dict) -> dict:
     }
 
 
-def run_dataset(seed: int, difficulty: float, scratch: Path, quiet: dict,
-                variants: list[str], folds: int) -> dict:
-    """Generate one data set in a project copy, train, and evaluate every variant."""
+def dataset_params(spec: str, tiny: bool = False) -> dict:
+    """``seed:difficulty[:style]`` as ``demo_data`` params (no style given: the default)."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3):
+        raise SystemExit(f"--datasets {spec!r}: expected seed:difficulty[:style]")
+    demo = {"seed": int(parts[0]), "difficulty": float(parts[1])}
+    if len(parts) == 3:
+        demo["style"] = parts[2]
+    if tiny:
+        demo |= {"n_positive": 20, "n_negative": 20, "n_test": 2}
+    return {"demo_data": demo}
+
+
+def _project(scratch: Path, name: str, demo: dict) -> Path:
+    """A scratch copy of the project (configuration only) with the data set generated."""
     from kedro.framework.startup import bootstrap_project
 
-    project = scratch / f"seed{seed}-d{difficulty}"
+    project = scratch / name.replace(":", "-")
     project.mkdir(parents=True)
     shutil.copy(ROOT / "pyproject.toml", project)
     shutil.copytree(ROOT / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
@@ -156,9 +182,16 @@ def run_dataset(seed: int, difficulty: float, scratch: Path, quiet: dict,
     os.chdir(project)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
     bootstrap_project(project)
-    started = time.perf_counter()
-    demo = {"demo_data": {"seed": seed, "difficulty": difficulty}}
     _session_run(project, ["demo_data"], demo)
+    return project
+
+
+def run_dataset(seed: int, difficulty: float, scratch: Path, quiet: dict,
+                variants: list[str], folds: int, demo: dict | None = None) -> dict:
+    """Generate one data set in a project copy, train, and evaluate every variant."""
+    started = time.perf_counter()
+    demo = demo or {"demo_data": {"seed": seed, "difficulty": difficulty}}
+    project = _project(scratch, f"seed{seed}-d{difficulty}", demo)
     _session_run(project, ["ingest", "split", "cache"], quiet)
     results = {}
     if variants:
@@ -179,6 +212,46 @@ def run_dataset(seed: int, difficulty: float, scratch: Path, quiet: dict,
     os.chdir(ROOT)
     return {"seed": seed, "difficulty": difficulty, "seconds": time.perf_counter() - started,
             "variants": results}
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished worker processes."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _recipe_cell(project: Path, params: dict) -> dict:
+    """Cache and train from nothing with ``params`` (timed), then evaluate."""
+    for built in ("data/04_feature/demo/image_cache", "data/06_models/demo/checkpoints"):
+        shutil.rmtree(project / built, ignore_errors=True)
+    cpu, wall = _cpu_seconds(), time.perf_counter()
+    _session_run(project, ["cache", "train"], params)
+    cell = {"cpu_minutes": (_cpu_seconds() - cpu) / 60,
+            "wall_minutes": (time.perf_counter() - wall) / 60, "params": params}
+    _session_run(project, ["evaluate"], params)
+    return {**_scores(project), **cell}
+
+
+def run_recipes(spec: str, recipes: list[str], scratch: Path, quiet: dict, tiny: bool,
+                done: dict, save: callable) -> dict:
+    """One data set: generated, its classifier trained once (at the demo's cache), then
+    every recipe not in ``done``; ``save`` is called after each."""
+    result = {"dataset": spec, **done, "recipes": dict(done.get("recipes", {}))}
+    todo = [name for name in recipes if name not in result["recipes"]]
+    if not todo:
+        return result
+    base = merged(quiet, {"train": {"epochs": 1}, "classifier": {"epochs": 1}}) if tiny \
+        else quiet
+    project = _project(scratch, spec, dataset_params(spec, tiny))
+    _session_run(project, ["ingest", "split", "cache", "classify"], base)
+    for name in todo:
+        started = time.perf_counter()
+        result["recipes"][name] = _recipe_cell(project, merged(base, RECIPES[name]))
+        print(f"{spec} {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr,
+              flush=True)
+        save(result)
+    os.chdir(ROOT)
+    return result
 
 
 def _cell(interval: dict) -> str:
@@ -213,27 +286,50 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["7:0.3", "11:0.6", "13:0.9"],
-                        help="seed:difficulty of each generated data set")
+                        help="seed:difficulty[:style] of each generated data set")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument("--variants", nargs="*", default=[*VARIANTS, "notebook negs"],
                         help="which single-model variants to run (none: only the folds)")
     parser.add_argument("--folds", type=int, default=0,
                         help="also cross-validate with this many folds (0: no)")
+    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES),
+                        help="compare these training recipes (recipes.py) instead")
+    parser.add_argument("--resume", type=Path, help="recipes: skip the cells this JSON holds")
+    parser.add_argument("--tiny", action="store_true",
+                        help="recipes: 40 patients, one epoch (checks that it runs)")
     args = parser.parse_args()
     quiet = {"cache": {"progress": False}, "train": {"progress": False},
              "classifier": {"progress": False}, "evaluate": {"progress": False}}
-    results = []
     with tempfile.TemporaryDirectory() as scratch:
+        if args.recipes:
+            main_recipes(args, quiet, Path(scratch))
+            return
+        results = []
         for spec in args.datasets:
-            seed, difficulty = spec.split(":")
-            result = run_dataset(int(seed), float(difficulty), Path(scratch), quiet,
-                                 args.variants, args.folds)
+            demo = dataset_params(spec)
+            seed, difficulty = demo["demo_data"]["seed"], demo["demo_data"]["difficulty"]
+            result = run_dataset(seed, difficulty, Path(scratch), quiet, args.variants,
+                                 args.folds, demo)
             results.append(result)
-            print(f"seed {seed}, difficulty {difficulty}: {result['seconds']:.0f} s",
-                  file=sys.stderr, flush=True)
+            print(f"{spec}: {result['seconds']:.0f} s", file=sys.stderr, flush=True)
             if args.out:
                 args.out.write_text(json.dumps(results, indent=2))
     print(table(results))
+
+
+def main_recipes(args: argparse.Namespace, quiet: dict, scratch: Path) -> None:
+    out = args.out or args.resume
+    previous = json.loads(args.resume.read_text()) if args.resume else []
+    results = {r["dataset"]: r for r in previous}
+
+    def save(result: dict) -> None:
+        results[result["dataset"]] = result
+        if out:
+            out.write_text(json.dumps(list(results.values()), indent=2))
+
+    for spec in args.datasets:
+        run_recipes(spec, args.recipes, scratch, quiet, args.tiny, results.get(spec, {}), save)
+    print(pareto_table([results[spec] for spec in args.datasets]))
 
 
 if __name__ == "__main__":

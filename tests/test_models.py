@@ -225,3 +225,82 @@ def test_a_run_can_check_the_weights_file_before_its_first_node(tmp_path, monkey
         check_weights_file(replace(TINY, pretrained=str(tmp_path / "other.pth")))
     with pytest.raises(WeightsUnavailableError, match=r"\(classifier.pretrained\) does not fit"):
         check_classifier_file(ClassifierConfig(pretrained=str(tmp_path / "other.pth")))
+
+
+# Issue 24: more detectors. Each builds, trains, predicts in the image's pixels and reloads.
+NEW_ARCHITECTURES = {
+    "resnet34_fpn": replace(TINY, architecture="resnet34_fpn", anchor_sizes=((8, 16),) * 5),
+    "fcos_resnet18_fpn": replace(TINY, architecture="fcos_resnet18_fpn"),
+}
+
+
+def _two_steps(model: torch.nn.Module) -> list[float]:
+    """Two SGD steps on one image with a box and one without: the summed losses."""
+    images = to_model_input(_images(seed=3), torch.device("cpu"))
+    targets = [{"boxes": torch.tensor([[10.0, 8.0, 34.0, 48.0]]),
+                "labels": torch.tensor([OPACITY_LABEL])},
+               {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64)}]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    totals = []
+    for _ in range(2):
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        totals.append(float(loss.detach()))
+    return totals
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", list(NEW_ARCHITECTURES))
+def test_new_architectures_train_predict_and_reload(architecture):
+    torch.manual_seed(0)
+    config = NEW_ARCHITECTURES[architecture]
+    model = build_model(config)
+    assert all(torch.isfinite(torch.tensor(_two_steps(model))))
+    model.eval()
+    images = _images(seed=4, count=2)
+    outputs = detect(model, images, torch.device("cpu"))
+    assert sum(len(boxes) for boxes, _ in outputs) > 0  # score threshold 0: boxes come back
+    for boxes, scores in outputs:
+        assert len(boxes) <= config.box_detections_per_img
+        assert (boxes >= 0).all() and (boxes <= SIZE).all()
+        assert ((scores >= 0) & (scores <= 1)).all()
+    saved = model_config_from_dict(config.to_dict())
+    rebuilt = TrainedModel(saved, model.state_dict(), info={}).build()
+    for (boxes, scores), (again, scores_again) in zip(
+            outputs, detect(rebuilt, images, torch.device("cpu")), strict=True):
+        torch.testing.assert_close(boxes, again)
+        torch.testing.assert_close(scores, scores_again)
+
+
+def test_fcos_trains_only_its_last_layers_when_asked_and_has_no_coco_weights():
+    config = NEW_ARCHITECTURES["fcos_resnet18_fpn"]
+    model = build_model(replace(config, trainable="box_predictor"))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"head.classification_head.cls_logits.weight",
+                         "head.classification_head.cls_logits.bias",
+                         "head.regression_head.bbox_reg.weight",
+                         "head.regression_head.bbox_reg.bias",
+                         "head.regression_head.bbox_ctrness.weight",
+                         "head.regression_head.bbox_ctrness.bias"}
+    # One logit: opacity (no background slot competing for the detection cap).
+    assert model.head.classification_head.cls_logits.out_channels == 1
+    with pytest.raises(PneumoniaKedroError, match="fcos_resnet18_fpn has no COCO weights"):
+        build_model(replace(config, pretrained="coco"))
+
+
+def test_anchor_sizes_scale_with_the_image_size():
+    at_128 = replace(TINY, anchor_sizes=((12, 20, 32),) * 3, anchor_reference_size=128)
+    assert replace(at_128, image_size=192).scaled_anchor_sizes() == ((18, 30, 48),) * 3
+    model = build_model(replace(at_128, image_size=SIZE))  # half of 128
+    assert model.rpn.anchor_generator.sizes == ((6, 10, 16),) * 3
+    assert replace(at_128, anchor_reference_size=None).scaled_anchor_sizes() == \
+        ((12, 20, 32),) * 3
+    from pneumonia_kedro.config import ConfigError, from_params
+
+    with pytest.raises(ConfigError, match="anchor_reference_size = 8 is out of range"):
+        from_params(ModelConfig, {"anchor_reference_size": 8}, "model")
+    with pytest.raises(ConfigError, match="anchor_reference_size is set but model.anchor_sizes"):
+        from_params(ModelConfig, {"anchor_reference_size": 128}, "model")

@@ -1,6 +1,8 @@
 """The detector's part of a training run (``fit.fit_task`` does the rest, as for the
-classifier): the Faster R-CNN, the notebook's SGD with warm-up then StepLR or cosine, the
-loss dict, and the competition metric on the validation split."""
+classifier): the detector (any ``model.architecture``: Faster R-CNN or the one-stage FCOS,
+both torchvision detection models returning a loss dict in train mode and boxes in eval mode),
+the notebook's SGD with warm-up then StepLR or cosine, the loss dict, and the competition
+metric on the validation split."""
 
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def validation_loss(model: torch.nn.Module, loader: DataLoader, device: torch.de
 
 @dataclass
 class DetectorTask:
-    """The Faster R-CNN as a ``TrainingTask``: best epoch by the validation competition
+    """The detector as a ``TrainingTask``: best epoch by the validation competition
     metric (at the configured score threshold, or the best of a 0.05 grid)."""
 
     model_config: ModelConfig

@@ -1,0 +1,93 @@
+"""What rebuilds a detector: its settings (saved beside the weights) and the anchors they give."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from pneumonia_kedro.config import AT_LEAST_ONE, PROBABILITY, ConfigError, Range
+
+NUM_CLASSES = 2  # background, lung opacity
+OPACITY_LABEL = 1
+Architecture = Literal["resnet50_fpn", "resnet50_fpn_v2", "mobilenet_v3_large_fpn",
+                       "resnet18_fpn", "resnet34_fpn", "fcos_resnet18_fpn"]
+# One-stage detectors: no region proposals, no box head (see ModelConfig).
+ONE_STAGE = frozenset({"fcos_resnet18_fpn"})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the detector (saved beside its weights).
+
+    ``fcos_resnet18_fpn`` is a one-stage detector: it has no RPN and no box head, so the
+    ``rpn_*``, ``box_batch_size_per_image`` and ``box_head_size`` settings are ignored (not
+    refused: a recipe switches the architecture of a configuration tuned for Faster R-CNN,
+    such as the demo's, without resetting them). It is anchor-free: each location of the
+    P3..P7 maps is one point whose level is chosen by the box's size, so ``anchor_sizes`` and
+    ``anchor_ratios`` are ignored too. ``box_score_thresh``, ``box_nms_thresh`` and
+    ``box_detections_per_img`` are its score threshold, NMS IoU and detection cap.
+    """
+
+    RANGES = {"image_size": Range(16), "rpn_batch_size_per_image": AT_LEAST_ONE,
+              "rpn_pre_nms_top_n_train": AT_LEAST_ONE,
+              "rpn_post_nms_top_n_train": AT_LEAST_ONE, "rpn_pre_nms_top_n_test": AT_LEAST_ONE,
+              "rpn_post_nms_top_n_test": AT_LEAST_ONE,
+              "box_batch_size_per_image": AT_LEAST_ONE, "box_head_size": AT_LEAST_ONE,
+              "box_score_thresh": PROBABILITY, "box_nms_thresh": PROBABILITY,
+              "box_detections_per_img": AT_LEAST_ONE, "anchor_reference_size": Range(16)}
+
+    architecture: Architecture = "resnet50_fpn"
+    pretrained: str = "coco"  # coco | imagenet | none | path to a local weights file
+    # A weights file must fit the network (all but the box predictor); true loads what fits.
+    partial_weights: bool = False
+    trainable: str | int = "box_predictor"  # box_predictor | all | trainable backbone layers
+    image_size: int = 512
+    anchor_sizes: tuple | None = None  # one tuple of sizes per feature map, in cache pixels
+    # The image size anchor_sizes are given for: scaled by image_size / this (None: as given),
+    # so a recipe at another cache size keeps anchors that fit the boxes.
+    anchor_reference_size: int | None = None
+    anchor_ratios: tuple = (0.5, 1.0, 2.0)  # height / width
+    rpn_batch_size_per_image: int = 256
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    box_batch_size_per_image: int = 512
+    box_head_size: int = 1024  # width of the two-layer box head (torchvision: 1024)
+    # Pretrained weights already freeze BatchNorm; true also freezes it for `none` or a file,
+    # which makes training independent of the per-device batch (CPU DDP has no SyncBatchNorm).
+    freeze_batchnorm: bool = False
+    box_score_thresh: float = 0.01
+    box_nms_thresh: float = 0.5
+    box_detections_per_img: int = 100
+
+    def __post_init__(self) -> None:
+        if self.anchor_reference_size is not None and self.anchor_sizes is None:
+            raise ConfigError("model.anchor_reference_size is set but model.anchor_sizes is "
+                              "null: give the anchor sizes it scales, or leave it null")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def one_stage(self) -> bool:
+        return self.architecture in ONE_STAGE
+
+    def scaled_anchor_sizes(self) -> tuple[tuple[int, ...], ...] | None:
+        """Anchor sizes per feature map in this model's pixels (None: torchvision's)."""
+        if self.anchor_sizes is None:
+            return None
+        scale = 1.0 if self.anchor_reference_size is None else \
+            self.image_size / self.anchor_reference_size
+        return tuple(tuple(max(1, round(float(s) * scale)) for s in level)
+                     for level in self.anchor_sizes)
+
+
+def model_config_from_dict(values: dict) -> ModelConfig:
+    """A ModelConfig from its ``to_dict()`` form (lists back to tuples)."""
+    sizes = values.get("anchor_sizes")
+    return ModelConfig(**{
+        **values,
+        "anchor_sizes": None if sizes is None else tuple(tuple(level) for level in sizes),
+        "anchor_ratios": tuple(values.get("anchor_ratios", ModelConfig.anchor_ratios)),
+    })
