@@ -45,7 +45,7 @@ def _bad_request(message: str) -> MlflowException:
 
 
 class OpacityDetector(mlflow.pyfunc.PythonModel):
-    """Faster R-CNN opacity detector over DICOM files: one model, or every cross-validation
+    """Opacity detector over DICOM files: one model, or every cross-validation
     fold's fused (the same ``prediction.predict`` as the inference pipeline)."""
 
     def load_context(self, context) -> None:

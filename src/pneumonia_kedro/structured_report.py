@@ -43,7 +43,7 @@ import pneumonia_kedro
 from pneumonia_kedro.dicom.reader import lenient_values
 from pneumonia_kedro.errors import DicomError
 
-ALGORITHM_NAME = "pneumonia-kedro Faster R-CNN lung opacity detector"
+ALGORITHM_NAME = "pneumonia-kedro lung opacity detector"  # the version names the architecture
 MANUFACTURER = "pneumonia-kedro"
 SERIES_NUMBER = 9901  # an SR series number unlikely to collide with the modality's own
 

@@ -1,4 +1,4 @@
-"""Trains the Faster R-CNN on the cached split and tracks it in MLflow."""
+"""Trains the detector on the cached split and tracks it in MLflow."""
 
 from .pipeline import create_pipeline
 
