@@ -9,9 +9,10 @@ starts). Then, on that Ray:
 (a) the cache build (``imagecache.build`` with ``engine: ray``: decoding tasks, the driver
     writes each chunk), images per second, start-up excluded, and the bytes compared with the
     local build;
-(b) prediction (``engines.ray_engine.predict_on_ray``: shards of whole batches, one task per
-    CPU, each building the networks once) with an untrained mobilenet_v3_large_fpn at the
-    cache size, images per second.
+(b) prediction (``engines.ray_engine.predict_on_ray``: Ray Data ``map_batches`` over the
+    batch indexes, a pool of W actors, each building the networks once and reading the
+    memory-mapped cache) with an untrained mobilenet_v3_large_fpn at the cache size, images
+    per second, the actors' start-up included.
 The local engine is measured in the same run: cache build in-process and with W worker
 processes, and ``prediction.predict`` in-process. Scaling efficiency = throughput(2) / (2 x
 throughput(1)).
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_dicoms  # noqa: E402
 
 from pneumonia_kedro.dicom import DicomFolder  # noqa: E402
-from pneumonia_kedro.engines import EngineConfig  # noqa: E402
+from pneumonia_kedro.engines import EngineConfig, RayInferenceSettings  # noqa: E402
 from pneumonia_kedro.engines.ray_engine import predict_on_ray  # noqa: E402
 from pneumonia_kedro.ensemble import Ensemble  # noqa: E402
 from pneumonia_kedro.imagecache import CacheConfig, ImageCache, build, plan  # noqa: E402
@@ -99,7 +100,8 @@ def main() -> None:
             started = time.perf_counter()
             ray.get([_ping.remote() for _ in range(workers)])
             row["first_tasks_s"] = round(time.perf_counter() - started, 2)
-            engine = EngineConfig(backend="ray", inference_tasks=workers)
+            engine = EngineConfig(backend="ray",
+                                  inference=RayInferenceSettings(actors=workers))
             row["ray_cache"] = round(_cache(folder, args.size, 0, root / f"ray{workers}",
                                             engine), 1)
             row["ray_cache_same_bytes"] = \

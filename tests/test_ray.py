@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,7 +39,7 @@ pytestmark = pytest.mark.slow
 SIZE = 64
 OBJECT_STORE = 200 * 1024**2  # per node: this machine is shared
 # Two nodes of one CPU: two tasks or two Ray Train workers must use both nodes.
-ENGINE = EngineConfig(backend="ray", address="auto", cache_tasks=0, inference_tasks=2,
+ENGINE = EngineConfig(backend="ray", address="auto", cache_tasks=0,
                       train=RayTrainSettings(num_workers=2, max_failures=3))
 
 
@@ -140,6 +141,31 @@ def test_an_interrupted_build_on_the_cluster_resumes_to_the_same_cache(cluster, 
     _same_cache(tmp_path / "local", target)
 
 
+def test_a_sharded_cache_built_on_the_cluster_equals_the_local_build(cluster, dicoms,
+                                                                     tmp_path):
+    """Parts of 3 (3 + 3 + 2 images): chunks finish on either node in any order, each is
+    written into its part, a part is finished after its last chunk; killed after the first
+    part, the build resumes with that part reused."""
+    build(_cache_plan(dicoms), tmp_path / "local")
+    in_parts = _cache_plan(dicoms)
+    in_parts.config = replace(in_parts.config, shard_size=3)
+    target = tmp_path / "ray"
+    chunks = decode_chunks(in_parts, read_state(target), ENGINE)
+    for chunk in chunks:
+        write_chunk(target, chunk)
+        if chunk.build is not None:  # the first part finished: then the run dies
+            break
+    chunks.close()
+    figures = build(in_parts, target, ENGINE)
+    assert figures["decoded"] + figures["reused"] == 8 and figures["reused"] in (2, 3)
+    sharded, local = ImageCache(target), ImageCache(tmp_path / "local")
+    np.testing.assert_array_equal(np.asarray(sharded.images), local.images)
+    pd.testing.assert_frame_equal(sharded.index, local.index)
+    for part, rows in enumerate(((0, 3), (3, 6), (6, 8))):
+        np.testing.assert_array_equal(ImageCache(target / f"part-0000{part}").images,
+                                      local.images[slice(*rows)])
+
+
 @pytest.fixture(scope="module")
 def tiny_cache(dicoms, tmp_path_factory) -> ImageCache:
     path = tmp_path_factory.mktemp("ray_cache") / "all"
@@ -227,6 +253,77 @@ def test_a_worker_killed_mid_epoch_and_the_training_still_ends(cluster, tiny_cac
                if v.is_floating_point())
 
 
+class MeetsTheOtherFolds(CachedDetectionDataset):
+    """A fold's training data that, at its first batch, marks the fold as training and waits
+    until every fold has: the folds' epochs run at the same time, or this fails."""
+
+    def __init__(self, *args, folder: str, fold: int, folds: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.folder, self.fold, self.folds = Path(folder), fold, folds
+
+    def __getitems__(self, indices: list[int]) -> list:
+        marker = self.folder / f"fold_{self.fold}"
+        if not marker.exists():
+            marker.touch()
+            deadline = time.monotonic() + 180
+            while len(list(self.folder.glob("fold_*"))) < self.folds:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"fold {self.fold} trained alone: no other fold "
+                                       "started its epoch within 180 s")
+                time.sleep(0.05)
+        return super().__getitems__(indices)
+
+
+def _fold_training(train_data: CachedDetectionDataset,
+                   validation_data: CachedDetectionDataset, logger: MlflowEpochLogger,
+                   engine: EngineConfig, config, fold: int):
+    return train_model(MODEL, config, train_data, validation_data, None, logger, fold, engine)
+
+
+def test_folds_train_at_the_same_time_as_ray_jobs_under_the_thread_runner(
+        cluster, tiny_cache, patients, tmp_path):
+    """``--runner ThreadRunner`` with ``engine: ray``: each fold's node submits its own Ray
+    Train job (one worker on each one-CPU node); both epochs run at once, each fold's curve
+    lands in its own MLflow run, and the weights equal the folds trained one after another
+    here."""
+    from functools import partial, update_wrapper
+
+    from kedro.io import DataCatalog, MemoryDataset
+    from kedro.pipeline import Node, Pipeline
+    from kedro.runner import ThreadRunner
+
+    config = replace(TINY_TRAIN, epochs=1, batch_size=2, augment=NO_AUGMENT)
+    engine = replace(ENGINE, storage=str(tmp_path / "ray"),
+                     train=RayTrainSettings(num_workers=1, max_failures=0))
+    halves = [patients.iloc[0::2], patients.iloc[1::2]]  # fold i trains on half i
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = mlflow.MlflowClient(uri).create_experiment("folds")
+    runs = [mlflow.MlflowClient(uri).create_run(experiment).info.run_id for _ in halves]
+    (tmp_path / "started").mkdir()
+    datasets, nodes = {"engine": engine, "config": config}, []
+    for fold, (train_patients, validation_patients) in enumerate([halves, halves[::-1]]):
+        datasets |= {
+            f"fold_{fold}.train": MeetsTheOtherFolds(
+                tiny_cache, train_patients, "empty", NO_AUGMENT, folder=str(tmp_path / "started"),
+                fold=fold, folds=2),
+            f"fold_{fold}.validation": CachedDetectionDataset(tiny_cache, validation_patients),
+            f"fold_{fold}.logger": MlflowEpochLogger(uri, runs[fold])}
+        nodes.append(Node(update_wrapper(partial(_fold_training, fold=fold), _fold_training),
+                          [f"fold_{fold}.train", f"fold_{fold}.validation",
+                           f"fold_{fold}.logger", "engine", "config"],
+                          f"fold_{fold}.result", name=f"fold_{fold}_train_node"))
+    catalog = DataCatalog({name: MemoryDataset(value, copy_mode="assign")
+                           for name, value in datasets.items()})
+    outputs = ThreadRunner(max_workers=2).run(Pipeline(nodes), catalog)
+    on_ray = [outputs[f"fold_{fold}.result"].load() for fold in (0, 1)]
+    for fold, (train_patients, validation_patients) in enumerate([halves, halves[::-1]]):
+        one_after_another = train_model(
+            MODEL, config, CachedDetectionDataset(tiny_cache, train_patients, "empty", NO_AUGMENT),
+            CachedDetectionDataset(tiny_cache, validation_patients), fold=fold)
+        assert_same_weights(one_after_another.last_state, on_ray[fold].last_state, atol=1e-5)
+        assert _logged_epochs(uri, runs[fold]) == [1]
+
+
 POSTPROCESSING = {"score_threshold": 0.0, "nms_iou": 0.5, "max_boxes": 5, "shrink": 1.0}
 
 
@@ -239,7 +336,7 @@ def test_prediction_on_the_cluster_equals_the_local_one(cluster, tiny_cache):
     tuned = {**POSTPROCESSING, "models": ensemble.record()}  # as if tuned for it
     local = predict_test(ensemble, tiny_cache, tuned, params)
     on_ray = predict_test(ensemble, tiny_cache, tuned, params,
-                          {"backend": "ray", "address": "auto", "inference_tasks": 2})
+                          {"backend": "ray", "address": "auto", "inference": {"actors": 2}})
     assert len(local) > 0
     pd.testing.assert_frame_equal(local, on_ray)
     ids = tiny_cache.index["patientId"].tolist()

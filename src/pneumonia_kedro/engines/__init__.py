@@ -1,5 +1,6 @@
 """Where the heavy work runs: ``local`` (this machine: worker processes, ``mp.spawn`` DDP) or
-``ray`` (a Ray cluster: decoding tasks, Ray Train's ``TorchTrainer``, prediction tasks).
+``ray`` (a Ray cluster: decoding tasks, Ray Train's ``TorchTrainer``, batch prediction on Ray
+Data).
 
 This module imports no Ray: ``local`` stays the default and the demo's path, and a project
 installed without the ``ray`` extra runs as before. ``engines.ray_engine`` is imported only
@@ -28,6 +29,18 @@ class RayTrainSettings:
 
 
 @dataclass(frozen=True)
+class RayInferenceSettings:
+    """Ray Data's batch prediction: a pool of actors, each holding the ensemble once."""
+
+    RANGES = {"actors": NON_NEGATIVE, "cpus_per_actor": NON_NEGATIVE,
+              "gpus_per_actor": NON_NEGATIVE}
+
+    actors: int = 0  # the actor pool's size (0: one per cluster CPU, at most one per batch)
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0  # > 0: each actor predicts on its GPU (inference.device auto)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """``backend``: local | ray. With ray, ``address`` is empty (a Ray started by the run, on
     this machine), ``auto`` (the cluster this machine belongs to) or a ``ray://`` URL;
@@ -36,7 +49,7 @@ class EngineConfig:
     """
 
     RANGES = {"num_cpus": AT_LEAST_ONE, "object_store_memory": AT_LEAST_ONE,
-              "cache_tasks": NON_NEGATIVE, "inference_tasks": NON_NEGATIVE}
+              "cache_tasks": NON_NEGATIVE}
 
     backend: Literal["local", "ray"] = "local"
     address: str = ""
@@ -44,8 +57,8 @@ class EngineConfig:
     object_store_memory: int | None = None  # bytes; None: Ray's default (30% of memory)
     storage: str = "data/06_models/ray"
     cache_tasks: int = 0  # decoding tasks in flight (0: twice the cluster's CPUs)
-    inference_tasks: int = 0  # prediction shards (0: one per cluster CPU)
     train: RayTrainSettings = field(default_factory=RayTrainSettings)
+    inference: RayInferenceSettings = field(default_factory=RayInferenceSettings)
 
     @property
     def is_ray(self) -> bool:
@@ -62,4 +75,4 @@ def engine_config(params: Any) -> EngineConfig:
     return from_params(EngineConfig, params, "engine")
 
 
-__all__ = ["EngineConfig", "RayTrainSettings", "engine_config"]
+__all__ = ["EngineConfig", "RayInferenceSettings", "RayTrainSettings", "engine_config"]

@@ -1,5 +1,5 @@
 """The heavy work on a Ray cluster: the cache build as decoding tasks, training on Ray Train's
-``TorchTrainer`` (the same per-rank function as local DDP), prediction as tasks over shards.
+``TorchTrainer`` (the same per-rank function as local DDP), batch prediction on Ray Data.
 
 Each function does what its local counterpart does and returns the same thing, so the nodes
 switch on ``engine.backend`` and nothing downstream changes:
@@ -13,9 +13,15 @@ switch on ``engine.backend`` and nothing downstream changes:
   the run's storage; a lost worker restarts the group (``FailureConfig``) and every rank
   resumes from the last finished epoch. The epoch logger runs on rank 0 and logs each epoch
   once, also across restarts.
-- ``predict_on_ray``: ``prediction.predict`` over shards of whole batches, one task each;
-  the unfused boxes are concatenated in input order and finished by the same
-  ``postprocessed``, so the predictions equal the local ones.
+- ``predict_on_ray``: a Ray Data dataset of the local run's batch indexes, mapped by a pool
+  of actors that each build the ensemble once and read the memory-mapped cache; the unfused
+  boxes are put back in input order and finished by the same ``postprocessed``, so the
+  predictions equal the local ones.
+
+Cross-validation folds train at the same time when Kedro's ``ThreadRunner`` runs their nodes:
+each node's thread submits its own ``TorchTrainer`` (Ray Train v2 runs a controller actor per
+``fit``), Ray places both jobs' workers, and each fold logs into its own MLflow child run
+(``FoldRunsHook``) and checkpoints into its own folder. ``connect`` is locked for them.
 """
 
 from __future__ import annotations
@@ -24,12 +30,14 @@ import logging
 import math
 import os
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, replace
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import ray
 import torch
@@ -42,21 +50,23 @@ from pneumonia_kedro.training.engine import EpochCallback, FitSettings, Training
 from pneumonia_kedro.training.fit import TrainingResult, _train_process
 
 logger = logging.getLogger(__name__)
+_CONNECTING = threading.Lock()  # fold nodes run side by side (ThreadRunner) connect at once
 
 
 def connect(engine: EngineConfig) -> None:
     """Join the cluster of ``engine.address`` (``auto``, ``ray://...``), or start a Ray on
     this machine when it is empty; a Ray already connected (a test's cluster, an earlier
     node of the run) is used as it is."""
-    if ray.is_initialized():
-        return
-    if engine.address:
-        logger.info("connecting to the Ray cluster at %s", engine.address)
-        ray.init(address=engine.address, log_to_driver=False)
-        return
-    logger.info("starting a local Ray (%s CPUs)", engine.num_cpus or "all")
-    ray.init(num_cpus=engine.num_cpus, object_store_memory=engine.object_store_memory,
-             include_dashboard=False, log_to_driver=False)
+    with _CONNECTING:
+        if ray.is_initialized():
+            return
+        if engine.address:
+            logger.info("connecting to the Ray cluster at %s", engine.address)
+            ray.init(address=engine.address, log_to_driver=False)
+            return
+        logger.info("starting a local Ray (%s CPUs)", engine.num_cpus or "all")
+        ray.init(num_cpus=engine.num_cpus, object_store_memory=engine.object_store_memory,
+                 include_dashboard=False, log_to_driver=False)
 
 
 def _cluster_cpus() -> int:
@@ -201,41 +211,73 @@ def fit_on_ray(task: TrainingTask, settings: FitSettings, checkpoints: Checkpoin
 
 
 # ---------------------------------------------------------------------------------------------
-# Prediction
+# Prediction on Ray Data
 
 
-@ray.remote(num_cpus=1)
-def _predict_task(ensemble: object, cache: ImageCache, patient_ids: list[str], tta: object,
-                  batch_size: int, device: str) -> object:
-    from pneumonia_kedro.inference import cached_squares
-    from pneumonia_kedro.prediction import predict
-    from pneumonia_kedro.training.config import resolve_device
+class EnsemblePredictor:
+    """A Ray Data actor: builds the ensemble's networks once, lists the cache's usable images
+    once (their pixels stay in the memory map until a batch reads them), then predicts whole
+    batches by index: batch ``i`` is the local run's ``i``-th batch, so its boxes are too."""
 
-    networks = ensemble.build(resolve_device(device))
-    return predict(networks, cached_squares(cache, patient_ids), tta, None, batch_size)
+    def __init__(self, ensemble_ref: ray.ObjectRef, cache: ImageCache, tta: object,
+                 batch_size: int, device: str) -> None:
+        from pneumonia_kedro.inference import cached_squares
+        from pneumonia_kedro.training.config import resolve_device
+
+        # A reference, not the ensemble: the weights travel once per actor, and Ray Data
+        # keys the actor's constructor arguments by their hash or repr.
+        self.networks = ray.get(ensemble_ref).build(resolve_device(device))
+        self.squares = cached_squares(cache)
+        self.tta, self.batch_size = tta, batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pneumonia_kedro.prediction import predict
+
+        predictions = np.empty(len(batch["batch"]), dtype=object)
+        for slot, index in enumerate(batch["batch"]):
+            start = int(index) * self.batch_size
+            predictions[slot] = predict(self.networks,
+                                        self.squares[start:start + self.batch_size],
+                                        self.tta, None, self.batch_size)
+        return {"batch": batch["batch"], "prediction": predictions}
 
 
 def predict_on_ray(ensemble: object, cache: ImageCache, tta: object, postprocess: object,
-                   batch_size: int, device: str, engine: EngineConfig) -> object:
-    """``prediction.predict`` of the cache's usable images, post-processed, with the images
-    split into shards of whole batches predicted by Ray tasks (each builds the networks
-    once; every node must read the cache). The batches are the local run's, so the unfused
-    boxes, and what the post-processing makes of them, equal the local prediction."""
-    from pneumonia_kedro.prediction import Prediction, postprocessed
+                   batch_size: int, device: str, engine: EngineConfig,
+                   progress: bool = False) -> object:
+    """``prediction.predict`` of the cache's usable images, post-processed, on Ray Data: the
+    batch indexes mapped (``map_batches``) by a pool of ``engine.inference.actors`` actors
+    (``EnsemblePredictor``; every node must read the cache). Each batch holds the local
+    run's images, so the unfused boxes, and what the post-processing makes of them, equal
+    the local prediction."""
+    import ray.data
+
+    from pneumonia_kedro.prediction import Prediction, postprocessed, predict
 
     connect(engine)
     ids = cache.usable["patientId"].tolist()
-    shards = engine.inference_tasks or _cluster_cpus()
-    per_shard = max(1, math.ceil(len(ids) / shards / batch_size)) * batch_size
-    ensemble_ref = ray.put(ensemble)  # the weights travel once
-    refs = [_predict_task.remote(ensemble_ref, cache, ids[start:start + per_shard], tta,
-                                 batch_size, device)
-            for start in range(0, len(ids), per_shard)]
-    parts = ray.get(refs)
-    if not parts:  # nothing usable: the local path's empty prediction
-        from pneumonia_kedro.prediction import predict
-
+    batches = math.ceil(len(ids) / batch_size)
+    if not batches:  # nothing usable: the local path's empty prediction
         return predict(ensemble.build("cpu"), [], tta, postprocess, batch_size)
+    settings = engine.inference
+    actors = min(batches, settings.actors or _cluster_cpus())
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    # Held here until every batch is predicted: a restarted actor fetches the weights again.
+    ensemble_ref = ray.put(ensemble)
+    predicted = ray.data.from_items(
+        [{"batch": index} for index in range(batches)], override_num_blocks=batches,
+    ).map_batches(
+        EnsemblePredictor, batch_size=1,
+        fn_constructor_args=(ensemble_ref, cache, tta, batch_size, device),
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=settings.cpus_per_actor, num_gpus=settings.gpus_per_actor or None)
+    logger.info("predicting %d images in %d batches on Ray Data, %d actors", len(ids),
+                batches, actors)
+    try:
+        rows = predicted.take_all()
+    except ray.exceptions.RayTaskError as error:
+        raise _cause(error) from None
+    parts = [row["prediction"] for row in sorted(rows, key=lambda row: row["batch"])]
     variants = pd.concat([part.variants for part in parts], ignore_index=True)
     classifier_p = pd.concat([part.classifier_probability for part in parts]) \
         if parts[0].classifier_probability is not None else None
