@@ -10,6 +10,10 @@ from typing import Any
 
 os.environ["KEDRO_DISABLE_TELEMETRY"] = "1"
 
+# hypothesis is imported before any test starts Ray: its pytest plugin otherwise imports it
+# at the terminal summary, after Ray ran, and Python 3.11.7 then fails with "SystemError: AST
+# constructor recursion depth mismatch" (rc 1 after every test passed).
+import hypothesis  # noqa: E402, F401
 import pytest  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
