@@ -133,15 +133,52 @@ def test_a_build_killed_between_parts_resumes_and_leaves_finished_parts_alone(
                                   ImageCache(tmp_path / "reference").index)
 
 
-def test_a_part_deleted_by_hand_is_built_again_not_called_up_to_date(demo, tmp_path):
+def test_a_part_deleted_by_hand_is_built_again_not_called_up_to_date(demo, tmp_path,
+                                                                    monkeypatch):
     folder, _ = demo
-    cache_plan = _plan(folder, 4)
+    cache_plan = _plan(folder, 4)  # parts of 4 + 3 images, chunks of 2
     build(cache_plan, tmp_path / "reference")
+    reference = np.asarray(ImageCache(tmp_path / "reference").images)
     target = tmp_path / "cache"
     build(cache_plan, target)
     shutil.rmtree(target / "part-00001")
     figures = build(cache_plan, target)
-    assert figures["decoded"] > 0  # it was "up to date", and reading row 4 then failed
+    assert figures["decoded"] == 3  # it was "up to date", and reading row 4 then failed
+    np.testing.assert_array_equal(np.asarray(ImageCache(target).images), reference)
+
+    # Deleted again, and the rebuild killed after the part's first chunk: the part's rows
+    # were then served as black images by a cache called up to date.
+    shutil.rmtree(target / "part-00001")
+    real_decode_rows = imagecache._decode_rows
+    calls = {"n": 0}
+
+    def dies_on_second_chunk(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_decode_rows(*args, **kwargs)
+
+    monkeypatch.setattr(imagecache, "_decode_rows", dies_on_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        build(cache_plan, target)
+    monkeypatch.setattr(imagecache, "_decode_rows", real_decode_rows)
+    figures = build(cache_plan, target)
+    assert (figures["decoded"], figures["reused"]) == (1, 6)
+    np.testing.assert_array_equal(np.asarray(ImageCache(target).images), reference)
+
+
+@pytest.mark.parametrize("shard_size", [None, 4])
+def test_an_images_file_deleted_by_hand_is_decoded_again(demo, tmp_path, shard_size):
+    """Only ``images.npy`` gone: its records still said every row was done, so nothing
+    was decoded and the cache was marked complete without its images."""
+    folder, _ = demo
+    cache_plan = _plan(folder, shard_size)
+    build(cache_plan, tmp_path / "reference")
+    target = tmp_path / "cache"
+    build(cache_plan, target)
+    (target / ("images.npy" if shard_size is None else "part-00000/images.npy")).unlink()
+    figures = build(cache_plan, target)
+    assert figures["decoded"] == (7 if shard_size is None else 4)
     np.testing.assert_array_equal(np.asarray(ImageCache(target).images),
                                   np.asarray(ImageCache(tmp_path / "reference").images))
 

@@ -151,12 +151,13 @@ def is_complete(path: Path, fingerprint: str | None = None) -> bool:
 
 
 def _images_present(path: Path, content: dict) -> bool:
-    """Every images file the manifest counts on: one deleted by hand means a rebuild."""
+    """The images file, or for a sharded cache every part finished with its own: a part
+    deleted by hand, or rebuilt by a run that was then killed, is built again."""
     shard_size = content.get("shard_size")
     if shard_size is None:
         return (path / "images.npy").is_file()
     parts = len(part_bounds(int(content.get("images", 0)), int(shard_size)))
-    return all((part_folder(path, k) / "images.npy").is_file() for k in range(parts))
+    return all(is_complete(part_folder(path, k)) for k in range(parts))
 
 
 class CacheBusyError(PneumoniaKedroError):
@@ -246,6 +247,8 @@ def _folder_state(path: Path) -> CacheState:
     if not manifest.is_file():
         return CacheState(path=path)
     content = json.loads(manifest.read_text())
+    if content.get("shard_size") is None and not (path / "images.npy").is_file():
+        return CacheState(path=path)  # its images deleted: the records' rows are gone too
     records = []
     for chunk_file in sorted((path / "records").glob("*.json")):
         records.extend(json.loads(chunk_file.read_text()))
