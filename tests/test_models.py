@@ -304,3 +304,32 @@ def test_anchor_sizes_scale_with_the_image_size():
         from_params(ModelConfig, {"anchor_reference_size": 8}, "model")
     with pytest.raises(ConfigError, match="anchor_reference_size is set but model.anchor_sizes"):
         from_params(ModelConfig, {"anchor_reference_size": 128}, "model")
+    # Halves round up (Python's round() took 12.5 to 12 and 13.5 to 14).
+    halves = replace(TINY, anchor_sizes=((25, 27),), anchor_reference_size=128, image_size=64)
+    assert halves.scaled_anchor_sizes() == ((13, 14),)
+
+
+def test_a_model_config_without_reference_size_saves_as_before_it_existed():
+    """Checkpoints fingerprint ``to_dict()``: a new key with its default would have stopped
+    every earlier checkpoint from resuming."""
+    from pneumonia_kedro.models import model_config_from_dict
+
+    assert "anchor_reference_size" not in TINY.to_dict()
+    assert model_config_from_dict(TINY.to_dict()) == TINY
+    scaled = replace(TINY, anchor_sizes=((12, 20, 32),) * 3, anchor_reference_size=128)
+    assert model_config_from_dict(scaled.to_dict()) == scaled
+
+
+@pytest.mark.parametrize("pretrained", ["none", "imagenet"])
+def test_training_only_the_box_predictor_of_untrained_layers_is_refused(pretrained):
+    """FCOS or a ResNet-18/34 FPN from ``none``/``imagenet`` with the base default
+    ``trainable: box_predictor`` trained its last layers on top of frozen random ones."""
+    from pneumonia_kedro.config import ConfigError
+
+    config = replace(TINY, pretrained=pretrained, trainable="box_predictor")
+    with pytest.raises(ConfigError, match=r"params:model.trainable = 'box_predictor' trains "
+                                          r"only the last layers.*set model.trainable: all"):
+        config.check_training()
+    replace(config, trainable="all").check_training()
+    replace(config, pretrained="coco").check_training()
+    replace(config, trainable=3).check_training()

@@ -127,6 +127,8 @@ def _read(group: str, settings: type, params: object) -> None:
         evaluate_config(params)
     elif group == "engine":
         _check_run_storage(from_params(settings, params, group))
+    elif group == "model":
+        from_params(settings, params, group).check_training()
     else:
         from_params(settings, params, group)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -66,8 +67,24 @@ class ModelConfig:
             raise ConfigError("model.anchor_reference_size is set but model.anchor_sizes is "
                               "null: give the anchor sizes it scales, or leave it null")
 
+    def check_training(self) -> None:
+        """Refuse training that cannot learn: ``trainable: box_predictor`` keeps all but the
+        last layers as they start, which is only sound when they start pretrained for
+        detection (COCO, or a weights file). Not checked on load: a saved model is as it is."""
+        if self.trainable == "box_predictor" and self.pretrained in ("none", "imagenet"):
+            raise ConfigError(
+                f"params:model.trainable = 'box_predictor' trains only the last layers, but "
+                f"params:model.pretrained = {self.pretrained!r} leaves the "
+                f"{'backbone, ' if self.pretrained == 'none' else ''}feature pyramid and "
+                "detection heads untrained, so they would stay random: set model.trainable: "
+                "all (or a number of trainable backbone layers), or pretrained: coco")
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        # Left out while unset, so checkpoints written before it existed still resume.
+        if values["anchor_reference_size"] is None:
+            del values["anchor_reference_size"]
+        return values
 
     @property
     def one_stage(self) -> bool:
@@ -79,7 +96,8 @@ class ModelConfig:
             return None
         scale = 1.0 if self.anchor_reference_size is None else \
             self.image_size / self.anchor_reference_size
-        return tuple(tuple(max(1, round(float(s) * scale)) for s in level)
+        # Half up, not Python's half to even: 12.5 px and 13.5 px both round up.
+        return tuple(tuple(max(1, math.floor(float(s) * scale + 0.5)) for s in level)
                      for level in self.anchor_sizes)
 
 

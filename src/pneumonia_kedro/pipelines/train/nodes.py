@@ -36,6 +36,7 @@ def train(
     metrics. ``engine``: here or on Ray Train; ``fold``: the cross-validation fold (its
     checkpoint folder and GPU)."""
     model_config = from_params(ModelConfig, model_params, "model")
+    model_config.check_training()
     config = from_params(TrainConfig, train_params, "train")
     if "image_size" in model_params and model_config.image_size != train_image_cache.image_size:
         raise ConfigError(
