@@ -52,6 +52,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -233,20 +234,21 @@ def _recipe_cell(project: Path, params: dict) -> dict:
 
 
 def run_recipes(spec: str, recipes: list[str], scratch: Path, quiet: dict, tiny: bool,
-                done: dict, save: callable) -> dict:
+                done: dict, save: Callable[[dict], None]) -> dict:
     """One data set: generated, its classifier trained once (at the demo's cache), then
     every recipe not in ``done``; ``save`` is called after each."""
     result = {"dataset": spec, **done, "recipes": dict(done.get("recipes", {}))}
     todo = [name for name in recipes if name not in result["recipes"]]
     if not todo:
         return result
-    base = merged(quiet, {"train": {"epochs": 1}, "classifier": {"epochs": 1}}) if tiny \
-        else quiet
+    # --tiny's one epoch goes last: a recipe's own epochs must not undo it.
+    tiny_epochs = {"train": {"epochs": 1}, "classifier": {"epochs": 1}} if tiny else {}
     project = _project(scratch, spec, dataset_params(spec, tiny))
-    _session_run(project, ["ingest", "split", "cache", "classify"], base)
+    _session_run(project, ["ingest", "split", "cache", "classify"], merged(quiet, tiny_epochs))
     for name in todo:
         started = time.perf_counter()
-        result["recipes"][name] = _recipe_cell(project, merged(base, RECIPES[name]))
+        params = merged(merged(quiet, RECIPES[name]), tiny_epochs)
+        result["recipes"][name] = _recipe_cell(project, params)
         print(f"{spec} {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr,
               flush=True)
         save(result)
