@@ -118,10 +118,11 @@ def test_bad_file_is_reported_and_the_others_predicted_in_original_pixels(incomi
 
     # Off: one empty last chunk, so the dataset still replaces an earlier run's reports.
     ((off, no_skips),) = write_structured_reports(predictions, cache, dicoms, trained,
-                                                  _inference(LENIENT))
+                                                  _inference(LENIENT), pd.DataFrame())
     assert (off, off.last, no_skips) == ({}, True, {})
     chunks = list(write_structured_reports(predictions, cache, dicoms, trained,
-                                           {**_inference(LENIENT), "dicom_sr": True}))
+                                           {**_inference(LENIENT), "dicom_sr": True},
+                                           pd.DataFrame()))
     ((reports, skips),) = chunks
     assert reports.last and skips == {}
     assert all(isinstance(v, bytes) for v in reports.values())

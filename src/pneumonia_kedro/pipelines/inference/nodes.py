@@ -219,7 +219,7 @@ def _warn_about_unused_files(report: dict, test_dicoms: DicomFolder) -> None:
 
 def write_structured_reports(test_predictions: pd.DataFrame, test_image_cache: ImageCache,
                              test_dicoms: DicomFolder, ensemble: Ensemble, params: dict,
-                             sample_submission: pd.DataFrame | None = None
+                             sample_submission: pd.DataFrame
                              ) -> Iterator[tuple[FolderChunk, dict[str, str]]]:
     """With ``inference.dicom_sr``, one DICOM SR per predicted image (boxes in the source's
     pixels), yielded in chunks that Kedro saves as they come, each with the images so far that
@@ -229,8 +229,7 @@ def write_structured_reports(test_predictions: pd.DataFrame, test_image_cache: I
     The test set is checked against ``sample_submission`` first (``write_submission`` checks
     it again for its report): a mismatch stops the run before any SR is replaced."""
     config = _config(params)
-    if sample_submission is not None:
-        check_test_set(test_image_cache, sample_submission)
+    check_test_set(test_image_cache, sample_submission)
     patient_ids = test_image_cache.usable["patientId"].tolist() if config.dicom_sr else []
     skips: dict[str, str] = {}
     if not patient_ids:
