@@ -63,12 +63,15 @@ mlflow-ui: $(INSTALLED)  ## the MLflow UI on http://127.0.0.1:5000 (PORT=... for
 viz: $(INSTALLED)  ## kedro-viz of the demo environment on http://127.0.0.1:4141 (PORT=..., FOLDS=3)
 	$(BIN)/python -m pneumonia_kedro.ui viz $(if $(PORT),--port $(PORT)) $(if $(FOLDS),--folds $(FOLDS))
 
-# README screenshots, regenerated from the local MLflow store and the current pipelines;
-# Debian's chromium is installed first when missing (root, or sudo).
-screenshots: $(INSTALLED)
+# README screenshots, regenerated from the local MLflow store and the current pipelines, and a
+# delivered overlay in a temporary Orthanc's web viewer (ONLY=orthanc: that picture alone);
+# Debian's chromium and Orthanc's web viewer are installed first when missing (root, or sudo).
+screenshots: $(INSTALLED) pacs-tools
 	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
 		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)
-	$(BIN)/python docs/screenshots.py
+	[ -e /usr/share/orthanc/plugins/libOrthancWebViewer.so ] || \
+		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq orthanc-webviewer)
+	$(BIN)/python docs/screenshots.py $(if $(ONLY),--only $(ONLY))
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

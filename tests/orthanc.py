@@ -17,7 +17,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 import requests
 
 ORTHANC = "Orthanc"
@@ -39,6 +38,8 @@ def missing_parts() -> list[str]:
 
 def require_orthanc() -> None:
     """Skip (fail under CI) with the packages to install when Orthanc cannot run here."""
+    import pytest  # here, so that docs/screenshots.py imports this module without pytest
+
     missing = missing_parts()
     if missing:
         message = (f"Debian package(s) {', '.join(missing)} not installed: `make pacs-tools` "

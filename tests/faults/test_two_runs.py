@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from pathlib import Path
 
 import mlflow
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from tests.conftest import DEMO_RAW, run_session, tiny_demo_project
+from tests.orthanc import PASSWORD, USER, running_orthanc
 from tests.pipelines.test_full_run import TINY_RUN
 
 # Values the competition's files never hold; any of them in an output is a leak.
@@ -131,6 +133,7 @@ def test_no_identifying_value_reaches_any_output(two_runs):
     assert leaks(strings_in(sorted((raw / "stage_2_train_images").glob("*.dcm"))[0])), \
         "the inputs must carry the identifying values for this test to mean anything"
     assert not list(project.rglob("structured_reports/*.dcm")), "SR output must be off by default"
+    assert not list(project.rglob("pacs_secondary_captures/*")), "deliver is not in the default"
     scanned = 0
     for path in sorted(project.rglob("*")):
         if path.is_file() and raw not in path.parents:
@@ -155,25 +158,83 @@ def test_no_identifying_value_reaches_any_output(two_runs):
     assert artifacts > 10  # figures, reports, the model and its code
 
 
+@pytest.fixture
+def orthanc(tmp_path):
+    yield from running_orthanc(tmp_path / "orthanc")
+
+
+def new_run(client: mlflow.MlflowClient, before: set[str]) -> mlflow.entities.Run:
+    (experiment,) = [e for e in client.search_experiments() if e.name == "pneumonia-kedro"]
+    (run,) = [r for r in client.search_runs([experiment.experiment_id])
+              if r.info.run_id not in before]
+    return run
+
+
+def mlflow_leaks(client: mlflow.MlflowClient, run: mlflow.entities.Run) -> dict[str, list[str]]:
+    """The identifying values in the run's params, tags, metrics and in each artefact
+    (downloaded from the store), by where they were found."""
+    found = {"record": leaks([json.dumps(run.data.params), json.dumps(run.data.tags),
+                              json.dumps(run.data.metrics), str(run.info)])}
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                     tracking_uri=client.tracking_uri))
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        found[str(path.relative_to(local))] = leaks(strings_in(path))
+    return found
+
+
 @pytest.mark.slow
-def test_structured_reports_are_the_one_output_that_identifies_the_patient(two_runs,
-                                                                            monkeypatch):
-    """With ``inference.dicom_sr`` on, the SRs carry the source's patient and study
-    identification (so a PACS files them with the study); every other output still none."""
+def test_the_pacs_objects_are_the_one_output_that_identifies_the_patient(
+        two_runs, orthanc, monkeypatch, caplog, capfd):
+    """``kedro run --pipelines inference,deliver --params inference.dicom_sr=true`` into a real
+    Orthanc: the SRs and overlays (on disk and in the PACS) carry the source's patient and
+    study identification, so the PACS files them with the study; the delivery report, the
+    logs, every other file and every MLflow record of the run carry none."""
+    caplog.set_level(logging.INFO)
     _, project = two_runs
     monkeypatch.chdir(project)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    tracking_uri = f"sqlite:///{project / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    for variable, value in (("PACS_DICOMWEB_URL", orthanc.dicomweb_url),
+                            ("PACS_USERNAME", USER), ("PACS_PASSWORD", PASSWORD)):
+        monkeypatch.setenv(variable, value)
+    client = mlflow.MlflowClient(tracking_uri)
+    before = {r.info.run_id for r in client.search_runs(
+        [e.experiment_id for e in client.search_experiments()])}
     params = {**TINY_RUN, "inference": {"batch_size": 4, "progress": False, "dicom_sr": True,
                                         "cache": {"workers": 0, "progress": False}}}
-    run_session(project, pipelines=["inference"], params=params)
-    reports = sorted((project / "data/07_model_output/demo/structured_reports").glob("*.dcm"))
-    assert len(reports) == 3
-    for report in reports:
-        ds = pydicom.dcmread(report)
-        assert str(ds.PatientName) == IDENTIFYING["PatientName"]
-        assert ds.AccessionNumber == IDENTIFYING["AccessionNumber"]
+    run_session(project, pipelines=["inference", "deliver"], params=params)
+
+    output = project / "data/07_model_output/demo"
+    reports = sorted((output / "structured_reports").glob("*.dcm"))
+    overlays = sorted((output / "pacs_secondary_captures").glob("*.dcm"))
+    assert len(reports) == 3 and [p.name for p in overlays] == [p.name for p in reports]
+    delivered = 0
+    for path in reports + overlays:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        (stored,) = orthanc.find("Instance", {"SOPInstanceUID": ds.SOPInstanceUID})
+        in_pacs = pydicom.dcmread(io.BytesIO(orthanc.file(stored["ID"])),
+                                  stop_before_pixels=True)
+        for copy in (ds, in_pacs):
+            assert str(copy.PatientName) == IDENTIFYING["PatientName"], path
+            assert copy.PatientBirthDate == IDENTIFYING["PatientBirthDate"], path
+            assert copy.AccessionNumber == IDENTIFYING["AccessionNumber"], path
+        delivered += 1
+    assert delivered == 6
+    report = project / "data/08_reporting/demo/delivery_report.json"
+    assert json.loads(report.read_text())["stored"] == 6 and leaks(strings_in(report)) == []
+    # The logs, as captured and as printed: the delivery was logged, with no identification.
+    console = capfd.readouterr()
+    assert "6 stored now" in caplog.text and "6 stored now" in console.out
+    assert leaks([caplog.text, console.out, console.err]) == []
     raw = project / DEMO_RAW
-    for path in sorted(project.rglob("*")):
+    for path in sorted(project.rglob("*")):  # info.log and the SQLite store included
         if path.is_file() and raw not in path.parents and \
-                "structured_reports" not in path.parts:
+                not {"structured_reports", "pacs_secondary_captures"} & set(path.parts):
             assert leaks(strings_in(path)) == [], path
+    # MLflow: the run's record and every artefact. The SRs are not among them: the
+    # artefact store is shared more widely than the PACS (they were logged, identity and all).
+    run = new_run(client, before)
+    assert run.data.params["deliver.protocol"] == "stow_rs"
+    found = mlflow_leaks(client, run)
+    assert not any(name.endswith(".dcm") for name in found), sorted(found)
+    assert "submission.csv" in found and not any(found.values()), found

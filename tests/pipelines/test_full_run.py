@@ -422,8 +422,9 @@ def test_structured_reports_are_off_by_default_and_written_on_request(demo_run,
                                         submission.loc[patient_id, "PredictionString"])
     run = mlflow.search_runs(experiment_names=["pneumonia-kedro"]).sort_values(
         "start_time").iloc[-1]
-    logged = mlflow.MlflowClient().list_artifacts(run["run_id"], "structured_reports")
-    assert sorted(Path(a.path).stem for a in logged) == written
+    # Not in MLflow: an SR identifies the patient, and the artefact store is shared widely.
+    logged = [a.path for a in mlflow.MlflowClient().list_artifacts(run["run_id"])]
+    assert logged and not [path for path in logged if "structured_reports" in path]
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
