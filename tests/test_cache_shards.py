@@ -278,3 +278,21 @@ def test_dicoms_named_by_an_fsspec_url_cache_as_the_local_folder(demo, one_folde
         pd.testing.assert_frame_equal(from_url.index, one_folder.index)
     finally:
         fsspec.filesystem("memory").rm("/shards_test", recursive=True)
+
+
+@pytest.mark.parametrize("shard_size", [None, 4])
+def test_a_cache_opened_by_a_relative_path_unpickles_elsewhere(demo, tmp_path, monkeypatch,
+                                                               shard_size):
+    """The catalog names caches relative to the project; a worker process or Ray actor that
+    starts in another folder looked for them there."""
+    import pickle
+
+    folder, _ = demo
+    build(_plan(folder, shard_size), tmp_path / "cache")
+    monkeypatch.chdir(tmp_path)
+    shipped = pickle.dumps(ImageCache("cache"))
+    images = pickle.dumps(ImageCache("cache").images)
+    monkeypatch.chdir(tmp_path.parent)  # the worker's own folder
+    np.testing.assert_array_equal(np.asarray(pickle.loads(shipped).images),
+                                  np.asarray(pickle.loads(images)))
+    assert len(pickle.loads(shipped).index) == 7

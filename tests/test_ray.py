@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
+from pneumonia_kedro.config import ConfigError
 from pneumonia_kedro.dicom import DicomFolder
 from pneumonia_kedro.engines import EngineConfig, RayTrainSettings, engine_config
 from pneumonia_kedro.ensemble import Ensemble
@@ -102,6 +103,11 @@ def test_engine_setting_is_local_by_default_and_accepts_a_name():
     assert engine_config({"backend": "ray", "address": "auto"}).address == "auto"
     with pytest.raises(Exception, match="backend"):
         engine_config({"backend": "spark"})
+    # The run storage holds files (checkpoints, epoch markers): a URL became a folder "s3:".
+    with pytest.raises(ConfigError, match=r"params:engine.storage = 's3://bucket/runs' is a "
+                                          "URL, but the training writes"):
+        engine_config({"backend": "ray", "storage": "s3://bucket/runs"})
+    assert engine_config({"storage": "file:///shared/runs"}).storage == "/shared/runs"
 
 
 def test_the_local_engine_imports_no_ray():
@@ -119,6 +125,80 @@ def test_the_local_engine_imports_no_ray():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=PROJECT_ROOT)
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+# A process whose node thread (a ThreadRunner worker) starts the local Ray and then ends.
+LOCAL_RAY_FROM_A_NODE_THREAD = """
+import json, os, signal, threading
+import ray
+from pneumonia_kedro.engines import EngineConfig
+from pneumonia_kedro.engines.ray_engine import connect
+
+def descendants(pid):
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                children.setdefault(int(stat.read().rsplit(")", 1)[1].split()[1]), []).append(
+                    int(entry))
+        except OSError:
+            pass
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+def on_sigterm(signum, frame):
+    pass
+
+signal.signal(signal.SIGTERM, on_sigterm)
+engine = EngineConfig(backend="ray", num_cpus=1, object_store_memory=OBJECT_STORE)
+node = threading.Thread(target=connect, args=(engine,))
+node.start()
+node.join()
+assert ray.get(ray.remote(lambda: 1).remote(), timeout=120) == 1, "the Ray died with the thread"
+assert signal.getsignal(signal.SIGTERM) is on_sigterm, "ray.init replaced the SIGTERM handler"
+print(json.dumps(descendants(os.getpid())))
+""".replace("OBJECT_STORE", str(OBJECT_STORE))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc (Linux)")
+def test_a_local_ray_started_in_a_node_thread_outlives_it_and_ends_with_the_process():
+    """``FOLDS=k kedro run --runner ThreadRunner --params engine.backend=ray``: the node that
+    starts the local Ray runs in a pool thread. Its processes were tied to that thread
+    (PR_SET_PDEATHSIG), SIGKILLed when the pool ended, and left the raylet's agents running
+    after ``kedro run`` exited; ray.init also took over the SIGTERM handler that marks an
+    interrupted MLflow run KILLED."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    # Its own Ray folder: a local Ray, not this module's cluster (ray_current_cluster).
+    with tempfile.TemporaryDirectory(prefix="ray") as ray_tmp:  # short: Ray's socket paths
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        out = subprocess.run([sys.executable, "-c", LOCAL_RAY_FROM_A_NODE_THREAD],
+                             capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300,
+                             check=False, env={**env, "RAY_TMPDIR": ray_tmp})
+        assert out.returncode == 0, out.stderr[-3000:]
+        started = json.loads(out.stdout.strip().splitlines()[-1])
+        assert started  # the GCS, the raylet and its agents
+        deadline = time.monotonic() + 60
+        while (left := [pid for pid in started if _alive(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for pid in left:  # not for the next test to meet
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"Ray processes left behind: {left}"
 
 
 def test_cache_built_on_the_cluster_equals_the_local_build(cluster, dicoms, tmp_path):

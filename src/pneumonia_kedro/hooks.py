@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from kedro.framework.context import KedroContext
 from kedro.framework.hooks import hook_impl
@@ -28,9 +27,6 @@ from pneumonia_kedro.mlflow_hooks import (
     environment_tags,
 )
 from pneumonia_kedro.pipelines.folds import folds_in
-
-if TYPE_CHECKING:
-    from pneumonia_kedro.engines import EngineConfig
 
 RAW_DATASET_TYPES = (LabelsCSVDataset, DicomFolderDataset)
 # The MLflow run's hooks live in mlflow_hooks.py; settings.py registers them from here.
@@ -125,24 +121,10 @@ def _read(group: str, settings: type, params: object) -> None:
         from pneumonia_kedro.evaluation import evaluate_config
 
         evaluate_config(params)
-    elif group == "engine":
-        _check_run_storage(from_params(settings, params, group))
     elif group == "model":
         from_params(settings, params, group).check_training()
     else:
         from_params(settings, params, group)
-
-
-def _check_run_storage(engine: EngineConfig) -> None:
-    """With Ray, the run storage holds the training's checkpoints and per-epoch log markers,
-    written as files (``training.checkpoints``): a URL there became a local folder named
-    ``s3:`` on each worker, which a restarted worker group could not find."""
-    storage = engine.storage
-    if engine.is_ray and "://" in storage:
-        raise ConfigError(
-            f"params:engine.storage = {storage!r} is a URL, but the training writes its "
-            "checkpoints and per-epoch log markers there as files: give a path on a file "
-            "system every node mounts at the same path (NFS, CephFS, a ReadWriteMany volume)")
 
 
 class RunParametersCheckHook:

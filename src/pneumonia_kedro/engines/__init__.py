@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pneumonia_kedro.config import AT_LEAST_ONE, NON_NEGATIVE, from_params
+from pneumonia_kedro.config import AT_LEAST_ONE, NON_NEGATIVE, ConfigError, from_params
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,11 @@ class RayInferenceSettings:
 class EngineConfig:
     """``backend``: local | ray. With ray, ``address`` is empty (a Ray started by the run, on
     this machine), ``auto`` (the cluster this machine belongs to) or a ``ray://`` URL;
-    ``storage`` is the run storage every node reads and writes (a shared path or an fsspec
-    URL): Ray Train's results and the checkpoints of a training without a checkpoint folder.
+    ``storage`` is the run storage every node reads and writes: Ray Train's results and the
+    checkpoints of a training without a checkpoint folder. It is a path on a file system
+    every node mounts at the same path (a ``file://`` URL is taken as its path): the
+    checkpoints and per-epoch log markers are written there as files, so an ``s3://`` URL
+    became a local folder named ``s3:`` on each worker.
     """
 
     RANGES = {"num_cpus": AT_LEAST_ONE, "object_store_memory": AT_LEAST_ONE,
@@ -59,6 +62,16 @@ class EngineConfig:
     cache_tasks: int = 0  # decoding tasks in flight (0: twice the cluster's CPUs)
     train: RayTrainSettings = field(default_factory=RayTrainSettings)
     inference: RayInferenceSettings = field(default_factory=RayInferenceSettings)
+
+    def __post_init__(self) -> None:
+        if self.storage.startswith("file://"):
+            object.__setattr__(self, "storage", self.storage.removeprefix("file://"))
+        elif "://" in self.storage:
+            raise ConfigError(
+                f"params:engine.storage = {self.storage!r} is a URL, but the training writes "
+                "its checkpoints and per-epoch log markers there as files: give a path on a "
+                "file system every node mounts at the same path (NFS, CephFS, a ReadWriteMany "
+                "volume)")
 
     @property
     def is_ray(self) -> bool:

@@ -21,7 +21,9 @@ switch on ``engine.backend`` and nothing downstream changes:
 Cross-validation folds train at the same time when Kedro's ``ThreadRunner`` runs their nodes:
 each node's thread submits its own ``TorchTrainer`` (Ray Train v2 runs a controller actor per
 ``fit``), Ray places both jobs' workers, and each fold logs into its own MLflow child run
-(``FoldRunsHook``) and checkpoints into its own folder. ``connect`` is locked for them.
+(``FoldRunsHook``) and checkpoints into its own folder. ``connect`` is locked for them,
+and starts or joins Ray from a thread of its own: a local Ray then outlives the runner's
+threads and ends with the process (``_LastingInit``).
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import queue
 import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import asdict, replace
 from itertools import islice
 from pathlib import Path
@@ -56,17 +60,60 @@ _CONNECTING = threading.Lock()  # fold nodes run side by side (ThreadRunner) con
 def connect(engine: EngineConfig) -> None:
     """Join the cluster of ``engine.address`` (``auto``, ``ray://...``), or start a Ray on
     this machine when it is empty; a Ray already connected (a test's cluster, an earlier
-    node of the run) is used as it is."""
+    node of the run) is used as it is.
+
+    ``ray.init`` runs in a thread of its own that lasts as long as this process, whichever
+    thread the node runs in (``_LastingInit``)."""
     with _CONNECTING:
         if ray.is_initialized():
             return
         if engine.address:
             logger.info("connecting to the Ray cluster at %s", engine.address)
-            ray.init(address=engine.address, log_to_driver=False)
+            _init_in_a_lasting_thread(address=engine.address, log_to_driver=False)
             return
         logger.info("starting a local Ray (%s CPUs)", engine.num_cpus or "all")
-        ray.init(num_cpus=engine.num_cpus, object_store_memory=engine.object_store_memory,
-                 include_dashboard=False, log_to_driver=False)
+        _init_in_a_lasting_thread(  # "local": never a cluster RAY_ADDRESS points at
+            address="local", num_cpus=engine.num_cpus,
+            object_store_memory=engine.object_store_memory,
+            include_dashboard=False, log_to_driver=False)
+
+
+class _LastingInit:
+    """``ray.init(**kwargs)`` in a daemon thread that lives until this process exits.
+
+    A local Ray's processes (GCS, raylet) are started with ``PR_SET_PDEATHSIG``, which
+    Linux ties to the thread that started them, not the process: started from a
+    ``ThreadRunner`` worker, they were SIGKILLed when the runner's pool ended, before
+    ``ray.shutdown`` at exit, leaving the raylet's dashboard and runtime-env agents
+    running (and a dead Ray to any later run in the process). From this thread they end
+    by Ray's own exit handler. In the main thread ``ray.init`` also replaced the SIGTERM
+    handler (``InterruptedRunHook``'s, which marks the MLflow run KILLED) with
+    ``sys.exit``; from any other thread it leaves it alone."""
+
+    def __init__(self) -> None:
+        self.requests: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+
+    def __call__(self, **kwargs: object) -> None:
+        if self.thread is None or not self.thread.is_alive():
+            self.thread = threading.Thread(target=self._serve, name="ray-init", daemon=True)
+            self.thread.start()
+        done: Future = Future()
+        self.requests.put((kwargs, done))
+        done.result()
+
+    def _serve(self) -> None:
+        while True:
+            kwargs, done = self.requests.get()
+            try:
+                ray.init(**kwargs)
+            except BaseException as error:  # raised in the node's thread
+                done.set_exception(error)
+            else:
+                done.set_result(None)
+
+
+_init_in_a_lasting_thread = _LastingInit()
 
 
 def _cluster_cpus() -> int:
@@ -156,9 +203,7 @@ def _ray_worker(config: dict) -> None:
 
 
 def _storage(engine: EngineConfig) -> str:
-    """Ray Train wants an absolute path or a URL."""
-    if "://" in engine.storage:
-        return engine.storage
+    """Ray Train wants an absolute path (``EngineConfig`` refuses URLs)."""
     return str(Path(engine.storage).resolve())
 
 
@@ -178,7 +223,9 @@ def fit_on_ray(task: TrainingTask, settings: FitSettings, checkpoints: Checkpoin
     settings = replace(settings, world_size=scaling.num_workers)
     use_gpu = scaling.gpus_per_worker > 0
     storage = _storage(engine)
-    name = f"{task.name}{'' if fold is None else f'-fold_{fold}'}-{uuid.uuid4().hex[:8]}"
+    # Named by the task's parameter group (train, classifier): task.name is the progress
+    # bar's word ("classifier epoch"), a space in the run folder's path.
+    name = f"{task.params}{'' if fold is None else f'-fold_{fold}'}-{uuid.uuid4().hex[:8]}"
     run_folder = os.path.join(storage, name)
     if checkpoints is None:
         # Without a checkpoint folder a restarted group still resumes: this run's own store.
@@ -200,8 +247,8 @@ def fit_on_ray(task: TrainingTask, settings: FitSettings, checkpoints: Checkpoin
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
-    logger.info("training %s on Ray Train: %d workers, %s CPU and %s GPU each; run storage %s",
-                task.name, scaling.num_workers, scaling.cpus_per_worker,
+    logger.info("training (params:%s) on Ray Train: %d workers, %s CPU and %s GPU each; run "
+                "storage %s", task.params, scaling.num_workers, scaling.cpus_per_worker,
                 scaling.gpus_per_worker, run_folder)
     result = trainer.fit()
     if result.checkpoint is None:
@@ -212,6 +259,16 @@ def fit_on_ray(task: TrainingTask, settings: FitSettings, checkpoints: Checkpoin
 
 # ---------------------------------------------------------------------------------------------
 # Prediction on Ray Data
+
+
+def _actors_that_fit(settings: object) -> int:
+    """As many actors as the cluster's CPUs (and GPUs, when each takes some) hold at once."""
+    resources = ray.cluster_resources()
+    fits = [int(resources.get("CPU", 1) // settings.cpus_per_actor)
+            if settings.cpus_per_actor else _cluster_cpus()]
+    if settings.gpus_per_actor:
+        fits.append(int(resources.get("GPU", 0) // settings.gpus_per_actor))
+    return max(1, min(fits))
 
 
 class EnsemblePredictor:
@@ -260,8 +317,12 @@ def predict_on_ray(ensemble: object, cache: ImageCache, tta: object, postprocess
     if not batches:  # nothing usable: the local path's empty prediction
         return predict(ensemble.build("cpu"), [], tta, postprocess, batch_size)
     settings = engine.inference
-    actors = min(batches, settings.actors or _cluster_cpus())
-    ray.data.DataContext.get_current().enable_progress_bars = progress
+    actors = min(batches, settings.actors or _actors_that_fit(settings))
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = progress
+    # A failed batch raises the predictor's own error (a DicomError, a CUDA error), not Ray
+    # Data's "UDF failed to process a data block".
+    context.raise_original_map_exception = True
     # Held here until every batch is predicted: a restarted actor fetches the weights again.
     ensemble_ref = ray.put(ensemble)
     predicted = ray.data.from_items(

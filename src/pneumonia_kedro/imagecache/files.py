@@ -121,7 +121,8 @@ class ImageCache:
         return len(self.index)
 
     def __getstate__(self) -> dict:
-        return {"path": self.path}
+        # Absolute: a worker process or Ray actor may start in another folder.
+        return {"path": self.path.absolute()}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["path"])

@@ -122,7 +122,8 @@ class ShardedImages:
         return whole if dtype is None else whole.astype(dtype)
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "shape": self.shape, "shard_size": self.shard_size}
+        return {"path": self.path.absolute(), "shape": self.shape,
+                "shard_size": self.shard_size}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["path"], state["shape"][0], state["shape"][1],
