@@ -333,3 +333,21 @@ def test_training_only_the_box_predictor_of_untrained_layers_is_refused(pretrain
     replace(config, trainable="all").check_training()
     replace(config, pretrained="coco").check_training()
     replace(config, trainable=3).check_training()
+
+
+def test_settings_that_failed_only_when_the_detector_was_built_are_refused_up_front():
+    """FCOS with COCO weights, or a ResNet FPN with the demo's 3-level anchors, failed in
+    the train node, after the cache and the whole classifier training had run."""
+    from pneumonia_kedro.config import ConfigError
+
+    fcos = replace(TINY, architecture="fcos_resnet18_fpn", pretrained="coco")
+    with pytest.raises(ConfigError, match="no COCO weights for model.architecture "
+                                          "'fcos_resnet18_fpn': use imagenet or none"):
+        fcos.check_training()
+    replace(fcos, pretrained="none").check_training()  # its anchor settings are ignored
+    resnet = replace(TINY, architecture="resnet34_fpn", anchor_sizes=((16, 32, 64, 128),) * 3)
+    with pytest.raises(ConfigError, match="anchor_sizes has 3 levels but resnet34_fpn has 5 "
+                                          "feature maps: give 5 lists"):
+        resnet.check_training()
+    replace(resnet, anchor_sizes=None).check_training()
+    replace(resnet, anchor_sizes=((16,),) * 5).check_training()

@@ -14,6 +14,10 @@ Architecture = Literal["resnet50_fpn", "resnet50_fpn_v2", "mobilenet_v3_large_fp
                        "resnet18_fpn", "resnet34_fpn", "fcos_resnet18_fpn"]
 # One-stage detectors: no region proposals, no box head (see ModelConfig).
 ONE_STAGE = frozenset({"fcos_resnet18_fpn"})
+COCO_ARCHITECTURES = frozenset({"resnet50_fpn", "resnet50_fpn_v2", "mobilenet_v3_large_fpn"})
+# Feature maps the anchors are laid on (FCOS: anchor-free, its anchor settings ignored).
+FEATURE_MAPS = {"mobilenet_v3_large_fpn": 3, "resnet50_fpn": 5, "resnet50_fpn_v2": 5,
+                "resnet18_fpn": 5, "resnet34_fpn": 5}
 
 
 @dataclass(frozen=True)
@@ -68,9 +72,23 @@ class ModelConfig:
                               "null: give the anchor sizes it scales, or leave it null")
 
     def check_training(self) -> None:
-        """Refuse training that cannot learn: ``trainable: box_predictor`` keeps all but the
-        last layers as they start, which is only sound when they start pretrained for
-        detection (COCO, or a weights file). Not checked on load: a saved model is as it is."""
+        """Refuse, before any node runs, settings that fail only when the detector is built
+        (no COCO weights, anchors for another number of feature maps) or cannot learn:
+        ``trainable: box_predictor`` keeps all but the last layers as they start, which is
+        only sound when they start pretrained for detection (COCO, or a weights file). Not
+        checked on load: a saved model is as it is."""
+        if self.pretrained == "coco" and self.architecture not in COCO_ARCHITECTURES:
+            raise ConfigError(
+                f"params:model.pretrained = 'coco', but torchvision has no COCO weights for "
+                f"model.architecture {self.architecture!r}: use imagenet or none")
+        maps = FEATURE_MAPS.get(self.architecture)
+        if maps is not None and self.anchor_sizes is not None and \
+                len(self.anchor_sizes) != maps:
+            raise ConfigError(
+                f"params:model.anchor_sizes has {len(self.anchor_sizes)} levels but "
+                f"{self.architecture} has {maps} feature maps: give {maps} lists of sizes "
+                "(conf/demo's are for mobilenet_v3_large_fpn's 3; benchmarks/recipes.py has a "
+                "5-level set) or null for torchvision's")
         if self.trainable == "box_predictor" and self.pretrained in ("none", "imagenet"):
             raise ConfigError(
                 f"params:model.trainable = 'box_predictor' trains only the last layers, but "
