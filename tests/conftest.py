@@ -125,3 +125,25 @@ def run_kedro(kedro_project: Path) -> Callable[..., dict[str, Any]]:
         return run_session(kedro_project, env, pipelines, params, **kwargs)
 
     return run
+
+
+def build_killed_at_chunk(cache_plan: Any, folder: Path, chunk: int,
+                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Build the cache ``cache_plan`` into ``folder``, killed (KeyboardInterrupt, as a Ctrl-C
+    or kill does) when the ``chunk``-th chunk starts decoding."""
+    from pneumonia_kedro.imagecache import build, decoding
+
+    real_decode_rows, calls = decoding._decode_rows, {"n": 0}
+
+    def dies(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == chunk:
+            raise KeyboardInterrupt
+        return real_decode_rows(*args, **kwargs)
+
+    monkeypatch.setattr(decoding, "_decode_rows", dies)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build(cache_plan, folder)
+    finally:
+        monkeypatch.setattr(decoding, "_decode_rows", real_decode_rows)

@@ -28,10 +28,9 @@ from pneumonia_kedro.imagecache import (
     build,
     plan,
 )
-from pneumonia_kedro.imagecache import decoding as imagecache
 from pneumonia_kedro.inference import cached_squares
 from pneumonia_kedro.training import CachedDetectionDataset
-from tests.conftest import run_session, write_demo_dicoms
+from tests.conftest import build_killed_at_chunk, run_session, write_demo_dicoms
 
 SIZE = 48
 
@@ -105,24 +104,12 @@ def test_a_build_killed_between_parts_resumes_and_leaves_finished_parts_alone(
     folder, _ = demo
     cache_plan = _plan(folder, 4)  # parts of 4 + 3 images, chunks of 2
     build(cache_plan, tmp_path / "reference")
-    real_decode_rows = imagecache._decode_rows
-    calls = {"n": 0}
-
-    def dies_on_third_chunk(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # the kill: part 0 is finished, part 1 not begun
-        return real_decode_rows(*args, **kwargs)
-
-    monkeypatch.setattr(imagecache, "_decode_rows", dies_on_third_chunk)
     target = tmp_path / "resumed"
-    with pytest.raises(KeyboardInterrupt):
-        build(cache_plan, target)
+    build_killed_at_chunk(cache_plan, target, 3, monkeypatch)  # part 0 done, part 1 not begun
     assert ImageCache(target / "part-00000").manifest["complete"]
     assert not (target / "part-00001" / "index.parquet").exists()
     assert not (target / "index.parquet").exists()
     first_part = {p: p.stat().st_mtime_ns for p in (target / "part-00000").rglob("*")}
-    monkeypatch.setattr(imagecache, "_decode_rows", real_decode_rows)
     figures = build(cache_plan, target)
     assert (figures["decoded"], figures["reused"]) == (3, 4)
     assert {p: p.stat().st_mtime_ns for p in (target / "part-00000").rglob("*")} == first_part
@@ -149,19 +136,7 @@ def test_a_part_deleted_by_hand_is_built_again_not_called_up_to_date(demo, tmp_p
     # Deleted again, and the rebuild killed after the part's first chunk: the part's rows
     # were then served as black images by a cache called up to date.
     shutil.rmtree(target / "part-00001")
-    real_decode_rows = imagecache._decode_rows
-    calls = {"n": 0}
-
-    def dies_on_second_chunk(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_decode_rows(*args, **kwargs)
-
-    monkeypatch.setattr(imagecache, "_decode_rows", dies_on_second_chunk)
-    with pytest.raises(KeyboardInterrupt):
-        build(cache_plan, target)
-    monkeypatch.setattr(imagecache, "_decode_rows", real_decode_rows)
+    build_killed_at_chunk(cache_plan, target, 2, monkeypatch)
     figures = build(cache_plan, target)
     assert (figures["decoded"], figures["reused"]) == (1, 6)
     np.testing.assert_array_equal(np.asarray(ImageCache(target).images), reference)

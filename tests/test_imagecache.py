@@ -25,7 +25,7 @@ from pneumonia_kedro.imagecache import (
     read_state,
 )
 from pneumonia_kedro.imagecache import decoding as imagecache
-from tests.conftest import write_demo_dicoms
+from tests.conftest import build_killed_at_chunk, write_demo_dicoms
 
 
 @pytest.fixture(scope="module")
@@ -90,20 +90,8 @@ def test_interrupted_build_resumes_to_an_identical_cache(demo_folder, tmp_path, 
     cache_plan = plan(folder, folder.patient_ids, config)
     build(cache_plan, tmp_path / "reference")
 
-    real_decode_rows = imagecache._decode_rows
-    calls = {"n": 0}
-
-    def dies_on_third_chunk(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # what a Ctrl-C or kill does mid-build
-        return real_decode_rows(*args, **kwargs)
-
-    monkeypatch.setattr(imagecache, "_decode_rows", dies_on_third_chunk)
-    with pytest.raises(KeyboardInterrupt):
-        build(cache_plan, tmp_path / "resumed")
+    build_killed_at_chunk(cache_plan, tmp_path / "resumed", 3, monkeypatch)
     assert not (tmp_path / "resumed" / "index.parquet").exists()
-    monkeypatch.setattr(imagecache, "_decode_rows", real_decode_rows)
     figures = build(cache_plan, tmp_path / "resumed")
     assert (figures["decoded"], figures["reused"]) == (3, 4)
     reference, resumed = ImageCache(tmp_path / "reference"), ImageCache(tmp_path / "resumed")
