@@ -10,8 +10,8 @@ classifier trained once (it does not depend on the detector's recipe); then per 
 cache is built and the detector trained from nothing (cache and checkpoints removed first)
 and evaluated: held-out competition metric with interval, ROC AUCs, CPU minutes of the cache
 and training (this process and its worker processes) and wall minutes. The JSON (``--out``)
-is written after every recipe; ``--resume FILE`` skips the cells it holds. ``--tiny``: 20
-positive and 20 negative patients, one epoch (a check that the benchmark runs, no figures).
+is written after every recipe; ``--resume FILE`` skips the cells it holds. ``--tiny`` (either
+mode): 20 positive and 20 negative patients, one epoch (a check that it runs, no figures).
 
 For each data set (``seed:difficulty[:style]`` of the demo generator; style: its
 ``demo_data.style``, default classic) a scratch copy of the project
@@ -60,7 +60,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipes import RECIPES, merged, pareto_table  # noqa: E402
+from recipes import RECIPES, interval_cell, merged, pareto_table  # noqa: E402
 
 NO_SEARCH = {"shrink": [1.0], "gating_rule": ["none"]}
 VARIANTS = {
@@ -111,12 +111,13 @@ def fold_scores(project: Path, folds: int, quiet: dict) -> dict:
     from kedro.framework.session import KedroSession
 
     from pneumonia_kedro.ensemble import Ensemble
+    from pneumonia_kedro.pipelines.cross_validation.nodes import collect_out_of_fold
     from pneumonia_kedro.pipelines.evaluate.nodes import (
         evaluate_delivered,
         predict_validation,
         predict_validation_probabilities,
     )
-    from pneumonia_kedro.pipelines.folds import member_datasets
+    from pneumonia_kedro.pipelines.folds import fold_names, member_datasets
 
     # The fold count shapes the registered pipelines: it is read from FOLDS, not --params.
     os.environ["FOLDS"] = str(folds)
@@ -137,6 +138,13 @@ def fold_scores(project: Path, folds: int, quiet: dict) -> dict:
         cache = catalog.load("validation_image_cache")
         patients = catalog.load("validation_patients")
         evaluate = catalog.load("params:evaluate")
+        out_of_fold = [collect_out_of_fold(*(catalog.load(f"{fold}.{name}")
+                                             for fold in fold_names(folds)))
+                       for name in ("raw_validation_predictions",
+                                    "validation_image_probabilities")]
+        patient_folds = catalog.load("patient_folds")
+        ensemble_predictions = [catalog.load("raw_validation_predictions"),
+                                catalog.load("validation_image_probabilities")]
     singles = []
     for name in ensemble.names:
         one = ensemble.select(name)
@@ -147,14 +155,55 @@ def fold_scores(project: Path, folds: int, quiet: dict) -> dict:
         singles.append({"metric": single["overall"]["intervals"]["competition_metric"],
                         "roc_auc": single["overall"]["intervals"]["roc_auc"], "fold": name})
     ensemble_overall = metrics["validation_ensemble"]["overall"]["intervals"]
+    gating = gating_out_of_fold(ensemble, out_of_fold, patient_folds, ensemble_predictions,
+                                patients, evaluate)
     return {
         "best fold": max(singles, key=lambda s: s["metric"]["value"]),
         f"{folds}-fold ensemble": {"metric": ensemble_overall["competition_metric"],
                                    "roc_auc": ensemble_overall["roc_auc"]},
         "out of fold": {"metric": metrics["overall"]["intervals"]["competition_metric"],
                         "roc_auc": metrics["overall"]["intervals"]["roc_auc"]},
+        **gating,
         "all folds": singles,
     }
+
+
+def gating_out_of_fold(ensemble: object, out_of_fold: list, patient_folds: object,
+                       ensemble_predictions: list, patients: object, evaluate: dict) -> dict:
+    """The fold ensemble on the validation split with its post-processing tuned on every
+    training patient out of fold, once without gating and once with the gating rules
+    searched; the gated one carries the paired difference (same patients, same resamples)."""
+    from pneumonia_kedro.bootstrap import (
+        BootstrapConfig,
+        mean_difference_interval,
+        resample_counts,
+    )
+    from pneumonia_kedro.evaluation import patient_truth
+    from pneumonia_kedro.metrics import competition_scores
+    from pneumonia_kedro.pipelines.evaluate.nodes import evaluate_delivered, tune_postprocessing
+    from pneumonia_kedro.postprocess import per_image
+
+    ids, truth = patient_truth(patients)
+    (raw_out_of_fold, out_of_fold_probabilities), (raw, probabilities) = \
+        out_of_fold, ensemble_predictions
+    results, per_image_scores = {}, {}
+    for label, rules in (("ensemble, no gating (tuned out of fold)", ["none"]),
+                         ("ensemble, gating (tuned out of fold)",
+                          evaluate["search"]["gating_rule"])):
+        settings = {**evaluate, "search": {**evaluate["search"], "gating_rule": rules}}
+        tuned, _, _ = tune_postprocessing(ensemble, raw_out_of_fold, patient_folds,
+                                          out_of_fold_probabilities, settings)
+        scored, _, final = evaluate_delivered(raw, patients, probabilities, tuned, settings)
+        per_image_scores[label] = competition_scores(truth, *per_image(final, ids),
+                                                     evaluate["inclusive_iou"])
+        overall = scored["overall"]["intervals"]
+        results[label] = {"metric": overall["competition_metric"],
+                          "roc_auc": overall["roc_auc"], "gating": tuned["gating"]}
+    counts = resample_counts(len(ids), BootstrapConfig(**evaluate["bootstrap"]))
+    gated, plain = per_image_scores.values()
+    results["ensemble, gating (tuned out of fold)"]["against no gating"] = \
+        mean_difference_interval(gated, plain, counts)
+    return results
 
 
 def dataset_params(spec: str, tiny: bool = False) -> dict:
@@ -162,7 +211,11 @@ def dataset_params(spec: str, tiny: bool = False) -> dict:
     parts = spec.split(":")
     if len(parts) not in (2, 3):
         raise SystemExit(f"--datasets {spec!r}: expected seed:difficulty[:style]")
-    demo = {"seed": int(parts[0]), "difficulty": float(parts[1])}
+    try:
+        demo = {"seed": int(parts[0]), "difficulty": float(parts[1])}
+    except ValueError:
+        raise SystemExit(f"--datasets {spec!r}: the seed must be an integer and the "
+                         "difficulty a number, as in 7:0.3:ground_glass") from None
     if len(parts) == 3:
         demo["style"] = parts[2]
     if tiny:
@@ -256,10 +309,6 @@ def run_recipes(spec: str, recipes: list[str], scratch: Path, quiet: dict, tiny:
     return result
 
 
-def _cell(interval: dict) -> str:
-    return f"{interval['value']:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]"
-
-
 def table(results: list[dict]) -> str:
     names = [name for name in results[0]["variants"] if name != "all folds"]
     lines = ["| variant | " + " | ".join(f"seed {r['seed']}, difficulty {r['difficulty']}"
@@ -271,7 +320,7 @@ def table(results: list[dict]) -> str:
         values = [r["variants"][name]["metric"]["value"] for r in results]
         changes = [v - r["variants"][reference]["metric"]["value"]
                    for v, r in zip(values, results, strict=True)]
-        cells = [f"{_cell(r['variants'][name]['metric'])}; AUC "
+        cells = [f"{interval_cell(r['variants'][name]['metric'])}; AUC "
                  f"{r['variants'][name]['roc_auc']['value']:.3f}" for r in results]
         change = "" if name in (names[0], "out of fold") else \
             ", ".join(f"{c:+.3f}" for c in changes) + \
@@ -279,9 +328,15 @@ def table(results: list[dict]) -> str:
             (" (all better)" if all(c > 0 for c in changes) else "")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {np.mean(values):.3f} | "
                      f"{change} |")
+    gated = "ensemble, gating (tuned out of fold)"
+    if gated in names:
+        lines.append(f"| {gated}, paired change against no gating | " + " | ".join(
+            f"{interval_cell(r['variants'][gated]['against no gating'])}; rule "
+            f"{r['variants'][gated]['gating']['rule']}" for r in results) + " | | |")
     if "+ gating" in names:
         lines.append("| classifier alone (ROC AUC) | " + " | ".join(
-            _cell(r["variants"]["+ gating"]["classifier_roc_auc"]) for r in results) + " | | |")
+            interval_cell(r["variants"]["+ gating"]["classifier_roc_auc"])
+            for r in results) + " | | |")
     return "\n".join(lines)
 
 
@@ -298,8 +353,12 @@ def main() -> None:
                         help="compare these training recipes (recipes.py) instead")
     parser.add_argument("--resume", type=Path, help="recipes: skip the cells this JSON holds")
     parser.add_argument("--tiny", action="store_true",
-                        help="recipes: 40 patients, one epoch (checks that it runs)")
+                        help="40 patients, one epoch (checks that it runs; no figures)")
     args = parser.parse_args()
+    if args.resume and not args.recipes:
+        parser.error("--resume skips recipe cells: it needs --recipes")
+    for spec in args.datasets:  # a typo fails now, not after the first data set's hour
+        dataset_params(spec)
     quiet = {"cache": {"progress": False}, "train": {"progress": False},
              "classifier": {"progress": False}, "evaluate": {"progress": False}}
     with tempfile.TemporaryDirectory() as scratch:
@@ -307,8 +366,10 @@ def main() -> None:
             main_recipes(args, quiet, Path(scratch))
             return
         results = []
+        if args.tiny:
+            quiet = merged(quiet, {"train": {"epochs": 1}, "classifier": {"epochs": 1}})
         for spec in args.datasets:
-            demo = dataset_params(spec)
+            demo = dataset_params(spec, args.tiny)
             seed, difficulty = demo["demo_data"]["seed"], demo["demo_data"]["difficulty"]
             result = run_dataset(seed, difficulty, Path(scratch), quiet, args.variants,
                                  args.folds, demo)

@@ -38,6 +38,12 @@ RECIPES: dict[str, dict] = {
     "resnet34_fpn@192": {**AT_192, "model": {"architecture": "resnet34_fpn",
                                              "anchor_sizes": RESNET_FPN_ANCHORS,
                                              "anchor_reference_size": 128}},
+    # At the demo's 128 px: the ResNet-18 backbones cost 2-2.6x the mobilenet per step on
+    # CPU (5x at 192 px), so only these fit make demo's budget.
+    "resnet18_fpn@128": {"model": {"architecture": "resnet18_fpn",
+                                   "anchor_sizes": RESNET_FPN_ANCHORS,
+                                   "anchor_reference_size": 128}},
+    "fcos_resnet18_fpn@128": {"model": {"architecture": "fcos_resnet18_fpn"}},
     # Anchor-free: anchor and RPN settings do not apply (models/config.py).
     "fcos_resnet18_fpn@192": {**AT_192, "model": {"architecture": "fcos_resnet18_fpn"}},
     "mobilenet@192 strong augment": _mobilenet(192, augment=STRONG_AUGMENT),
@@ -66,7 +72,7 @@ def frontier(points: dict[str, tuple[float, float]]) -> set[str]:
                        for other, (m, v) in points.items() if other != name)}
 
 
-def _cell(interval: dict) -> str:
+def interval_cell(interval: dict) -> str:
     return f"{interval['value']:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]"
 
 
@@ -88,7 +94,7 @@ def pareto_table(datasets: list[dict]) -> str:
         wall = np.mean([c["wall_minutes"] for c in cells])
         lines.append(
             f"| {'*' if name in best else ''} | {name} | {minutes:.1f} ({wall:.1f}) | "
-            + " | ".join(_cell(c["metric"]) for c in cells)
+            + " | ".join(interval_cell(c["metric"]) for c in cells)
             + f" | {metric:.3f} | {np.mean([c['roc_auc']['value'] for c in cells]):.3f} | "
             f"{np.mean([c['classifier_roc_auc']['value'] for c in cells]):.3f} |")
     missing = [n for n in names if n not in done]

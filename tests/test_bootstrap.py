@@ -8,6 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from pneumonia_kedro.bootstrap import (
     BootstrapConfig,
+    mean_difference_interval,
     mean_interval,
     proportion_interval,
     resample_counts,
@@ -65,6 +66,24 @@ def test_intervals_narrow_with_more_images():
     # The width shrinks about as 1 / sqrt(n): 16x the images, about a quarter of the width.
     assert large_auc < small_auc / 2.5 and large_mean < small_mean / 2.5
 
+
+def test_a_paired_difference_is_the_difference_of_means_with_a_narrower_interval():
+    _, _, per_image = _scores(300, seed=4)
+    # A second scoring of the same images: slightly better on most, NaN where the first is.
+    rng = np.random.default_rng(9)
+    better = np.clip(per_image + rng.normal(0.03, 0.02, 300), 0, 1)
+    counts = resample_counts(300, BootstrapConfig(resamples=500))
+    difference = mean_difference_interval(better, per_image, counts)
+    assert np.isclose(difference["value"], np.nanmean(better) - np.nanmean(per_image))
+    # Both move together over the resamples: the paired interval excludes 0 although the
+    # two intervals side by side overlap.
+    first, second = mean_interval(per_image, counts), mean_interval(better, counts)
+    assert first["high"] > second["low"]
+    assert 0 < difference["low"] < difference["value"] < difference["high"]
+    same = mean_difference_interval(per_image, per_image, counts)
+    assert same == {"value": 0.0, "low": 0.0, "high": 0.0}
+    with pytest.raises(ValueError, match="300 and 299 images"):
+        mean_difference_interval(per_image, per_image[1:], counts)
 
 def test_undefined_metrics_give_nan_not_an_error():
     counts = resample_counts(5, BootstrapConfig(resamples=20))

@@ -62,6 +62,28 @@ def mean_interval(values: np.ndarray, counts: np.ndarray, confidence: float = 0.
     return _interval(point, estimates, confidence)
 
 
+
+def mean_difference_interval(values: np.ndarray, reference: np.ndarray, counts: np.ndarray,
+                             confidence: float = 0.95) -> dict:
+    """``mean_interval(values)`` minus ``mean_interval(reference)`` for two scorings of the
+    same images, paired: both means are taken on the same resamples, so the interval is that
+    of the difference (narrower than the two intervals side by side when they move together).
+    Each mean counts its own non-NaN images, as the competition metric does."""
+
+    def means(per_image: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        per_image = np.asarray(per_image, dtype=np.float64)
+        counted = ~np.isnan(per_image)
+        return _ratio(weights @ np.where(counted, per_image, 0.0), weights @ counted)
+
+    if len(values) != len(reference):
+        raise ValueError(f"paired scorings of different lengths: {len(values)} and "
+                         f"{len(reference)} images")
+    point = (means(values, np.ones((1, len(values))))
+             - means(reference, np.ones((1, len(values)))))[0]
+    weights = counts.astype(np.float64)
+    return _interval(float(point), means(values, weights) - means(reference, weights),
+                     confidence)
+
 def proportion_interval(successes: np.ndarray, eligible: np.ndarray, counts: np.ndarray,
                         confidence: float = 0.95) -> dict:
     """Share of ``eligible`` images that are ``successes`` (sensitivity: positives found)."""
