@@ -156,10 +156,13 @@ def test_the_render_node_yields_files_in_chunks_that_the_folder_dataset_writes(
     monkeypatch.setattr(nodes, "RENDER_CHUNK", 3)
     chunks = list(nodes.render_images(train, params))
     assert [len(chunk) for chunk in chunks] == [3, 3, 2]
+    assert [chunk.last for chunk in chunks] == [False, False, True]
     first = train.iloc[0].to_dict()
     assert chunks[0][first["patientId"]] == demo_file(first["patientId"], first,
                                                       first["boxes"], CONFIG)
-    dataset = DicomFolderDataset(path=str(tmp_path / "images"))
+    dataset = DicomFolderDataset(path=str(tmp_path / "images"), overwrite=True)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images/earlier-larger-generation.dcm").write_bytes(b"stale")
     for chunk in chunks:  # as Kedro saves a generator node's chunks
         dataset.save(chunk)
     folder = dataset.load()
@@ -168,6 +171,7 @@ def test_the_render_node_yields_files_in_chunks_that_the_folder_dataset_writes(
     assert not list((tmp_path / "images").glob("*.partial*"))
     # No patients: still one (empty) chunk, so Kedro saves the output.
     assert list(nodes.render_images(train.iloc[:0], params)) == [{}]
+    assert next(nodes.render_images(train.iloc[:0], params)).last
 
 
 # sha256 of today's generator's output (before styles existed), seed 7, one positive patient.

@@ -67,6 +67,17 @@ def test_demo_data_then_ingest_and_split(run_kedro, kedro_project: Path):
     assert latest["params.ingest.on_missing_image"] == "error"
 
 
+
+def test_a_smaller_generation_leaves_no_earlier_patient_behind(run_kedro, kedro_project: Path):
+    run_kedro(pipelines=["demo_data"], params={"demo_data": TINY_DEMO})
+    run_kedro(pipelines=["demo_data"],
+              params={"demo_data": {**TINY_DEMO, "n_positive": 3, "n_negative": 2, "n_test": 1}})
+    raw = kedro_project / "data/01_raw/rsna-demo"
+    labels = pd.read_csv(raw / "stage_2_train_labels.csv")
+    images = sorted(p.stem for p in (raw / "stage_2_train_images").iterdir())
+    assert images == sorted(labels["patientId"].unique()) and len(images) == 5
+    assert len(list((raw / "stage_2_test_images").iterdir())) == 1
+
 def test_missing_image_stops_or_is_excluded(run_kedro, kedro_project: Path):
     run_kedro(pipelines=["demo_data"], params={"demo_data": TINY_DEMO})
     images = sorted((kedro_project / "data/01_raw/rsna-demo/stage_2_train_images").glob("*.dcm"))

@@ -8,6 +8,7 @@ import pandas as pd
 
 from pneumonia_kedro.config import from_params
 from pneumonia_kedro.demo import DemoConfig, demo_file, sample_demo_patients
+from pneumonia_kedro.dicom.folder import FolderChunk
 
 RENDER_CHUNK = 32  # files per saved chunk: memory holds one chunk's files
 
@@ -24,14 +25,18 @@ def sample_patients(
     return labels, class_info, train, test
 
 
-def render_images(patients: pd.DataFrame, params: dict) -> Iterator[dict[str, bytes]]:
+def render_images(patients: pd.DataFrame, params: dict) -> Iterator[FolderChunk]:
     """One DICOM per patient, with an opacity inside each of its boxes, yielded in chunks
-    that Kedro saves as they come (at least one, empty when there are no patients)."""
+    that Kedro saves as they come (at least one, empty when there are no patients). The
+    last is marked, so the folder becomes this run's files only: none of an earlier, larger
+    generation stays, and an interrupted one leaves the earlier files whole."""
     config = from_params(DemoConfig, params, "demo_data")
     records = patients.to_dict("records")
     for start in range(0, max(len(records), 1), RENDER_CHUNK):
-        yield {row["patientId"]: demo_file(row["patientId"], row, row["boxes"], config)
-               for row in records[start:start + RENDER_CHUNK]}
+        yield FolderChunk({row["patientId"]: demo_file(row["patientId"], row, row["boxes"],
+                                                       config)
+                           for row in records[start:start + RENDER_CHUNK]},
+                          last=start + RENDER_CHUNK >= len(records))
 
 
 def sample_submission(test: pd.DataFrame) -> pd.DataFrame:
