@@ -249,6 +249,22 @@ def test_bad_parameters_are_refused_together_before_any_node_and_before_mlflow(
     assert not (kedro_project / "data").exists()  # no node ran
 
 
+
+def test_a_batch_that_does_not_split_over_the_ray_workers_is_refused_before_any_node(
+        register, kedro_project):
+    """It was refused only when the train node started Ray Train, after ingest, split and
+    cache had run."""
+    register(None)
+    params = {"engine": {"backend": "ray", "train": {"num_workers": 3}},
+              "train": {"batch_size": 8}, "classifier": {"batch_size": 12}}
+    with pytest.raises(ConfigError, match="1 bad parameter") as info:
+        run_session(kedro_project, env="demo", params=params)
+    assert ("params:train.batch_size = 8 does not split over params:engine.train.num_workers "
+            "= 3 Ray workers: give a multiple of 3") in str(info.value)
+    assert "classifier" not in str(info.value)  # 12 splits over 3
+    assert _runs() == []
+    assert not (kedro_project / "data").exists()
+
 def test_a_run_checks_only_the_parameters_its_pipelines_take(register, kedro_project):
     register(None)
     # The ingest pipeline takes no train.* settings: its own raw-data check answers.

@@ -127,6 +127,21 @@ def _read(group: str, settings: type, params: object) -> None:
         from_params(settings, params, group)
 
 
+def _across_groups(groups: list[str], catalog: DataCatalog) -> list[str]:
+    """Settings fine alone but not together: on Ray each training worker takes an equal
+    share of a batch, so the batch must split evenly over the workers."""
+    from pneumonia_kedro.engines import engine_config
+
+    engine = engine_config(catalog.load("params:engine")) if "engine" in groups else None
+    if engine is None or not engine.is_ray:
+        return []
+    workers = engine.train.num_workers
+    return [f"params:{group}.batch_size = {batch} does not split over "
+            f"params:engine.train.num_workers = {workers} Ray workers: give a multiple of "
+            f"{workers}" for group in ("train", "classifier") if group in groups
+            and (batch := catalog.load(f"params:{group}").get("batch_size", 0)) % workers]
+
+
 class RunParametersCheckHook:
     """Refuses a run with a bad parameter before any node runs (and before MLflow opens a
     run): every ``params:<group>`` the run's nodes take is built into its dataclass (types,
@@ -153,6 +168,8 @@ class RunParametersCheckHook:
                     _read(group, classes[group], catalog.load(f"params:{group}"))
                 except ConfigError as error:
                     problems.append(str(error))
+        if not problems:
+            problems = _across_groups(groups, catalog)
         if problems:
             raise ConfigError(f"{len(problems)} bad parameter(s) in this run, found before any "
                               "node ran:\n  " + "\n  ".join(problems))
