@@ -83,6 +83,17 @@ def test_the_registry_holds_what_it_says_for_one_fold_and_for_k(register):
     assert {f"fold_{i}.trained_model" for i in range(3)} <= three["inference"].inputs()
 
 
+
+def test_the_registry_reads_the_fold_count_after_a_loader_without_globals(register, tmp_path):
+    """Every OmegaConfigLoader points the process-wide ``globals`` resolver at its own
+    globals; one with none (a configuration folder without globals.yml, as a mistyped
+    --env gives) made the next registry fail on ``${globals:dataset}``."""
+    from kedro.config import OmegaConfigLoader
+
+    (tmp_path / "base").mkdir()
+    OmegaConfigLoader(str(tmp_path), base_env="base", default_run_env="base")
+    assert folds_in(register(3)["__default__"]) == 3
+
 def test_a_fold_count_that_is_not_a_whole_number_is_refused_by_name(register):
     with pytest.raises(ConfigError, match=r"split.folds \(FOLDS='two'\) = 'two': the number"):
         register("two")
