@@ -102,8 +102,11 @@ def best_iou(boxes: pd.DataFrame, anchors: torch.Tensor, image_size: int) -> np.
     cx = torch.tensor(rng.uniform(0.25, 0.75, len(w)) * image_size)
     cy = torch.tensor(rng.uniform(0.25, 0.75, len(w)) * image_size)
     xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1).float()
+    # box_iou holds a few (boxes, anchors, 2) tensors: about 20M pairs per chunk (a 1024 px
+    # ResNet FPN places 262k anchors; 1000 boxes at once took 16 GiB).
+    per_chunk = max(1, 20_000_000 // len(anchors))
     return np.concatenate([box_iou(chunk, anchors).max(1).values.numpy()
-                           for chunk in xyxy.split(1000)])
+                           for chunk in xyxy.split(per_chunk)])
 
 
 def match_table(boxes: pd.DataFrame, sizes: list[int]) -> str:
