@@ -200,9 +200,10 @@ def gating_out_of_fold(ensemble: object, out_of_fold: list, patient_folds: objec
         results[label] = {"metric": overall["competition_metric"],
                           "roc_auc": overall["roc_auc"], "gating": tuned["gating"]}
     counts = resample_counts(len(ids), BootstrapConfig(**evaluate["bootstrap"]))
-    gated, plain = per_image_scores.values()
     results["ensemble, gating (tuned out of fold)"]["against no gating"] = \
-        mean_difference_interval(gated, plain, counts)
+        mean_difference_interval(per_image_scores["ensemble, gating (tuned out of fold)"],
+                                 per_image_scores["ensemble, no gating (tuned out of fold)"],
+                                 counts)
     return results
 
 
