@@ -35,7 +35,6 @@ from kedro.framework.project import settings
 from kedro.pipeline import Pipeline
 from kedro.utils import find_kedro_project
 from omegaconf import OmegaConf
-from omegaconf.errors import InterpolationResolutionError
 
 from pneumonia_kedro.pipelines import (
     cache,
@@ -96,29 +95,16 @@ class _RegistryConfigLoader(OmegaConfigLoader):
     loader's globals (another environment's data folders). This one leaves a resolver that
     is there in place (globals hold data paths, never ``split.folds``)."""
 
-    def __init__(self, *args: object, own_globals: bool = False, **kwargs: object) -> None:
-        self._own_globals = own_globals
-        super().__init__(*args, **kwargs)
-
     def _register_globals_resolver(self) -> None:
-        if self._own_globals or not OmegaConf.has_resolver("globals"):
+        if not OmegaConf.has_resolver("globals"):
             super()._register_globals_resolver()
 
 
 def configured_folds() -> int:
     """``split.folds`` of conf/base and the ``KEDRO_ENV`` environment (else conf/local)."""
     project = find_kedro_project(Path.cwd()) or Path.cwd()
-
-    def parameters(own_globals: bool) -> dict:
-        return _RegistryConfigLoader(str(project / settings.CONF_SOURCE),
-                                     env=os.environ.get("KEDRO_ENV"), own_globals=own_globals,
-                                     **settings.CONFIG_LOADER_ARGS)["parameters"]
-
-    try:
-        loaded = parameters(own_globals=False)
-    except InterpolationResolutionError:
-        # The resolver left in place came from a loader whose globals lack a key these
-        # parameters use (a mistyped --env has none): this project's own globals then.
-        loaded = parameters(own_globals=True)
-    folds = loaded.get("split", {}).get("folds", 1)
+    loader = _RegistryConfigLoader(str(project / settings.CONF_SOURCE),
+                                   env=os.environ.get("KEDRO_ENV"),
+                                   **settings.CONFIG_LOADER_ARGS)
+    folds = loader["parameters"].get("split", {}).get("folds", 1)
     return fold_count(folds, f"split.folds (FOLDS={os.environ.get('FOLDS')!r})")
