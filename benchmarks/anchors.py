@@ -31,6 +31,7 @@ from pneumonia_kedro.demo import DemoConfig, sample_demo_patients  # noqa: E402
 from pneumonia_kedro.models import ModelConfig, build_model  # noqa: E402
 
 SOURCE_SIZE = 1024
+PAIRS_PER_CHUNK = 20_000_000  # box-anchor IoUs at once: a few GiB of box_iou temporaries
 # name: (architecture, sizes per feature map at REFERENCE px, ratios, scaled with the cache)
 REFERENCE = 128
 ANCHOR_SETS = {
@@ -102,9 +103,8 @@ def best_iou(boxes: pd.DataFrame, anchors: torch.Tensor, image_size: int) -> np.
     cx = torch.tensor(rng.uniform(0.25, 0.75, len(w)) * image_size)
     cy = torch.tensor(rng.uniform(0.25, 0.75, len(w)) * image_size)
     xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1).float()
-    # box_iou holds a few (boxes, anchors, 2) tensors: about 20M pairs per chunk (a 1024 px
-    # ResNet FPN places 262k anchors; 1000 boxes at once took 16 GiB).
-    per_chunk = max(1, 20_000_000 // len(anchors))
+    # A 1024 px ResNet FPN places 262k anchors: 1000 boxes against them at once took 16 GiB.
+    per_chunk = max(1, PAIRS_PER_CHUNK // max(1, len(anchors)))
     return np.concatenate([box_iou(chunk, anchors).max(1).values.numpy()
                            for chunk in xyxy.split(per_chunk)])
 

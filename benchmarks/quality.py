@@ -34,7 +34,13 @@ tuned out of fold, by:
 
   best fold       each fold's model alone; the best of the k on the validation split (a
                   choice made on the very patients it is scored on: flattering the single model)
-  k-fold ensemble every fold's model fused (weighted boxes fusion), the served model
+  k-fold ensemble every fold's model fused (weighted boxes fusion), the served model, with
+                  the gating rule tuned out of fold as well, and the paired change (same
+                  patients, same resamples) of that gating over the next row
+  ensemble without gating (tuned out of fold)
+                  the same ensemble and search with gating fixed to none: whether the
+                  classifier's gating helps once it is tuned on every training patient
+                  rather than on half the validation patients
   out of fold     (for reference) the out-of-fold metric on the training patients
 
 The summary gives, per variant, the mean over data sets and the change against the first row
@@ -54,14 +60,21 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from pneumonia_kedro.ensemble import Ensemble
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipes import RECIPES, interval_cell, merged, pareto_table  # noqa: E402
 
+NO_GATING = "ensemble without gating (tuned out of fold)"
 NO_SEARCH = {"shrink": [1.0], "gating_rule": ["none"]}
 VARIANTS = {
     "plain": {"tta": {"hflip": False}, "search": NO_SEARCH},
@@ -111,13 +124,12 @@ def fold_scores(project: Path, folds: int, quiet: dict) -> dict:
     from kedro.framework.session import KedroSession
 
     from pneumonia_kedro.ensemble import Ensemble
-    from pneumonia_kedro.pipelines.cross_validation.nodes import collect_out_of_fold
     from pneumonia_kedro.pipelines.evaluate.nodes import (
         evaluate_delivered,
         predict_validation,
         predict_validation_probabilities,
     )
-    from pneumonia_kedro.pipelines.folds import fold_names, member_datasets
+    from pneumonia_kedro.pipelines.folds import member_datasets
 
     # The fold count shapes the registered pipelines: it is read from FOLDS, not --params.
     os.environ["FOLDS"] = str(folds)
@@ -138,13 +150,10 @@ def fold_scores(project: Path, folds: int, quiet: dict) -> dict:
         cache = catalog.load("validation_image_cache")
         patients = catalog.load("validation_patients")
         evaluate = catalog.load("params:evaluate")
-        out_of_fold = [collect_out_of_fold(*(catalog.load(f"{fold}.{name}")
-                                             for fold in fold_names(folds)))
-                       for name in ("raw_validation_predictions",
-                                    "validation_image_probabilities")]
-        patient_folds = catalog.load("patient_folds")
-        ensemble_predictions = [catalog.load("raw_validation_predictions"),
-                                catalog.load("validation_image_probabilities")]
+        tables = {name: catalog.load(name) for name in (
+            "raw_out_of_fold_predictions", "out_of_fold_image_probabilities", "patient_folds",
+            "raw_validation_predictions", "validation_image_probabilities",
+            "validation_patients")}
     singles = []
     for name in ensemble.names:
         one = ensemble.select(name)
@@ -154,57 +163,50 @@ def fold_scores(project: Path, folds: int, quiet: dict) -> dict:
             postprocessing, evaluate)
         singles.append({"metric": single["overall"]["intervals"]["competition_metric"],
                         "roc_auc": single["overall"]["intervals"]["roc_auc"], "fold": name})
-    ensemble_overall = metrics["validation_ensemble"]["overall"]["intervals"]
-    gating = gating_out_of_fold(ensemble, out_of_fold, patient_folds, ensemble_predictions,
-                                patients, evaluate)
+    ungated, delivered = without_gating(ensemble, tables, postprocessing, evaluate)
     return {
         "best fold": max(singles, key=lambda s: s["metric"]["value"]),
-        f"{folds}-fold ensemble": {"metric": ensemble_overall["competition_metric"],
-                                   "roc_auc": ensemble_overall["roc_auc"]},
+        # The served model: the post-processing, gating rule included, tuned out of fold.
+        f"{folds}-fold ensemble": delivered,
+        NO_GATING: ungated,
         "out of fold": {"metric": metrics["overall"]["intervals"]["competition_metric"],
                         "roc_auc": metrics["overall"]["intervals"]["roc_auc"]},
-        **gating,
         "all folds": singles,
     }
 
 
-def gating_out_of_fold(ensemble: object, out_of_fold: list, patient_folds: object,
-                       ensemble_predictions: list, patients: object, evaluate: dict) -> dict:
-    """The fold ensemble on the validation split with its post-processing tuned on every
-    training patient out of fold, once without gating and once with the gating rules
-    searched; the gated one carries the paired difference (same patients, same resamples)."""
-    from pneumonia_kedro.bootstrap import (
-        BootstrapConfig,
-        mean_difference_interval,
-        resample_counts,
-    )
-    from pneumonia_kedro.evaluation import patient_truth
+def without_gating(ensemble: Ensemble, tables: dict[str, pd.DataFrame], postprocessing: dict,
+                   evaluate: dict) -> tuple[dict, dict]:
+    """The fold ensemble on the validation split with its post-processing tuned out of fold
+    (every training patient) but gating fixed to none; and the paired change (same patients,
+    same resamples) of the delivered post-processing, gating rule searched, over it."""
+    from pneumonia_kedro.bootstrap import mean_difference_interval, resample_counts
+    from pneumonia_kedro.evaluation import evaluate_config, patient_truth
     from pneumonia_kedro.metrics import competition_scores
     from pneumonia_kedro.pipelines.evaluate.nodes import evaluate_delivered, tune_postprocessing
     from pneumonia_kedro.postprocess import per_image
 
+    config = evaluate_config(evaluate)
+    patients = tables["validation_patients"]
     ids, truth = patient_truth(patients)
-    (raw_out_of_fold, out_of_fold_probabilities), (raw, probabilities) = \
-        out_of_fold, ensemble_predictions
-    results, per_image_scores = {}, {}
-    for label, rules in (("ensemble, no gating (tuned out of fold)", ["none"]),
-                         ("ensemble, gating (tuned out of fold)",
-                          evaluate["search"]["gating_rule"])):
-        settings = {**evaluate, "search": {**evaluate["search"], "gating_rule": rules}}
-        tuned, _, _ = tune_postprocessing(ensemble, raw_out_of_fold, patient_folds,
-                                          out_of_fold_probabilities, settings)
-        scored, _, final = evaluate_delivered(raw, patients, probabilities, tuned, settings)
-        per_image_scores[label] = competition_scores(truth, *per_image(final, ids),
-                                                     evaluate["inclusive_iou"])
+    ungated = {**evaluate, "search": {**evaluate["search"], "gating_rule": ["none"]}}
+    tuned, _, _ = tune_postprocessing(ensemble, tables["raw_out_of_fold_predictions"],
+                                      tables["patient_folds"],
+                                      tables["out_of_fold_image_probabilities"], ungated)
+    rows, per_image_scores = [], []
+    for settings in (tuned, postprocessing):
+        scored, _, final = evaluate_delivered(
+            tables["raw_validation_predictions"], patients,
+            tables["validation_image_probabilities"], settings, evaluate)
         overall = scored["overall"]["intervals"]
-        results[label] = {"metric": overall["competition_metric"],
-                          "roc_auc": overall["roc_auc"], "gating": tuned["gating"]}
-    counts = resample_counts(len(ids), BootstrapConfig(**evaluate["bootstrap"]))
-    results["ensemble, gating (tuned out of fold)"]["against no gating"] = \
-        mean_difference_interval(per_image_scores["ensemble, gating (tuned out of fold)"],
-                                 per_image_scores["ensemble, no gating (tuned out of fold)"],
-                                 counts)
-    return results
+        rows.append({"metric": overall["competition_metric"], "roc_auc": overall["roc_auc"],
+                     "gating": settings["gating"]})
+        per_image_scores.append(competition_scores(truth, *per_image(final, ids),
+                                                   config.inclusive_iou))
+    counts = resample_counts(len(ids), config.bootstrap)
+    change = mean_difference_interval(per_image_scores[1], per_image_scores[0], counts,
+                                      config.bootstrap.confidence)
+    return rows[0], {**rows[1], "against no gating": change}
 
 
 def dataset_params(spec: str, tiny: bool = False) -> dict:
@@ -329,11 +331,12 @@ def table(results: list[dict]) -> str:
             (" (all better)" if all(c > 0 for c in changes) else "")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {np.mean(values):.3f} | "
                      f"{change} |")
-    gated = "ensemble, gating (tuned out of fold)"
-    if gated in names:
-        lines.append(f"| {gated}, paired change against no gating | " + " | ".join(
-            f"{interval_cell(r['variants'][gated]['against no gating'])}; rule "
-            f"{r['variants'][gated]['gating']['rule']}" for r in results) + " | | |")
+    gated = next((name for name in names if name.endswith("-fold ensemble")), None)
+    if gated and NO_GATING in names:
+        lines.append(f"| {gated}, paired change of its gating (rule tuned out of fold) | "
+                     + " | ".join(f"{interval_cell(r['variants'][gated]['against no gating'])}"
+                                  f"; rule {r['variants'][gated]['gating']['rule']}"
+                                  for r in results) + " | | |")
     if "+ gating" in names:
         lines.append("| classifier alone (ROC AUC) | " + " | ".join(
             interval_cell(r["variants"]["+ gating"]["classifier_roc_auc"])

@@ -25,6 +25,11 @@ def _mobilenet(image_size: int, **train: object) -> dict:
     return {**recipe, "train": train} if train else recipe
 
 
+def _resnet_fpn(architecture: str) -> dict:
+    return {"architecture": architecture, "anchor_sizes": RESNET_FPN_ANCHORS,
+            "anchor_reference_size": 128}
+
+
 RECIPES: dict[str, dict] = {
     # conf/demo as it is: mobilenet_v3_large_fpn from scratch, 128 px, 10 epochs, anchors
     # 16..128 px whatever the cache size.
@@ -32,17 +37,11 @@ RECIPES: dict[str, dict] = {
     "demo, measured anchors": {"model": MEASURED_ANCHORS},
     "mobilenet@192": _mobilenet(192),
     "mobilenet@256": _mobilenet(256),
-    "resnet18_fpn@192": {**AT_192, "model": {"architecture": "resnet18_fpn",
-                                             "anchor_sizes": RESNET_FPN_ANCHORS,
-                                             "anchor_reference_size": 128}},
-    "resnet34_fpn@192": {**AT_192, "model": {"architecture": "resnet34_fpn",
-                                             "anchor_sizes": RESNET_FPN_ANCHORS,
-                                             "anchor_reference_size": 128}},
-    # At the demo's 128 px: the ResNet-18 backbones cost 2-2.6x the mobilenet per step on
-    # CPU (5x at 192 px), so only these fit make demo's budget.
-    "resnet18_fpn@128": {"model": {"architecture": "resnet18_fpn",
-                                   "anchor_sizes": RESNET_FPN_ANCHORS,
-                                   "anchor_reference_size": 128}},
+    "resnet18_fpn@192": {**AT_192, "model": _resnet_fpn("resnet18_fpn")},
+    "resnet34_fpn@192": {**AT_192, "model": _resnet_fpn("resnet34_fpn")},
+    # At the demo's 128 px: on CPU a ResNet-18 backbone step costs 2-2.6x the mobilenet's
+    # (5x at 192 px), so only these fit `make demo`'s time budget.
+    "resnet18_fpn@128": {"model": _resnet_fpn("resnet18_fpn")},
     "fcos_resnet18_fpn@128": {"model": {"architecture": "fcos_resnet18_fpn"}},
     # Anchor-free: anchor and RPN settings do not apply (models/config.py).
     "fcos_resnet18_fpn@192": {**AT_192, "model": {"architecture": "fcos_resnet18_fpn"}},

@@ -82,6 +82,11 @@ def test_a_paired_difference_is_the_difference_of_means_with_a_narrower_interval
     assert 0 < difference["low"] < difference["value"] < difference["high"]
     same = mean_difference_interval(per_image, per_image, counts)
     assert same == {"value": 0.0, "low": 0.0, "high": 0.0}
+    # Gating drops every box of some negatives: those images stop counting in one scoring.
+    gated = np.where(rng.random(300) < 0.2, np.nan, better)
+    changed = mean_difference_interval(gated, per_image, counts)
+    assert np.isclose(changed["value"], np.nanmean(gated) - np.nanmean(per_image))
+    assert np.isfinite(changed["low"]) and changed["low"] < changed["value"] < changed["high"]
     with pytest.raises(ValueError, match="300 and 299 images"):
         mean_difference_interval(per_image, per_image[1:], counts)
 

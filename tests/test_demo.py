@@ -172,6 +172,8 @@ def test_the_render_node_yields_files_in_chunks_that_the_folder_dataset_writes(
     # No patients: still one (empty) chunk, so Kedro saves the output.
     assert list(nodes.render_images(train.iloc[:0], params)) == [{}]
     assert next(nodes.render_images(train.iloc[:0], params)).last
+    # An exact multiple of the chunk: its own last chunk is marked, with no empty one after.
+    assert [chunk.last for chunk in nodes.render_images(train.iloc[:6], params)] == [False, True]
 
 
 # sha256 of today's generator's output (before styles existed), seed 7, one positive patient.

@@ -83,17 +83,6 @@ def test_the_registry_holds_what_it_says_for_one_fold_and_for_k(register):
     assert {f"fold_{i}.trained_model" for i in range(3)} <= three["inference"].inputs()
 
 
-
-def test_the_registry_reads_the_fold_count_after_a_loader_without_globals(register, tmp_path):
-    """Every OmegaConfigLoader points the process-wide ``globals`` resolver at its own
-    globals; one with none (a configuration folder without globals.yml, as a mistyped
-    --env gives) made the next registry fail on ``${globals:dataset}``."""
-    from kedro.config import OmegaConfigLoader
-
-    (tmp_path / "base").mkdir()
-    OmegaConfigLoader(str(tmp_path), base_env="base", default_run_env="base")
-    assert folds_in(register(3)["__default__"]) == 3
-
 def test_a_fold_count_that_is_not_a_whole_number_is_refused_by_name(register):
     with pytest.raises(ConfigError, match=r"split.folds \(FOLDS='two'\) = 'two': the number"):
         register("two")
@@ -267,14 +256,25 @@ def test_a_batch_that_does_not_split_over_the_ray_workers_is_refused_before_any_
     cache had run."""
     register(None)
     params = {"engine": {"backend": "ray", "train": {"num_workers": 3}},
-              "train": {"batch_size": 8}, "classifier": {"batch_size": 12}}
-    with pytest.raises(ConfigError, match="1 bad parameter") as info:
+              "train": {"batch_size": 8}, "classifier": {"batch_size": 10},
+              "evaluate": {"batch_size": 0}}
+    with pytest.raises(ConfigError, match="3 bad parameter") as info:
         run_session(kedro_project, env="demo", params=params)
-    assert ("params:train.batch_size = 8 does not split over params:engine.train.num_workers "
-            "= 3 Ray workers: give a multiple of 3") in str(info.value)
-    assert "classifier" not in str(info.value)  # 12 splits over 3
+    for group, batch in (("train", 8), ("classifier", 10)):
+        assert (f"params:{group}.batch_size = {batch} does not split over "
+                "params:engine.train.num_workers = 3 Ray workers: give a multiple of 3"
+                ) in str(info.value)
+    assert "params:evaluate.batch_size = 0" in str(info.value)  # reported in the same run
     assert _runs() == []
     assert not (kedro_project / "data").exists()
+    # 12 and 9 split over 3, and the local engine has no such rule: only evaluate's left.
+    for engine, train, classifier in (("ray", 12, 9), ("local", 8, 10)):
+        params = {"engine": {"backend": engine, "train": {"num_workers": 3}},
+                  "train": {"batch_size": train}, "classifier": {"batch_size": classifier},
+                  "evaluate": {"batch_size": 0}}
+        with pytest.raises(ConfigError, match="1 bad parameter") as info:
+            run_session(kedro_project, env="demo", params=params)
+        assert "params:evaluate.batch_size = 0" in str(info.value)
 
 def test_a_run_checks_only_the_parameters_its_pipelines_take(register, kedro_project):
     register(None)

@@ -51,15 +51,18 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
                      where=denominator > 0)
 
 
+def _means(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Per row of ``weights``, the weighted mean of the ``values`` that are not NaN."""
+    values = np.asarray(values, dtype=np.float64)
+    counted = ~np.isnan(values)
+    return _ratio(weights @ np.where(counted, values, 0.0), weights @ counted)
+
+
 def mean_interval(values: np.ndarray, counts: np.ndarray, confidence: float = 0.95) -> dict:
     """Mean of per-image ``values`` over those that are not NaN (the competition metric: an
     image with neither truth nor prediction does not count), with its interval."""
-    values = np.asarray(values, dtype=np.float64)
-    counted = ~np.isnan(values)
-    point = float(values[counted].mean()) if counted.any() else float("nan")
-    weights = counts.astype(np.float64)
-    estimates = _ratio(weights @ np.where(counted, values, 0.0), weights @ counted)
-    return _interval(point, estimates, confidence)
+    point = _means(values, np.ones((1, len(values))))[0]
+    return _interval(float(point), _means(values, counts.astype(np.float64)), confidence)
 
 
 
@@ -69,19 +72,12 @@ def mean_difference_interval(values: np.ndarray, reference: np.ndarray, counts: 
     same images, paired: both means are taken on the same resamples, so the interval is that
     of the difference (narrower than the two intervals side by side when they move together).
     Each mean counts its own non-NaN images, as the competition metric does."""
-
-    def means(per_image: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        per_image = np.asarray(per_image, dtype=np.float64)
-        counted = ~np.isnan(per_image)
-        return _ratio(weights @ np.where(counted, per_image, 0.0), weights @ counted)
-
     if len(values) != len(reference):
         raise ValueError(f"paired scorings of different lengths: {len(values)} and "
                          f"{len(reference)} images")
-    point = (means(values, np.ones((1, len(values))))
-             - means(reference, np.ones((1, len(values)))))[0]
-    weights = counts.astype(np.float64)
-    return _interval(float(point), means(values, weights) - means(reference, weights),
+    ones, weights = np.ones((1, len(values))), counts.astype(np.float64)
+    point = (_means(values, ones) - _means(reference, ones))[0]
+    return _interval(float(point), _means(values, weights) - _means(reference, weights),
                      confidence)
 
 def proportion_interval(successes: np.ndarray, eligible: np.ndarray, counts: np.ndarray,

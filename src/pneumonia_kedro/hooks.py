@@ -115,31 +115,27 @@ def _parameter_classes() -> dict[str, type]:
             "quality": QualitySettings, "engine": EngineConfig}
 
 
-def _read(group: str, settings: type, params: object) -> None:
+def _read(group: str, settings: type, params: object) -> object:
     """Build one parameter group as its node does (evaluate names moved settings)."""
     if group == "evaluate":
         from pneumonia_kedro.evaluation import evaluate_config
 
-        evaluate_config(params)
-    elif group == "model":
-        from_params(settings, params, group).check_training()
-    else:
-        from_params(settings, params, group)
+        return evaluate_config(params)
+    config = from_params(settings, params, group)
+    if group == "model":
+        config.check_training()
+    return config
 
 
-def _across_groups(groups: list[str], catalog: DataCatalog) -> list[str]:
-    """Settings fine alone but not together: on Ray each training worker takes an equal
-    share of a batch, so the batch must split evenly over the workers."""
-    from pneumonia_kedro.engines import engine_config
-
-    engine = engine_config(catalog.load("params:engine")) if "engine" in groups else None
-    if engine is None or not engine.is_ray:
+def _across_groups(built: dict[str, object]) -> list[str]:
+    """Settings fine alone but not together: on Ray a training batch must split evenly
+    over the workers."""
+    engine = built.get("engine")
+    if engine is None:
         return []
-    workers = engine.train.num_workers
-    return [f"params:{group}.batch_size = {batch} does not split over "
-            f"params:engine.train.num_workers = {workers} Ray workers: give a multiple of "
-            f"{workers}" for group in ("train", "classifier") if group in groups
-            and (batch := catalog.load(f"params:{group}").get("batch_size", 0)) % workers]
+    problems = (engine.batch_split_problem(built[group].batch_size, group)
+                for group in ("train", "classifier") if group in built)
+    return [problem for problem in problems if problem]
 
 
 class RunParametersCheckHook:
@@ -160,16 +156,15 @@ class RunParametersCheckHook:
         self._check_folds(run_params, catalog.load("params:split"))
         groups = sorted(name.removeprefix("params:") for name in pipeline.inputs()
                         if name.startswith("params:") and "." not in name)
-        problems = []
+        problems, built = [], {}
         classes = _parameter_classes()
         for group in groups:
             if group in classes:
                 try:
-                    _read(group, classes[group], catalog.load(f"params:{group}"))
+                    built[group] = _read(group, classes[group], catalog.load(f"params:{group}"))
                 except ConfigError as error:
                     problems.append(str(error))
-        if not problems:
-            problems = _across_groups(groups, catalog)
+        problems += _across_groups(built)
         if problems:
             raise ConfigError(f"{len(problems)} bad parameter(s) in this run, found before any "
                               "node ran:\n  " + "\n  ".join(problems))

@@ -77,6 +77,9 @@ def test_a_smaller_generation_leaves_no_earlier_patient_behind(run_kedro, kedro_
     images = sorted(p.stem for p in (raw / "stage_2_train_images").iterdir())
     assert images == sorted(labels["patientId"].unique()) and len(images) == 5
     assert len(list((raw / "stage_2_test_images").iterdir())) == 1
+    assert sorted(p.name for p in raw.iterdir()) == [  # no staging folder left
+        "stage_2_detailed_class_info.csv", "stage_2_sample_submission.csv",
+        "stage_2_test_images", "stage_2_train_images", "stage_2_train_labels.csv"]
 
 def test_missing_image_stops_or_is_excluded(run_kedro, kedro_project: Path):
     run_kedro(pipelines=["demo_data"], params={"demo_data": TINY_DEMO})

@@ -24,8 +24,10 @@ class DicomFolderDataset(AbstractDataset[Mapping[str, bytes], DicomFolder]):
     (temporary name, then rename), so an interrupted save never leaves a half-written ``.dcm``.
     A generator node saves its chunks one after another; each adds its files.
 
-    With ``overwrite: true`` (outputs such as structured reports, never raw data) the folder
-    holds one run's files, all of them or none: the run's ``FolderChunk`` s are written aside,
+    With ``overwrite: true`` (outputs such as structured reports; raw data only where a
+    generator writes it, the demo's; ``read_only`` refuses a save before it touches a file)
+    the folder holds one run's files, all of them or none: the run's ``FolderChunk`` s are
+    written aside,
     into ``.<name>.partial-<pid>-<id>`` beside the folder, and the save of the chunk marked
     ``last`` swaps that folder in for the old one. A run that stops before (an error, Ctrl-C)
     leaves the earlier run's files as they were; the next run removes its leftover. The one

@@ -77,6 +77,16 @@ class EngineConfig:
     def is_ray(self) -> bool:
         return self.backend == "ray"
 
+    def batch_split_problem(self, batch_size: int, group: str) -> str | None:
+        """What is wrong with ``<group>.batch_size`` on this engine, or None: each Ray Train
+        worker (one DDP rank) takes an equal share of every batch."""
+        workers = self.train.num_workers
+        if not self.is_ray or batch_size % workers == 0:
+            return None
+        return (f"params:{group}.batch_size = {batch_size} does not split over "
+                f"params:engine.train.num_workers = {workers} Ray workers: give a multiple of "
+                f"{workers}")
+
 
 def engine_config(params: Any) -> EngineConfig:
     """``params:engine``: a mapping, or just the backend's name (``"ray"``);

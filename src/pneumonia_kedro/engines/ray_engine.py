@@ -217,9 +217,8 @@ def fit_on_ray(task: TrainingTask, settings: FitSettings, checkpoints: Checkpoin
 
     connect(engine)
     scaling = engine.train
-    if settings.batch_size % scaling.num_workers:
-        raise ValueError(f"{task.params}.batch_size {settings.batch_size} must be a multiple "
-                         f"of engine.train.num_workers {scaling.num_workers}")
+    if problem := engine.batch_split_problem(settings.batch_size, task.params):
+        raise ValueError(problem)
     settings = replace(settings, world_size=scaling.num_workers)
     use_gpu = scaling.gpus_per_worker > 0
     storage = _storage(engine)

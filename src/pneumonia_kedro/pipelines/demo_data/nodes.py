@@ -28,8 +28,10 @@ def sample_patients(
 def render_images(patients: pd.DataFrame, params: dict) -> Iterator[FolderChunk]:
     """One DICOM per patient, with an opacity inside each of its boxes, yielded in chunks
     that Kedro saves as they come (at least one, empty when there are no patients). The
-    last is marked, so the folder becomes this run's files only: none of an earlier, larger
-    generation stays, and an interrupted one leaves the earlier files whole."""
+    last is marked, so the image folder becomes this run's files only (no file of an earlier,
+    larger generation stays) or, if the run stops before it, stays the earlier run's. The
+    label CSVs are written before the images: regenerate after an interruption (``make
+    demo-data`` does, by its marker)."""
     config = from_params(DemoConfig, params, "demo_data")
     records = patients.to_dict("records")
     for start in range(0, max(len(records), 1), RENDER_CHUNK):
