@@ -314,8 +314,9 @@ def run_recipes(spec: str, recipes: list[str], scratch: Path, quiet: dict, tiny:
 
 def table(results: list[dict]) -> str:
     names = [name for name in results[0]["variants"] if name != "all folds"]
-    lines = ["| variant | " + " | ".join(f"seed {r['seed']}, difficulty {r['difficulty']}"
-                                         for r in results) + f" | mean | change vs {names[0]} |",
+    columns = [r.get("dataset") or f"seed {r['seed']}, difficulty {r['difficulty']}"
+               for r in results]
+    lines = ["| variant | " + " | ".join(columns) + f" | mean | change vs {names[0]} |",
              "| --- |" + " --- |" * (len(results) + 2)]
     for name in names:
         # The ensemble is compared with the best single fold; the rest with the first row.
@@ -375,8 +376,8 @@ def main() -> None:
         for spec in args.datasets:
             demo = dataset_params(spec, args.tiny)
             seed, difficulty = demo["demo_data"]["seed"], demo["demo_data"]["difficulty"]
-            result = run_dataset(seed, difficulty, Path(scratch), quiet, args.variants,
-                                 args.folds, demo)
+            result = {"dataset": spec, **run_dataset(seed, difficulty, Path(scratch), quiet,
+                                                     args.variants, args.folds, demo)}
             results.append(result)
             print(f"{spec}: {result['seconds']:.0f} s", file=sys.stderr, flush=True)
             if args.out:
