@@ -12,6 +12,7 @@ import numpy as np
 # Per-map anchors of the 5-map ResNet FPN Faster R-CNNs, at 128 px (anchors.py: 99 % of the
 # RSNA boxes overlap one at IoU >= 0.5 at 128..256 px; torchvision's 32..512 px: 79 % at 128).
 RESNET_FPN_ANCHORS = [[12, 20], [24, 32], [40, 56], [64, 80], [96, 128]]
+AT_128 = {"cache": {"image_size": 128}}
 AT_192 = {"cache": {"image_size": 192}}
 STRONG_AUGMENT = {"horizontal_flip": 0.5, "scale": [0.8, 1.25], "translate": 0.1,
                   "brightness": 0.2, "contrast": 0.2}
@@ -31,18 +32,21 @@ def _resnet_fpn(architecture: str) -> dict:
 
 
 RECIPES: dict[str, dict] = {
-    # conf/demo as it is: mobilenet_v3_large_fpn from scratch, 128 px, 10 epochs, anchors
-    # 16..128 px whatever the cache size.
+    # conf/demo as it is now: since 2026-12-02 the `mobilenet@192` below.
     "demo": {},
-    "demo, measured anchors": {"model": MEASURED_ANCHORS},
+    # conf/demo until 2026-12-02: mobilenet_v3_large_fpn from scratch, 128 px, 10 epochs,
+    # anchors 16..128 px whatever the cache size.
+    "mobilenet@128 (old demo)": {**AT_128, "model": {
+        "anchor_sizes": [[16, 32, 64, 128]] * 3, "anchor_reference_size": None}},
+    "mobilenet@128, measured anchors": {**AT_128, "model": MEASURED_ANCHORS},
     "mobilenet@192": _mobilenet(192),
     "mobilenet@256": _mobilenet(256),
     "resnet18_fpn@192": {**AT_192, "model": _resnet_fpn("resnet18_fpn")},
     "resnet34_fpn@192": {**AT_192, "model": _resnet_fpn("resnet34_fpn")},
     # At the demo's 128 px: on CPU a ResNet-18 backbone step costs 2-2.6x the mobilenet's
     # (5x at 192 px), so only these fit `make demo`'s time budget.
-    "resnet18_fpn@128": {"model": _resnet_fpn("resnet18_fpn")},
-    "fcos_resnet18_fpn@128": {"model": {"architecture": "fcos_resnet18_fpn"}},
+    "resnet18_fpn@128": {**AT_128, "model": _resnet_fpn("resnet18_fpn")},
+    "fcos_resnet18_fpn@128": {**AT_128, "model": {"architecture": "fcos_resnet18_fpn"}},
     # Anchor-free: anchor and RPN settings do not apply (models/config.py).
     "fcos_resnet18_fpn@192": {**AT_192, "model": {"architecture": "fcos_resnet18_fpn"}},
     "mobilenet@192 strong augment": _mobilenet(192, augment=STRONG_AUGMENT),
