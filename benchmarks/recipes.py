@@ -43,8 +43,8 @@ RECIPES: dict[str, dict] = {
     "mobilenet@256": _mobilenet(256),
     "resnet18_fpn@192": {**AT_192, "model": _resnet_fpn("resnet18_fpn")},
     "resnet34_fpn@192": {**AT_192, "model": _resnet_fpn("resnet34_fpn")},
-    # At the demo's 128 px: on CPU a ResNet-18 backbone step costs 2-2.6x the mobilenet's
-    # (5x at 192 px), so only these fit `make demo`'s time budget.
+    # At 128 px: on CPU a ResNet-18 backbone step costs 2-2.6x the mobilenet's (5x at 192 px).
+    # Measured: better than mobilenet@192, but about twice its minutes (benchmarks/README.md).
     "resnet18_fpn@128": {**AT_128, "model": _resnet_fpn("resnet18_fpn")},
     "fcos_resnet18_fpn@128": {**AT_128, "model": {"architecture": "fcos_resnet18_fpn"}},
     # Anchor-free: anchor and RPN settings do not apply (models/config.py).
