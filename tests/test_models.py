@@ -302,6 +302,10 @@ def test_anchor_sizes_scale_with_the_image_size():
 
     with pytest.raises(ConfigError, match="anchor_reference_size = 8 is out of range"):
         from_params(ModelConfig, {"anchor_reference_size": 8}, "model")
+    with pytest.raises(ConfigError, match="needs at least one anchor size and one ratio"):
+        from_params(ModelConfig, {"anchor_ratios": []}, "model")  # crashed in the first batch
+    with pytest.raises(ConfigError, match="needs at least one anchor size and one ratio"):
+        from_params(ModelConfig, {"anchor_sizes": [[16], []]}, "model")
     with pytest.raises(ConfigError, match="anchor_reference_size is set but model.anchor_sizes"):
         from_params(ModelConfig, {"anchor_reference_size": 128}, "model")
     # Halves round up (Python's round() took 12.5 to 12 and 13.5 to 14).

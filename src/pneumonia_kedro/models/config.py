@@ -67,6 +67,11 @@ class ModelConfig:
     box_detections_per_img: int = 100
 
     def __post_init__(self) -> None:
+        if not self.anchor_ratios or (self.anchor_sizes is not None
+                                      and not all(self.anchor_sizes)):
+            raise ConfigError(f"model.anchor_ratios = {list(self.anchor_ratios)} / anchor_sizes "
+                              f"= {self.anchor_sizes}: every feature map needs at least one "
+                              "anchor size and one ratio")
         if self.anchor_reference_size is not None and self.anchor_sizes is None:
             raise ConfigError("model.anchor_reference_size is set but model.anchor_sizes is "
                               "null: give the anchor sizes it scales, or leave it null")
