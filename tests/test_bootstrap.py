@@ -90,6 +90,7 @@ def test_a_paired_difference_is_the_difference_of_means_with_a_narrower_interval
     with pytest.raises(ValueError, match="300 and 299 images"):
         mean_difference_interval(per_image, per_image[1:], counts)
 
+
 def test_undefined_metrics_give_nan_not_an_error():
     counts = resample_counts(5, BootstrapConfig(resamples=20))
     only_negatives = roc_auc_interval(np.zeros(5, bool), np.linspace(0, 1, 5), counts)

@@ -249,7 +249,6 @@ def test_bad_parameters_are_refused_together_before_any_node_and_before_mlflow(
     assert not (kedro_project / "data").exists()  # no node ran
 
 
-
 def test_a_batch_that_does_not_split_over_the_ray_workers_is_refused_before_any_node(
         register, kedro_project):
     """It was refused only when the train node started Ray Train, after ingest, split and
@@ -275,6 +274,7 @@ def test_a_batch_that_does_not_split_over_the_ray_workers_is_refused_before_any_
         with pytest.raises(ConfigError, match="1 bad parameter") as info:
             run_session(kedro_project, env="demo", params=params)
         assert "params:evaluate.batch_size = 0" in str(info.value)
+
 
 def test_a_run_checks_only_the_parameters_its_pipelines_take(register, kedro_project):
     register(None)

@@ -65,7 +65,6 @@ def mean_interval(values: np.ndarray, counts: np.ndarray, confidence: float = 0.
     return _interval(float(point), _means(values, counts.astype(np.float64)), confidence)
 
 
-
 def mean_difference_interval(values: np.ndarray, reference: np.ndarray, counts: np.ndarray,
                              confidence: float = 0.95) -> dict:
     """``mean_interval(values)`` minus ``mean_interval(reference)`` for two scorings of the
@@ -79,6 +78,7 @@ def mean_difference_interval(values: np.ndarray, reference: np.ndarray, counts: 
     point = (_means(values, ones) - _means(reference, ones))[0]
     return _interval(float(point), _means(values, weights) - _means(reference, weights),
                      confidence)
+
 
 def proportion_interval(successes: np.ndarray, eligible: np.ndarray, counts: np.ndarray,
                         confidence: float = 0.95) -> dict:

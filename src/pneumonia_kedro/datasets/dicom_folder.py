@@ -27,11 +27,11 @@ class DicomFolderDataset(AbstractDataset[Mapping[str, bytes], DicomFolder]):
     With ``overwrite: true`` (outputs such as structured reports; raw data only where a
     generator writes it, the demo's; ``read_only`` refuses a save before it touches a file)
     the folder holds one run's files, all of them or none: the run's ``FolderChunk`` s are
-    written aside,
-    into ``.<name>.partial-<pid>-<id>`` beside the folder, and the save of the chunk marked
-    ``last`` swaps that folder in for the old one. A run that stops before (an error, Ctrl-C)
-    leaves the earlier run's files as they were; the next run removes its leftover. The one
-    state kept between saves is the folder being written (``None``: no run is writing).
+    written aside, into ``.<name>.partial-<pid>-<id>`` beside the folder, and the save of the
+    chunk marked ``last`` swaps that folder in for the old one. A run that stops before (an
+    error, Ctrl-C) leaves the earlier run's files as they were; the next run removes its
+    leftover. The one state kept between saves is the folder being written (``None``: no run
+    is writing).
     Plain mappings (producers that do not mark their last chunk) are written into the folder
     itself, which the run's first save clears. ``mlflow_artifact_path`` logs the folder to the
     active MLflow run once, when a run's set is in place.
