@@ -74,6 +74,9 @@ os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipes import RECIPES, interval_cell, merged, pareto_table  # noqa: E402
 
+from pneumonia_kedro.config import ConfigError, from_params  # noqa: E402
+from pneumonia_kedro.demo import DemoConfig  # noqa: E402
+
 NO_GATING = "ensemble without gating (tuned out of fold)"
 NO_SEARCH = {"shrink": [1.0], "gating_rule": ["none"]}
 VARIANTS = {
@@ -221,6 +224,10 @@ def dataset_params(spec: str, tiny: bool = False) -> dict:
                          "difficulty a number, as in 7:0.3:ground_glass") from None
     if len(parts) == 3:
         demo["style"] = parts[2]
+    try:  # a typo fails here, not after the session has started
+        from_params(DemoConfig, demo, "demo_data")
+    except ConfigError as exc:
+        raise SystemExit(f"--datasets {spec!r}: {exc}") from None
     if tiny:
         demo |= {"n_positive": 20, "n_negative": 20, "n_test": 2}
     return {"demo_data": demo}
@@ -362,6 +369,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.resume and not args.recipes:
         parser.error("--resume skips recipe cells: it needs --recipes")
+    if args.folds < 0 or args.folds == 1:
+        parser.error(f"--folds {args.folds}: 0 (no cross-validation) or at least 2")
+    if args.resume:
+        try:
+            previous = json.loads(args.resume.read_text())
+            if not isinstance(previous, list) or not all(
+                    isinstance(r, dict) and "dataset" in r for r in previous):
+                raise ValueError("expected a list of data sets, as --out writes it")
+        except (OSError, ValueError) as exc:
+            parser.error(f"--resume {args.resume}: {exc}")
     for spec in args.datasets:  # a typo fails now, not after the first data set's hour
         dataset_params(spec)
     quiet = {"cache": {"progress": False}, "train": {"progress": False},

@@ -47,6 +47,12 @@ RECIPES: dict[str, dict] = {
     # Measured: better than mobilenet@192, but about twice its minutes (benchmarks/README.md).
     "resnet18_fpn@128": {**AT_128, "model": _resnet_fpn("resnet18_fpn")},
     "fcos_resnet18_fpn@128": {**AT_128, "model": {"architecture": "fcos_resnet18_fpn"}},
+    # The two above cut to make demo's budget by their 2-thread step time (recipe_steps.py:
+    # 1.8x and 1.3x the 192 px MobileNet's): fewer epochs, the same cosine schedule.
+    "resnet18_fpn@128, 5 epochs": {**AT_128, "model": _resnet_fpn("resnet18_fpn"),
+                                   "train": {"epochs": 5}},
+    "fcos_resnet18_fpn@128, 7 epochs": {**AT_128, "model": {"architecture": "fcos_resnet18_fpn"},
+                                        "train": {"epochs": 7}},
     # Anchor-free: anchor and RPN settings do not apply (models/config.py).
     "fcos_resnet18_fpn@192": {**AT_192, "model": {"architecture": "fcos_resnet18_fpn"}},
     "mobilenet@192 strong augment": _mobilenet(192, augment=STRONG_AUGMENT),
