@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 DEMO_RAW := data/01_raw/rsna-demo
-DEMO_DONE := $(DEMO_RAW)/.complete
+DEMO_DONE := $(DEMO_RAW)/demo_data.json
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test test-fast install dicom-tools pacs-tools lint demo-data clean-demo gpu-wheels mlflow-ui viz screenshots
@@ -50,12 +50,13 @@ $(INSTALLED): pyproject.toml
 
 demo-data: $(DEMO_DONE)
 
-# The marker is written only after the whole dataset is, so an interrupted generation reruns;
-# a changed generator or its settings regenerate it from an empty folder (no stale files).
-$(DEMO_DONE): conf/base/parameters_demo_data.yml $(wildcard src/pneumonia_kedro/demo/*.py) | $(INSTALLED)
-	rm -rf $(DEMO_RAW)/stage_2_*
+# The demo_data pipeline writes demo_data.json after everything else, so a generation stopped
+# part-way (by make or by a `kedro run --pipelines demo_data`) leaves label CSVs newer than it,
+# and reruns; a changed generator or its settings regenerate from an empty folder.
+$(DEMO_DONE): conf/base/parameters_demo_data.yml $(wildcard src/pneumonia_kedro/demo/*.py) \
+		$(wildcard $(DEMO_RAW)/stage_2_*.csv) | $(INSTALLED)
+	rm -rf $(DEMO_RAW)/stage_2_* $@
 	$(BIN)/kedro run --env demo --pipelines demo_data
-	touch $@
 
 mlflow-ui: $(INSTALLED)  ## the MLflow UI on http://127.0.0.1:5000 (PORT=... for another port)
 	$(BIN)/python -m pneumonia_kedro.ui mlflow $(if $(PORT),--port $(PORT))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -12,7 +14,8 @@ from kedro.framework.session import KedroSession
 from kedro.io import DatasetError
 
 from pneumonia_kedro.errors import MissingDataError
-from tests.conftest import TINY_DEMO
+from pneumonia_kedro.pipelines.demo_data import nodes as demo_data_nodes
+from tests.conftest import PROJECT_ROOT, TINY_DEMO
 
 # Real Kedro sessions, servers or subprocesses: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
@@ -38,7 +41,7 @@ def test_demo_data_then_ingest_and_split(run_kedro, kedro_project: Path):
     run_kedro(pipelines=["demo_data"], params={"demo_data": TINY_DEMO})
     raw = kedro_project / "data/01_raw/rsna-demo"
     assert sorted(p.name for p in raw.iterdir()) == [
-        "stage_2_detailed_class_info.csv", "stage_2_sample_submission.csv",
+        "demo_data.json", "stage_2_detailed_class_info.csv", "stage_2_sample_submission.csv",
         "stage_2_test_images", "stage_2_train_images", "stage_2_train_labels.csv"]
     assert len(list((raw / "stage_2_train_images").glob("*.dcm"))) == 16
     assert len(list((raw / "stage_2_test_images").glob("*.dcm"))) == 3
@@ -78,8 +81,45 @@ def test_a_smaller_generation_leaves_no_earlier_patient_behind(run_kedro, kedro_
     assert images == sorted(labels["patientId"].unique()) and len(images) == 5
     assert len(list((raw / "stage_2_test_images").iterdir())) == 1
     assert sorted(p.name for p in raw.iterdir()) == [  # no staging folder left
-        "stage_2_detailed_class_info.csv", "stage_2_sample_submission.csv",
+        "demo_data.json", "stage_2_detailed_class_info.csv", "stage_2_sample_submission.csv",
         "stage_2_test_images", "stage_2_train_images", "stage_2_train_labels.csv"]
+
+def test_a_generation_stopped_part_way_is_redone_by_make(run_kedro, kedro_project: Path,
+                                                         monkeypatch: pytest.MonkeyPatch):
+    shutil.copy(PROJECT_ROOT / "Makefile", kedro_project)
+
+    def make_would_generate() -> bool:
+        plan = subprocess.run(["make", "-n", "demo-data"], cwd=kedro_project, check=True,
+                              capture_output=True, text=True).stdout
+        return "--pipelines demo_data" in plan
+
+    assert make_would_generate()  # nothing generated yet
+    run_kedro(pipelines=["demo_data"], params={"demo_data": TINY_DEMO})
+    raw = kedro_project / "data/01_raw/rsna-demo"
+    manifest = json.loads((raw / "demo_data.json").read_text())
+    assert (manifest["seed"], manifest["style"], manifest["train_patients"],
+            manifest["train_images"], manifest["test_images"]) == (7, "classic", 16, 16, 3)
+    assert not make_would_generate()
+
+    # Ctrl-C while the second, larger generation renders its images: its label CSVs are
+    # written, the image folder is still the first generation's.
+    real_demo_file, rendered = demo_data_nodes.demo_file, []
+
+    def interrupted(*args, **kwargs):
+        if len(rendered) == 5:
+            raise KeyboardInterrupt
+        rendered.append(args[0])
+        return real_demo_file(*args, **kwargs)
+
+    monkeypatch.setattr(demo_data_nodes, "demo_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_kedro(pipelines=["demo_data"], params={"demo_data": {**TINY_DEMO, "n_positive": 12}})
+    assert len(pd.read_csv(raw / "stage_2_train_labels.csv")["patientId"].unique()) == 20
+    assert len(list((raw / "stage_2_train_images").glob("*.dcm"))) == 16
+    with pytest.raises(MissingDataError, match="make demo-data` regenerates"):
+        run_kedro(pipelines=["ingest"])
+    assert make_would_generate()
+
 
 def test_missing_image_stops_or_is_excluded(run_kedro, kedro_project: Path):
     run_kedro(pipelines=["demo_data"], params={"demo_data": TINY_DEMO})

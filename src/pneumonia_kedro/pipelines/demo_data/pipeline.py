@@ -4,7 +4,7 @@ lets it: elsewhere the raw datasets are read-only."""
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import render_images, sample_patients, sample_submission
+from .nodes import describe_generation, render_images, sample_patients, sample_submission
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -33,5 +33,12 @@ def create_pipeline(**kwargs) -> Pipeline:
             inputs="demo_test_patients",
             outputs="sample_submission",
             name="write_demo_sample_submission_node",
+        ),
+        Node(
+            func=describe_generation,
+            inputs=["train_labels", "train_dicoms", "test_dicoms", "sample_submission",
+                    "params:demo_data"],
+            outputs="demo_data_manifest",
+            name="describe_demo_generation_node",
         ),
     ])
