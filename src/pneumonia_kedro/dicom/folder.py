@@ -30,6 +30,20 @@ class FolderChunk(dict[str, bytes]):
         self.last = last
 
 
+def folder_chunks(files: Iterable[tuple[str, bytes]], size: int) -> Iterator[FolderChunk]:
+    """``(patientId, bytes)`` pairs as ``FolderChunk`` s of ``size`` files, each yielded as soon
+    as it is full (saved before the next file is made), then the rest, marked last, which may
+    be empty: a generator node that yields them always finishes its folder."""
+    chunk = FolderChunk()
+    for patient_id, content in files:
+        chunk[patient_id] = content
+        if len(chunk) == size:
+            yield chunk
+            chunk = FolderChunk()
+    chunk.last = True
+    yield chunk
+
+
 @dataclass
 class DicomFolder:
     """A folder of ``<patientId>.dcm`` files on any fsspec filesystem; picklable, read-only.

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pneumonia_kedro.config import from_params
 from pneumonia_kedro.dicom import DicomFolder
-from pneumonia_kedro.dicom.folder import FolderChunk
+from pneumonia_kedro.dicom.folder import FolderChunk, folder_chunks
 from pneumonia_kedro.errors import DicomError
 from pneumonia_kedro.pacs.delivery import Outgoing, deliver, raise_if_incomplete
 from pneumonia_kedro.pacs.overlay import Findings, findings_from_sr, secondary_capture
@@ -52,17 +52,17 @@ def build_secondary_captures(structured_reports: DicomFolder, test_dicoms: Dicom
         raise DicomError(f"{len(missing)} structured report(s) without their source image in "
                          f"test_dicoms ({test_dicoms.root}), e.g. {missing[0]}: run inference "
                          "on the same images first")
-    chunk = FolderChunk()
-    for patient_id in structured_reports.patient_ids:
-        try:
-            chunk[patient_id] = _secondary_capture(structured_reports, test_dicoms, patient_id)
-        except (DicomError, OSError) as exc:
-            logger.warning("no overlay for image %s: %s", patient_id, exc)
-            continue
-        if len(chunk) == OVERLAY_CHUNK:
-            yield chunk
-            chunk = FolderChunk()
-    yield FolderChunk(chunk, last=True)  # the folder becomes this run's overlays, whole
+
+    def overlays() -> Iterator[tuple[str, bytes]]:
+        for patient_id in structured_reports.patient_ids:
+            try:
+                yield patient_id, _secondary_capture(structured_reports, test_dicoms,
+                                                     patient_id)
+            except (DicomError, OSError) as exc:
+                logger.warning("no overlay for image %s: %s", patient_id, exc)
+
+    # The last chunk is marked: the folder becomes this run's overlays, whole.
+    yield from folder_chunks(overlays(), OVERLAY_CHUNK)
 
 
 def _findings(structured_reports: DicomFolder, patient_id: str) -> Findings:

@@ -9,7 +9,7 @@ import pandas as pd
 
 from pneumonia_kedro.config import from_params
 from pneumonia_kedro.demo import DemoConfig, demo_file, sample_demo_patients
-from pneumonia_kedro.dicom.folder import DicomFolder, FolderChunk
+from pneumonia_kedro.dicom.folder import DicomFolder, FolderChunk, folder_chunks
 
 RENDER_CHUNK = 32  # files per saved chunk: memory holds one chunk's files
 
@@ -34,12 +34,9 @@ def render_images(patients: pd.DataFrame, params: dict) -> Iterator[FolderChunk]
     label CSVs are written before the images, ``describe_generation``'s file after both: a run
     stopped part-way leaves CSVs newer than that file, and ``make demo-data`` regenerates."""
     config = from_params(DemoConfig, params, "demo_data")
-    records = patients.to_dict("records")
-    for start in range(0, max(len(records), 1), RENDER_CHUNK):
-        yield FolderChunk({row["patientId"]: demo_file(row["patientId"], row, row["boxes"],
-                                                       config)
-                           for row in records[start:start + RENDER_CHUNK]},
-                          last=start + RENDER_CHUNK >= len(records))
+    yield from folder_chunks(((row["patientId"], demo_file(row["patientId"], row, row["boxes"],
+                                                            config))
+                              for row in patients.to_dict("records")), RENDER_CHUNK)
 
 
 def sample_submission(test: pd.DataFrame) -> pd.DataFrame:

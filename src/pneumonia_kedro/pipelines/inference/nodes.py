@@ -13,7 +13,7 @@ import pandas as pd
 
 from pneumonia_kedro.config import AT_LEAST_ONE, ConfigError, from_params
 from pneumonia_kedro.dicom import DicomFolder
-from pneumonia_kedro.dicom.folder import FolderChunk
+from pneumonia_kedro.dicom.folder import FolderChunk, folder_chunks
 from pneumonia_kedro.dicom.quality_settings import inference_gate
 from pneumonia_kedro.engines import engine_config
 from pneumonia_kedro.ensemble import Ensemble, differences, tag_active_run
@@ -247,13 +247,14 @@ def write_structured_reports(test_predictions: pd.DataFrame, test_image_cache: I
                             test_dicoms.display_name(patient_id), boxes, scores, probability,
                             version)
 
-    for start in range(0, len(patient_ids), SR_CHUNK):
-        chunk = FolderChunk(last=start + SR_CHUNK >= len(patient_ids))
-        for patient_id in patient_ids[start:start + SR_CHUNK]:
+    def reports() -> Iterator[tuple[str, bytes]]:
+        for patient_id in patient_ids:
             try:
-                chunk[patient_id] = report(patient_id)
+                yield patient_id, report(patient_id)
             except DicomError as exc:
                 skips[patient_id] = str(exc)
+
+    for chunk in folder_chunks(reports(), SR_CHUNK):
         yield chunk, dict(skips)
 
 
