@@ -50,12 +50,13 @@ $(INSTALLED): pyproject.toml
 
 demo-data: $(DEMO_DONE)
 
-# The demo_data pipeline writes demo_data.json after everything else, so a generation stopped
-# part-way (by make or by a `kedro run --pipelines demo_data`) leaves label CSVs newer than it,
-# and reruns; a changed generator or its settings regenerate from an empty folder.
+# The demo_data pipeline writes demo_data.json after everything else: a generation stopped
+# part-way here leaves none (it is removed first), one stopped in a `kedro run --pipelines
+# demo_data` leaves label CSVs newer than it; both rerun. A changed generator or its settings
+# regenerate from an empty folder.
 $(DEMO_DONE): conf/base/parameters_demo_data.yml $(wildcard src/pneumonia_kedro/demo/*.py) \
 		$(wildcard $(DEMO_RAW)/stage_2_*.csv) | $(INSTALLED)
-	rm -rf $(DEMO_RAW)/stage_2_* $@
+	rm -rf $(DEMO_RAW)/stage_2_* $(DEMO_RAW)/.complete $@
 	$(BIN)/kedro run --env demo --pipelines demo_data
 
 mlflow-ui: $(INSTALLED)  ## the MLflow UI on http://127.0.0.1:5000 (PORT=... for another port)

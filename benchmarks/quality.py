@@ -75,7 +75,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipes import RECIPES, interval_cell, merged, pareto_table  # noqa: E402
 
 from pneumonia_kedro.config import ConfigError, from_params  # noqa: E402
-from pneumonia_kedro.demo import DemoConfig  # noqa: E402
+from pneumonia_kedro.demo.settings import DemoConfig  # noqa: E402
 
 NO_GATING = "ensemble without gating (tuned out of fold)"
 NO_SEARCH = {"shrink": [1.0], "gating_rule": ["none"]}
@@ -360,7 +360,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=[*VARIANTS, "notebook negs"],
                         help="which single-model variants to run (none: only the folds)")
     parser.add_argument("--folds", type=int, default=0,
-                        help="also cross-validate with this many folds (0: no)")
+                        help="also cross-validate with this many folds (0: no; else at least 2)")
     parser.add_argument("--recipes", nargs="+", choices=list(RECIPES),
                         help="compare these training recipes (recipes.py) instead")
     parser.add_argument("--resume", type=Path, help="recipes: skip the cells this JSON holds")
@@ -375,10 +375,12 @@ def main() -> None:
         try:
             previous = json.loads(args.resume.read_text())
             if not isinstance(previous, list) or not all(
-                    isinstance(r, dict) and "dataset" in r for r in previous):
+                    isinstance(r, dict) and "dataset" in r
+                    and isinstance(r.get("recipes", {}), dict) for r in previous):
                 raise ValueError("expected a list of data sets, as --out writes it")
         except (OSError, ValueError) as exc:
             parser.error(f"--resume {args.resume}: {exc}")
+        args.resume_results = previous
     for spec in args.datasets:  # a typo fails now, not after the first data set's hour
         dataset_params(spec)
     quiet = {"cache": {"progress": False}, "train": {"progress": False},
@@ -404,8 +406,7 @@ def main() -> None:
 
 def main_recipes(args: argparse.Namespace, quiet: dict, scratch: Path) -> None:
     out = args.out or args.resume
-    previous = json.loads(args.resume.read_text()) if args.resume else []
-    results = {r["dataset"]: r for r in previous}
+    results = {r["dataset"]: r for r in getattr(args, "resume_results", [])}
 
     def save(result: dict) -> None:
         results[result["dataset"]] = result

@@ -12,6 +12,7 @@ from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut
 
 from pneumonia_kedro.dicom import decode, read_header
+from pneumonia_kedro.dicom.folder import folder_chunks
 from pneumonia_kedro.errors import DicomError
 
 
@@ -245,3 +246,24 @@ def test_deflated_data_is_refused_when_it_inflates_past_the_bound(monkeypatch):
         decode(data, "dfl.dcm")
     with pytest.raises(DicomError, match="dfl.dcm: deflated data inflates"):
         read_header(data, "dfl.dcm")
+
+
+@pytest.mark.parametrize(("patients", "sizes"), [(0, [0]), (2, [2]), (3, [2, 0]), (4, [2, 1])])
+def test_folder_chunks_are_saved_as_made_and_the_last_is_marked(patients, sizes):
+    """Chunks of 2 patients, p2 skipped (``None``); each chunk comes before the next file is
+    made, and an exact multiple ends with its own marked chunk, no empty one after."""
+    made = []
+
+    def make(patient_id: str) -> bytes | None:
+        made.append(patient_id)
+        return None if patient_id == "p2" else patient_id.encode()
+
+    ids = [f"p{i}" for i in range(patients)]
+    chunks = folder_chunks(ids, make, 2)
+    seen = []
+    for chunk in chunks:
+        assert made == ids[:len(made)] and len(made) == min(len(ids), 2 * (len(seen) + 1))
+        seen.append(chunk)
+    assert [len(chunk) for chunk in seen] == sizes
+    assert [chunk.last for chunk in seen] == [False] * (len(sizes) - 1) + [True]
+    assert [k for chunk in seen for k in chunk] == [i for i in ids if i != "p2"]

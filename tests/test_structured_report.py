@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from pneumonia_kedro.dicom.folder import FolderChunk, folder_chunks
+from pneumonia_kedro.dicom.folder import FolderChunk
 from pneumonia_kedro.errors import DicomError
 from pneumonia_kedro.structured_report import report_bytes
 from tests.dicom_files import native_dicom
@@ -141,15 +141,6 @@ def test_a_source_without_uids_gets_a_clear_error():
 
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
-@pytest.mark.parametrize(("files", "sizes"), [(0, [0]), (1, [1]), (2, [2, 0]), (3, [2, 1])])
-def test_folder_chunks_come_when_full_and_end_with_a_marked_one(files, sizes):
-    pairs = [(f"p{i}", bytes([i])) for i in range(files)]
-    chunks = list(folder_chunks(iter(pairs), 2))
-    assert [len(chunk) for chunk in chunks] == sizes
-    assert [chunk.last for chunk in chunks] == [False] * (len(sizes) - 1) + [True]
-    assert [pair for chunk in chunks for pair in chunk.items()] == pairs
 
 
 DEAD_PID = 4_194_400  # above Linux's largest pid: no process has it

@@ -35,6 +35,11 @@ def test_the_demo_generator_never_writes_outside_the_demo_environment(run_kedro,
         run_kedro(env="base", pipelines=["demo_data"], params={"demo_data": TINY_DEMO})
     raw = kedro_project / "data/01_raw/rsna-pneumonia-detection-challenge"
     assert not raw.exists() or not any(raw.rglob("*"))
+    # The generation's manifest is declared in conf/demo only: elsewhere no node's output
+    # can land in the raw folder (even `--nodes describe_demo_generation_node` keeps it in memory).
+    for env, declared in (("base", False), ("demo", True)):
+        with KedroSession.create(project_path=kedro_project, env=env) as session:
+            assert ("demo_data_manifest" in session.load_context().catalog) == declared
 
 
 def test_demo_data_then_ingest_and_split(run_kedro, kedro_project: Path):
@@ -84,8 +89,9 @@ def test_a_smaller_generation_leaves_no_earlier_patient_behind(run_kedro, kedro_
         "demo_data.json", "stage_2_detailed_class_info.csv", "stage_2_sample_submission.csv",
         "stage_2_test_images", "stage_2_train_images", "stage_2_train_labels.csv"]
 
-def test_a_generation_stopped_part_way_is_redone_by_make(run_kedro, kedro_project: Path,
-                                                         monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
+def test_make_plans_a_new_generation_after_one_stopped_part_way(
+        run_kedro, kedro_project: Path, monkeypatch: pytest.MonkeyPatch):
     shutil.copy(PROJECT_ROOT / "Makefile", kedro_project)
 
     def make_would_generate() -> bool:
@@ -100,6 +106,9 @@ def test_a_generation_stopped_part_way_is_redone_by_make(run_kedro, kedro_projec
     assert (manifest["seed"], manifest["style"], manifest["train_patients"],
             manifest["train_images"], manifest["test_images"]) == (7, "classic", 16, 16, 3)
     assert not make_would_generate()
+    (kedro_project / "conf/base/parameters_demo_data.yml").touch()  # settings edited
+    assert make_would_generate()
+    (raw / "demo_data.json").touch()
 
     # Ctrl-C while the second, larger generation renders its images: its label CSVs are
     # written, the image folder is still the first generation's.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -30,18 +30,19 @@ class FolderChunk(dict[str, bytes]):
         self.last = last
 
 
-def folder_chunks(files: Iterable[tuple[str, bytes]], size: int) -> Iterator[FolderChunk]:
-    """``(patientId, bytes)`` pairs as ``FolderChunk`` s of ``size`` files, each yielded as soon
-    as it is full (saved before the next file is made), then the rest, marked last, which may
-    be empty: a generator node that yields them always finishes its folder."""
-    chunk = FolderChunk()
-    for patient_id, content in files:
-        chunk[patient_id] = content
-        if len(chunk) == size:
-            yield chunk
-            chunk = FolderChunk()
-    chunk.last = True
-    yield chunk
+def folder_chunks(patient_ids: Sequence[str], make: Callable[[str], bytes | None],
+                  size: int) -> Iterator[FolderChunk]:
+    """The files ``make`` makes for ``patient_ids`` (``None``: that patient is skipped), in
+    ``FolderChunk`` s of ``size`` patients, each yielded when made (saved before the next
+    file is), the last one marked; one empty last chunk when there are no patients, so a
+    generator node that yields them always finishes its folder."""
+    for start in range(0, max(len(patient_ids), 1), size):
+        chunk = FolderChunk(last=start + size >= len(patient_ids))
+        for patient_id in patient_ids[start:start + size]:
+            content = make(patient_id)
+            if content is not None:
+                chunk[patient_id] = content
+        yield chunk
 
 
 @dataclass

@@ -53,16 +53,15 @@ def build_secondary_captures(structured_reports: DicomFolder, test_dicoms: Dicom
                          f"test_dicoms ({test_dicoms.root}), e.g. {missing[0]}: run inference "
                          "on the same images first")
 
-    def overlays() -> Iterator[tuple[str, bytes]]:
-        for patient_id in structured_reports.patient_ids:
-            try:
-                yield patient_id, _secondary_capture(structured_reports, test_dicoms,
-                                                     patient_id)
-            except (DicomError, OSError) as exc:
-                logger.warning("no overlay for image %s: %s", patient_id, exc)
+    def overlay_or_skip(patient_id: str) -> bytes | None:
+        try:
+            return _secondary_capture(structured_reports, test_dicoms, patient_id)
+        except (DicomError, OSError) as exc:
+            logger.warning("no overlay for image %s: %s", patient_id, exc)
+            return None
 
     # The last chunk is marked: the folder becomes this run's overlays, whole.
-    yield from folder_chunks(overlays(), OVERLAY_CHUNK)
+    yield from folder_chunks(structured_reports.patient_ids, overlay_or_skip, OVERLAY_CHUNK)
 
 
 def _findings(structured_reports: DicomFolder, patient_id: str) -> Findings:

@@ -34,9 +34,9 @@ def render_images(patients: pd.DataFrame, params: dict) -> Iterator[FolderChunk]
     label CSVs are written before the images, ``describe_generation``'s file after both: a run
     stopped part-way leaves CSVs newer than that file, and ``make demo-data`` regenerates."""
     config = from_params(DemoConfig, params, "demo_data")
-    yield from folder_chunks(((row["patientId"], demo_file(row["patientId"], row, row["boxes"],
-                                                            config))
-                              for row in patients.to_dict("records")), RENDER_CHUNK)
+    rows = {row["patientId"]: row for row in patients.to_dict("records")}
+    yield from folder_chunks(list(rows), lambda patient_id: demo_file(
+        patient_id, rows[patient_id], rows[patient_id]["boxes"], config), RENDER_CHUNK)
 
 
 def sample_submission(test: pd.DataFrame) -> pd.DataFrame:

@@ -247,14 +247,14 @@ def write_structured_reports(test_predictions: pd.DataFrame, test_image_cache: I
                             test_dicoms.display_name(patient_id), boxes, scores, probability,
                             version)
 
-    def reports() -> Iterator[tuple[str, bytes]]:
-        for patient_id in patient_ids:
-            try:
-                yield patient_id, report(patient_id)
-            except DicomError as exc:
-                skips[patient_id] = str(exc)
+    def report_or_skip(patient_id: str) -> bytes | None:
+        try:
+            return report(patient_id)
+        except DicomError as exc:
+            skips[patient_id] = str(exc)
+            return None
 
-    for chunk in folder_chunks(reports(), SR_CHUNK):
+    for chunk in folder_chunks(patient_ids, report_or_skip, SR_CHUNK):
         yield chunk, dict(skips)
 
 

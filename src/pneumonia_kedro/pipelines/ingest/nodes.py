@@ -115,8 +115,8 @@ def attach_images(
             f"{len(missing)} patient(s) without a DICOM file and {len(unreadable)} unreadable "
             f"in {train_dicoms.root}:\n  " + "\n  ".join(listed) +
             "\nSet ingest.on_missing_image: exclude to leave them out (they are listed in the "
-            "ingest report). Generated demo data: a generation stopped part-way leaves new "
-            "labels beside the earlier images; `make demo-data` regenerates it."
+            "ingest report). With --env demo: a generation stopped part-way leaves new labels "
+            "beside the earlier images; `make demo-data` regenerates it."
         )
     excluded = set(missing) | set(unreadable)
     if excluded:
