@@ -1,8 +1,9 @@
 """Training recipes for ``quality.py --recipes``, and the Pareto table of their results.
 
 A recipe is a named set of ``--params`` overrides on top of ``conf/demo`` (merged key by key;
-lists replace). Anchor sizes are given for 128 px with ``model.anchor_reference_size: 128``,
-so they scale with ``cache.image_size`` (``benchmarks/anchors.py`` measured them).
+lists replace): its cache size, detector and epochs. Anchor sizes are given for 128 px with
+``model.anchor_reference_size: 128``, so they scale with ``cache.image_size``
+(``benchmarks/anchors.py`` measured them).
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import numpy as np
 # Per-map anchors of the 5-map ResNet FPN Faster R-CNNs, at 128 px (anchors.py: 99 % of the
 # RSNA boxes overlap one at IoU >= 0.5 at 128..256 px; torchvision's 32..512 px: 79 % at 128).
 RESNET_FPN_ANCHORS = [[12, 20], [24, 32], [40, 56], [64, 80], [96, 128]]
-AT_128 = {"cache": {"image_size": 128}}
-AT_192 = {"cache": {"image_size": 192}}
 STRONG_AUGMENT = {"horizontal_flip": 0.5, "scale": [0.8, 1.25], "translate": 0.1,
                   "brightness": 0.2, "contrast": 0.2}
 
@@ -21,43 +20,54 @@ STRONG_AUGMENT = {"horizontal_flip": 0.5, "scale": [0.8, 1.25], "translate": 0.1
 MEASURED_ANCHORS = {"anchor_sizes": [[12, 20, 32, 48, 72]] * 3, "anchor_reference_size": 128}
 
 
-def _mobilenet(image_size: int, **train: object) -> dict:
-    recipe = {"cache": {"image_size": image_size}, "model": MEASURED_ANCHORS}
-    return {**recipe, "train": train} if train else recipe
+# Every recipe names its cache size, detector and epochs, so it means the same whatever
+# conf/demo holds; the rest (RPN sampling, box head, learning rate, schedule) is conf/demo's.
+def _recipe(image_size: int, model: dict, epochs: int, **train: object) -> dict:
+    return {"cache": {"image_size": image_size}, "model": model,
+            "train": {"epochs": epochs, **train}}
 
 
-def _resnet_fpn(architecture: str) -> dict:
-    return {"architecture": architecture, "anchor_sizes": RESNET_FPN_ANCHORS,
-            "anchor_reference_size": 128}
+def _mobilenet(image_size: int, epochs: int = 10, **train: object) -> dict:
+    return _recipe(image_size, {"architecture": "mobilenet_v3_large_fpn", **MEASURED_ANCHORS},
+                   epochs, **train)
+
+
+def _resnet_fpn(architecture: str, image_size: int, epochs: int = 10) -> dict:
+    return _recipe(image_size, {"architecture": architecture, "anchor_sizes": RESNET_FPN_ANCHORS,
+                                "anchor_reference_size": 128}, epochs)
+
+
+def _fcos(image_size: int, epochs: int = 10) -> dict:
+    # Anchor-free: anchor and RPN settings do not apply (models/config.py).
+    return _recipe(image_size, {"architecture": "fcos_resnet18_fpn"}, epochs)
 
 
 RECIPES: dict[str, dict] = {
-    # conf/demo as it is now: since 2026-12-02 the `mobilenet@192` below.
+    # conf/demo as it is now: since 2026-12-02 (second change) `resnet18_fpn@128, 5 epochs`.
     "demo": {},
     # conf/demo until 2026-12-02: mobilenet_v3_large_fpn from scratch, 128 px, 10 epochs,
     # anchors 16..128 px whatever the cache size.
-    "mobilenet@128 (old demo)": {**AT_128, "model": {
-        "anchor_sizes": [[16, 32, 64, 128]] * 3, "anchor_reference_size": None}},
-    "mobilenet@128, measured anchors": {**AT_128, "model": MEASURED_ANCHORS},
+    "mobilenet@128 (old demo)": _recipe(128, {
+        "architecture": "mobilenet_v3_large_fpn", "anchor_sizes": [[16, 32, 64, 128]] * 3,
+        "anchor_reference_size": None}, 10),
+    "mobilenet@128, measured anchors": _mobilenet(128),
+    # conf/demo for part of 2026-12-02.
     "mobilenet@192": _mobilenet(192),
     "mobilenet@256": _mobilenet(256),
-    "resnet18_fpn@192": {**AT_192, "model": _resnet_fpn("resnet18_fpn")},
-    "resnet34_fpn@192": {**AT_192, "model": _resnet_fpn("resnet34_fpn")},
+    "resnet18_fpn@192": _resnet_fpn("resnet18_fpn", 192),
+    "resnet34_fpn@192": _resnet_fpn("resnet34_fpn", 192),
     # At 128 px: on CPU a ResNet-18 backbone step costs 2-2.6x the mobilenet's (5x at 192 px).
-    # Measured: better than mobilenet@192, but about twice its minutes (benchmarks/README.md).
-    "resnet18_fpn@128": {**AT_128, "model": _resnet_fpn("resnet18_fpn")},
-    "fcos_resnet18_fpn@128": {**AT_128, "model": {"architecture": "fcos_resnet18_fpn"}},
+    "resnet18_fpn@128": _resnet_fpn("resnet18_fpn", 128),
+    "fcos_resnet18_fpn@128": _fcos(128),
     # The two above cut to make demo's budget by their 2-thread step time (recipe_steps.py:
-    # 1.8x and 1.3x the 192 px MobileNet's): fewer epochs, the same cosine schedule.
-    "resnet18_fpn@128, 5 epochs": {**AT_128, "model": _resnet_fpn("resnet18_fpn"),
-                                   "train": {"epochs": 5}},
-    "fcos_resnet18_fpn@128, 7 epochs": {**AT_128, "model": {"architecture": "fcos_resnet18_fpn"},
-                                        "train": {"epochs": 7}},
-    # Anchor-free: anchor and RPN settings do not apply (models/config.py).
-    "fcos_resnet18_fpn@192": {**AT_192, "model": {"architecture": "fcos_resnet18_fpn"}},
-    "mobilenet@192 strong augment": _mobilenet(192, augment=STRONG_AUGMENT),
-    "mobilenet@192 20 epochs": _mobilenet(192, epochs=20),
-    "mobilenet@192 20 epochs, lr 0.02 step": _mobilenet(
+    # 1.8x and 1.3x the 192 px MobileNet's): fewer epochs, the same cosine schedule. The first
+    # is the demo's recipe (benchmarks/README.md, "Recipes").
+    "resnet18_fpn@128, 5 epochs": _resnet_fpn("resnet18_fpn", 128, epochs=5),
+    "fcos_resnet18_fpn@128, 7 epochs": _fcos(128, epochs=7),
+    "fcos_resnet18_fpn@192": _fcos(192),
+    "mobilenet@192, strong augment": _mobilenet(192, augment=STRONG_AUGMENT),
+    "mobilenet@192, 20 epochs": _mobilenet(192, epochs=20),
+    "mobilenet@192, 20 epochs, lr 0.02 step": _mobilenet(
         192, epochs=20, learning_rate=0.02, scheduler="step", step_size=14, gamma=0.1),
 }
 

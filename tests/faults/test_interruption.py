@@ -29,7 +29,8 @@ from tests.conftest import DEMO_RAW, run_session, tiny_demo_project
 KEDRO = str(Path(sys.executable).with_name("kedro"))
 TINY_TRAINING = {
     "split": {"validation_fraction": 0.25, "stratify_by_view": False, "seed": 1},
-    "model": {"image_size": 64, "anchor_sizes": [[8, 16, 32, 64]] * 3,
+    "model": {"architecture": "mobilenet_v3_large_fpn", "image_size": 64,
+              "anchor_sizes": [[8, 16, 32, 64]] * 3, "anchor_reference_size": None,
               "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50,
               "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 20,
               "box_batch_size_per_image": 16, "box_head_size": 32, "box_detections_per_img": 5},

@@ -27,7 +27,9 @@ TINY_RUN = {
     "split": {"n_per_class": None, "validation_fraction": 0.25, "stratify_by_view": False,
               "seed": 1},
     "cache": {"image_size": SIZE, "workers": 0, "progress": False},
-    "model": {"image_size": SIZE, "anchor_sizes": [[8, 16, 32, 64]] * 3,
+    # The demo's detector (a ResNet-18 FPN, five maps), tiny: anchors given for the 64 px cache.
+    "model": {"image_size": SIZE, "anchor_sizes": [[8], [12], [16], [32], [48]],
+              "anchor_reference_size": None,
               "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50,
               "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 20,
               "box_batch_size_per_image": 16, "box_head_size": 32,
