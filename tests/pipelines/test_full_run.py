@@ -114,7 +114,7 @@ def test_mlflow_run_holds_params_curves_tags_and_a_servable_model(demo_run,
     runs = mlflow.search_runs(experiment_names=["pneumonia-kedro"])
     run = runs.sort_values("start_time").iloc[-1]
     assert run["status"] == "FINISHED"
-    assert run["params.model.architecture"] == "mobilenet_v3_large_fpn"
+    assert run["params.model.architecture"] == "resnet18_fpn"  # the demo's detector
     assert run["params.train.epochs"] == "2" and run["params.cache.image_size"] == str(SIZE)
     assert run["tags.git_commit"] and run["tags.torch_version"]
     client = mlflow.MlflowClient()
