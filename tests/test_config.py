@@ -78,9 +78,36 @@ def test_every_environment_s_parameters_are_valid(env):
               "serving": ServingConfig, "inference": InferenceConfig}
     assert set(groups) <= set(params)
     built = {name: from_params(cls, params[name], name) for name, cls in groups.items()}
+    built["model"].check_training()  # anchors fit the detector's feature maps, and so on
     if env == "gpu":
         assert built["model"].trainable == "all" and built["model"].pretrained == "coco"
         assert built["cache"].image_size == 1024 and built["evaluate"].tta.hflip
         assert built["classifier"].pretrained == "imagenet"
     if env == "demo":
         assert built["classifier"].pretrained == "none" and built["model"].pretrained == "none"
+
+
+def test_every_benchmark_recipe_builds_a_trainable_detector_on_conf_demo():
+    """benchmarks/recipes.py's overrides, merged onto conf/demo as --params merges them."""
+    import sys
+    from pathlib import Path
+
+    from kedro.config import OmegaConfigLoader
+
+    from pneumonia_kedro.settings import CONFIG_LOADER_ARGS
+
+    root = Path(__file__).parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        from recipes import RECIPES, merged
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    params = OmegaConfigLoader(str(root / "conf"),
+                               **{**CONFIG_LOADER_ARGS, "default_run_env": "demo"})["parameters"]
+    for name, recipe in RECIPES.items():
+        settings = merged(params, recipe)
+        model = from_params(ModelConfig, settings["model"], "model")
+        model.check_training()
+        assert from_params(TrainConfig, settings["train"], "train").epochs >= 1, name
+    assert merged(params, RECIPES["resnet18_fpn@128, 5 epochs"]) == merged(params, {}), \
+        "conf/demo is the recipe the benchmarks README names as the demo's"

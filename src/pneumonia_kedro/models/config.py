@@ -92,8 +92,9 @@ class ModelConfig:
             raise ConfigError(
                 f"params:model.anchor_sizes has {len(self.anchor_sizes)} levels but "
                 f"{self.architecture} has {maps} feature maps: give {maps} lists of sizes "
-                "(conf/demo's are for mobilenet_v3_large_fpn's 3; benchmarks/recipes.py has a "
-                "5-level set) or null for torchvision's")
+                "(conf/demo's are for resnet18_fpn's 5; benchmarks/recipes.py has a 3-level "
+                "set for mobilenet_v3_large_fpn), or model.anchor_sizes and "
+                "model.anchor_reference_size both null for torchvision's")
         if self.trainable == "box_predictor" and self.pretrained in ("none", "imagenet"):
             raise ConfigError(
                 f"params:model.trainable = 'box_predictor' trains only the last layers, but "
