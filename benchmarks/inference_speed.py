@@ -18,13 +18,11 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_dicoms  # noqa: E402
+from common import demo_model, write_dicoms  # noqa: E402
 
 import pneumonia_kedro  # noqa: E402
-from pneumonia_kedro.config import from_params  # noqa: E402
 from pneumonia_kedro.dicom import DicomFolder  # noqa: E402
 from pneumonia_kedro.ensemble import Networks  # noqa: E402
 from pneumonia_kedro.imagecache import CacheConfig, ImageCache, build, plan  # noqa: E402
@@ -41,8 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=32)
     arguments = parser.parse_args()
-    demo = from_params(ModelConfig, yaml.safe_load(
-        (ROOT / "conf/demo/parameters_train.yml").read_text())["model"], "model")
+    demo_label, demo = demo_model()
     resnet = ModelConfig(architecture="resnet50_fpn", pretrained="none", trainable="all",
                          image_size=512)
     post = PostprocessConfig(score_threshold=0.3)
@@ -56,7 +53,7 @@ def main() -> None:
             "dicom": [base64.b64encode(dicoms.read_bytes(p)).decode()
                       for p in dicoms.patient_ids]})
         print(f"{'model':<34}{'path':<34}{'images/s':>10}")
-        for label, config in (("demo mobilenet_v3_large_fpn@128", demo),
+        for label, config in ((demo_label, demo),
                               ("resnet50_fpn@512", resnet)):
             torch.manual_seed(0)
             model = build_model(config).eval()

@@ -371,6 +371,9 @@ def main() -> None:
         parser.error("--resume skips recipe cells: it needs --recipes")
     if args.folds < 0 or args.folds == 1:
         parser.error(f"--folds {args.folds}: 0 (no cross-validation) or at least 2")
+    if args.out and not args.out.parent.is_dir():  # found now, not after the first hour
+        parser.error(f"--out {args.out}: no folder {args.out.parent}")
+    previous: list[dict] = []
     if args.resume:
         try:
             previous = json.loads(args.resume.read_text())
@@ -380,14 +383,13 @@ def main() -> None:
                 raise ValueError("expected a list of data sets, as --out writes it")
         except (OSError, ValueError) as exc:
             parser.error(f"--resume {args.resume}: {exc}")
-        args.resume_results = previous
     for spec in args.datasets:  # a typo fails now, not after the first data set's hour
         dataset_params(spec)
     quiet = {"cache": {"progress": False}, "train": {"progress": False},
              "classifier": {"progress": False}, "evaluate": {"progress": False}}
     with tempfile.TemporaryDirectory() as scratch:
         if args.recipes:
-            main_recipes(args, quiet, Path(scratch))
+            main_recipes(args, previous, quiet, Path(scratch))
             return
         results = []
         if args.tiny:
@@ -404,9 +406,11 @@ def main() -> None:
     print(table(results))
 
 
-def main_recipes(args: argparse.Namespace, quiet: dict, scratch: Path) -> None:
+def main_recipes(args: argparse.Namespace, previous: list[dict], quiet: dict,
+                 scratch: Path) -> None:
+    """Every recipe on every data set, the cells in ``previous`` (``--resume``) skipped."""
     out = args.out or args.resume
-    results = {r["dataset"]: r for r in getattr(args, "resume_results", [])}
+    results = {r["dataset"]: r for r in previous}
 
     def save(result: dict) -> None:
         results[result["dataset"]] = result

@@ -56,7 +56,7 @@ RECIPES: dict[str, dict] = {
     "mobilenet@256": _mobilenet(256),
     "resnet18_fpn@192": _resnet_fpn("resnet18_fpn", 192),
     "resnet34_fpn@192": _resnet_fpn("resnet34_fpn", 192),
-    # At 128 px: on CPU a ResNet-18 backbone step costs 2-2.6x the mobilenet's (5x at 192 px).
+    # At 128 px: on CPU a ResNet-18 FPN step costs 2-2.6x the old demo's (5x at 192 px).
     "resnet18_fpn@128": _resnet_fpn("resnet18_fpn", 128),
     "fcos_resnet18_fpn@128": _fcos(128),
     # The two above cut to make demo's budget by their 2-thread step time (recipe_steps.py:

@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/train_speed.py [--images 48] [--steps 6]
 
-Measures the demo model (mobilenet_v3_large_fpn at 128 px, conf/demo) and resnet50_fpn at
-512 px, with the DataLoader in-process and with 2 workers.
+Measures the demo's detector (conf/demo, at its cache size) and resnet50_fpn at 512 px, with
+the DataLoader in-process and with 2 workers.
 """
 
 from __future__ import annotations
@@ -15,13 +15,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_dicoms  # noqa: E402
+from common import demo_model, write_dicoms  # noqa: E402
 from train_bench import measure, training_augmentation  # noqa: E402
 
-from pneumonia_kedro.config import from_params  # noqa: E402
 from pneumonia_kedro.dicom import DicomFolder  # noqa: E402
 from pneumonia_kedro.imagecache import CacheConfig, ImageCache, build, plan  # noqa: E402
 from pneumonia_kedro.models import ModelConfig  # noqa: E402
@@ -35,8 +33,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--steps", type=int, default=6)
     arguments = parser.parse_args()
-    demo = yaml.safe_load((ROOT / "conf/demo/parameters_train.yml").read_text())["model"]
-    demo_model = from_params(ModelConfig, demo, "model")
+    demo_label, demo_config = demo_model()
     resnet = ModelConfig(architecture="resnet50_fpn", pretrained="none", trainable="all")
     cpu = torch.device("cpu")
     with tempfile.TemporaryDirectory() as tmp:
@@ -44,7 +41,7 @@ def main() -> None:
         dicoms = DicomFolder.scan(str(Path(tmp) / "dicoms"))
         print(f"{'model':<34}{'loader':<12}{'images/s':>10}{'data wait':>11}")
         for label, model, size, batch, steps in (
-            ("demo mobilenet_v3_large_fpn@128", demo_model, 128, 8, arguments.steps * 2),
+            (demo_label, demo_config, demo_config.image_size, 8, arguments.steps * 2),
             ("resnet50_fpn@512", resnet, 512, 2, arguments.steps),
         ):
             path = Path(tmp) / f"cache{size}"

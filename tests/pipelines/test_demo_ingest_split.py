@@ -89,6 +89,7 @@ def test_a_smaller_generation_leaves_no_earlier_patient_behind(run_kedro, kedro_
         "demo_data.json", "stage_2_detailed_class_info.csv", "stage_2_sample_submission.csv",
         "stage_2_test_images", "stage_2_train_images", "stage_2_train_labels.csv"]
 
+
 @pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
 def test_make_plans_a_new_generation_after_one_stopped_part_way(
         run_kedro, kedro_project: Path, monkeypatch: pytest.MonkeyPatch):
