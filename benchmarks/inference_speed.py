@@ -31,7 +31,6 @@ from pneumonia_kedro.models import ModelConfig, build_model  # noqa: E402
 from pneumonia_kedro.postprocess import PostprocessConfig  # noqa: E402
 from pneumonia_kedro.prediction import predict  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = Path(pneumonia_kedro.__file__).parent
 
 

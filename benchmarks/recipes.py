@@ -20,8 +20,8 @@ STRONG_AUGMENT = {"horizontal_flip": 0.5, "scale": [0.8, 1.25], "translate": 0.1
 MEASURED_ANCHORS = {"anchor_sizes": [[12, 20, 32, 48, 72]] * 3, "anchor_reference_size": 128}
 
 
-# Every recipe names its cache size, detector and epochs, so it means the same whatever
-# conf/demo holds; the rest (RPN sampling, box head, learning rate, schedule) is conf/demo's.
+# Every recipe names its cache size, detector and epochs, so those mean the same whatever
+# conf/demo names; the rest (RPN sampling, box head, learning rate, schedule) is conf/demo's.
 def _recipe(image_size: int, model: dict, epochs: int, **train: object) -> dict:
     return {"cache": {"image_size": image_size}, "model": model,
             "train": {"epochs": epochs, **train}}

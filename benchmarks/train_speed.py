@@ -25,8 +25,6 @@ from pneumonia_kedro.imagecache import CacheConfig, ImageCache, build, plan  # n
 from pneumonia_kedro.models import ModelConfig  # noqa: E402
 from pneumonia_kedro.training import CachedDetectionDataset  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser()

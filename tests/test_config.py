@@ -3,12 +3,17 @@ checked before a node touches data."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+from kedro.config import OmegaConfigLoader
 
 from pneumonia_kedro.config import ConfigError, Range, from_params
 from pneumonia_kedro.imagecache import CacheConfig
 from pneumonia_kedro.models import ModelConfig
 from pneumonia_kedro.postprocess import PostprocessConfig
+from pneumonia_kedro.settings import CONFIG_LOADER_ARGS
 from pneumonia_kedro.split import SplitConfig
 from pneumonia_kedro.training import TrainConfig
 
@@ -58,16 +63,11 @@ def test_range_bounds():
 def test_every_environment_s_parameters_are_valid(env):
     """Each shipped environment (base: the notebook's knobs; demo: CPU-sized; gpu: the
     winners' recipe) builds every parameter group without an error."""
-    from pathlib import Path
-
-    from kedro.config import OmegaConfigLoader
-
     from pneumonia_kedro.classifier import ClassifierConfig
     from pneumonia_kedro.demo import DemoConfig
     from pneumonia_kedro.pipelines.evaluate.nodes import EvaluateConfig, ServingConfig
     from pneumonia_kedro.pipelines.inference.nodes import InferenceConfig
     from pneumonia_kedro.pipelines.ingest.nodes import IngestConfig
-    from pneumonia_kedro.settings import CONFIG_LOADER_ARGS
 
     loader = OmegaConfigLoader(str(Path(__file__).parents[1] / "conf"),
                                **{**CONFIG_LOADER_ARGS, "default_run_env": env})
@@ -89,13 +89,6 @@ def test_every_environment_s_parameters_are_valid(env):
 
 def test_every_benchmark_recipe_builds_a_trainable_detector_on_conf_demo():
     """benchmarks/recipes.py's overrides, merged onto conf/demo as --params merges them."""
-    import sys
-    from pathlib import Path
-
-    from kedro.config import OmegaConfigLoader
-
-    from pneumonia_kedro.settings import CONFIG_LOADER_ARGS
-
     root = Path(__file__).parents[1]
     sys.path.insert(0, str(root / "benchmarks"))
     try:

@@ -94,7 +94,7 @@ class ModelConfig:
                 f"{self.architecture} has {maps} feature maps: give {maps} lists of sizes "
                 "(conf/demo's are for resnet18_fpn's 5; benchmarks/recipes.py has a 3-level "
                 "set for mobilenet_v3_large_fpn), or model.anchor_sizes and "
-                "model.anchor_reference_size both null for torchvision's")
+                "model.anchor_reference_size both null for torchvision's default anchors")
         if self.trainable == "box_predictor" and self.pretrained in ("none", "imagenet"):
             raise ConfigError(
                 f"params:model.trainable = 'box_predictor' trains only the last layers, but "
