@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,8 +56,25 @@ def _kedro(project: Path, *args: str, folds: int) -> str:
                           capture_output=True, text=True, timeout=600).stdout
 
 
+@pytest.fixture(scope="module")
+def viz_build(project):
+    """`kedro viz build` with FOLDS folds, run once per fold count for the module: the
+    build folder it wrote, kept apart from the other count's."""
+    built: dict[int, Path] = {}
+
+    def build(folds: int) -> Path:
+        if folds not in built:
+            _kedro(project, "viz", "build", folds=folds)
+            built[folds] = project / f"build-{folds}-folds"
+            shutil.move(project / "build", built[folds])
+        return built[folds]
+
+    return build
+
+
 @pytest.mark.parametrize("folds", [1, 2])
-def test_kedro_run_runs_what_the_registry_and_kedro_viz_show(project, monkeypatch, folds):
+def test_kedro_run_runs_what_the_registry_and_kedro_viz_show(project, viz_build, monkeypatch,
+                                                            folds):
     from kedro.framework.startup import bootstrap_project
 
     monkeypatch.chdir(project)
@@ -70,19 +88,18 @@ def test_kedro_run_runs_what_the_registry_and_kedro_viz_show(project, monkeypatc
     described = _kedro(project, "registry", "describe", folds=folds)
     assert set(re.findall(r"^- (\S+) \(", described, re.MULTILINE)) == runner.nodes
 
-    _kedro(project, "viz", "build", folds=folds)
-    graph = json.loads((project / "build/api/main").read_text())
+    graph = json.loads((viz_build(folds) / "api/main").read_text())
     assert {n["full_name"] for n in graph["nodes"] if n["type"] == "task"} == runner.nodes
     pipelines = {p["id"] for p in graph["pipelines"]}
     single = {"__default__", *ONE_FOLD, *ON_PURPOSE}
     assert pipelines == (single if folds == 1 else single | {"cross_validation"})
 
 
-def test_viz_build_shows_every_pipeline_and_dataset_with_layers(project: Path):
+def test_viz_build_shows_every_pipeline_and_dataset_with_layers(viz_build):
     # Two cross-validation folds, as `make viz FOLDS=2` asks: the fold namespaces and the
     # dataset factories' fold datasets appear.
-    _kedro(project, "viz", "build", folds=2)
-    graph = json.loads((project / "build/api/main").read_text())
+    build = viz_build(2)
+    graph = json.loads((build / "api/main").read_text())
     pipelines = {p["id"] for p in graph["pipelines"]}
     # Each fold is a collapsible modular pipeline of the default pipeline.
     assert {"fold_0", "fold_1"} <= set(graph["modular_pipelines"])
@@ -92,7 +109,7 @@ def test_viz_build_shows_every_pipeline_and_dataset_with_layers(project: Path):
             "fold_1.predict_validation_node"} <= fold_tasks
     # api/main holds the default pipeline; api/pipelines/<name> each registered pipeline.
     nodes = [n for name in pipelines
-             for n in json.loads((project / "build/api/pipelines" / name).read_text())["nodes"]]
+             for n in json.loads((build / "api/pipelines" / name).read_text())["nodes"]]
     datasets = {n["name"]: n for n in nodes if n["type"] == "data"}
     catalog = yaml.safe_load((PROJECT_ROOT / "conf/base/catalog.yml").read_text())
     for name in catalog:
