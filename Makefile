@@ -18,7 +18,7 @@ demo: $(INSTALLED) $(DEMO_DONE)  ## create .venv, generate the demo dataset if a
 test: $(INSTALLED) dicom-tools pacs-tools  ## create/update .venv and run the test suite
 	$(BIN)/pytest
 
-test-fast: $(INSTALLED)  ## the quick loop: everything but the tests marked slow (under a minute)
+test-fast: $(INSTALLED)  ## the quick loop: everything but the tests marked slow (about 80 s)
 	$(BIN)/pytest -m "not slow" -q
 
 install: $(INSTALLED)
