@@ -16,7 +16,7 @@ demo: $(INSTALLED) $(DEMO_DONE)  ## create .venv, generate the demo dataset if a
 	$(BIN)/kedro run --env demo
 
 # Two workers, each taking a whole module (--dist loadfile): a module's fixtures (its demo
-# run, the Ray cluster) are built once. 17 min in one process here, 14-15.5 with two
+# run, the Ray cluster) are built once. 17 min in one process here, 13-15.5 with two
 # (tests/README.md); TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 test: $(INSTALLED) dicom-tools pacs-tools  ## create/update .venv and run the test suite

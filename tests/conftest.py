@@ -13,8 +13,12 @@ os.environ["KEDRO_DISABLE_TELEMETRY"] = "1"
 # hypothesis is imported before any test starts Ray: its pytest plugin otherwise imports it
 # at the terminal summary, after Ray ran, and Python 3.11.7 then fails with "SystemError: AST
 # constructor recursion depth mismatch" (rc 1 after every test passed).
-import hypothesis  # noqa: E402, F401
+import hypothesis  # noqa: E402
 import pytest  # noqa: E402
+
+# No per-example deadline: under make test's two workers the other one may hold both cores.
+hypothesis.settings.register_profile("suite", deadline=None)
+hypothesis.settings.load_profile("suite")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import requests
@@ -62,10 +63,13 @@ class Orthanc:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.http_port, self.dicom_port = free_port(), free_port()
+        # Its own name: a restart must not take another test's Orthanc (started meanwhile on
+        # the freed port by the other pytest worker) for this one.
+        self.name = f"pneumonia-kedro-tests-{uuid.uuid4().hex[:12]}"
         self.process: subprocess.Popen | None = None
         self.log = folder / "orthanc.log"
         config = {
-            "Name": "pneumonia-kedro-tests",
+            "Name": self.name,
             "StorageDirectory": str(folder / "storage"),
             "IndexDirectory": str(folder / "storage"),
             "HttpPort": self.http_port,
@@ -104,7 +108,7 @@ class Orthanc:
                 raise RuntimeError(f"Orthanc exited with {self.process.returncode}: "
                                    f"{self.log.read_text()[-2000:]}")
             try:
-                if self.get("/system").get("DicomAet") == AET:
+                if self.get("/system").get("Name") == self.name:
                     return
             except requests.ConnectionError:
                 pass

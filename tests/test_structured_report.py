@@ -205,11 +205,12 @@ def test_plain_chunks_still_replace_the_folder_at_the_first_save(tmp_path):
     assert _files(folder) == {"b.dcm": b"2", "c.dcm": b"3"}
 
 
-def test_the_folder_goes_to_mlflow_once_when_the_run_s_set_is_complete(tmp_path):
+def test_the_folder_goes_to_mlflow_once_when_the_run_s_set_is_complete(tmp_path, monkeypatch):
     import mlflow
 
     from pneumonia_kedro.datasets import DicomFolderDataset
 
+    monkeypatch.chdir(tmp_path)  # the default experiment's artefacts go to ./mlruns
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     dataset = DicomFolderDataset(path=str(tmp_path / "structured_reports"), overwrite=True,
                                  mlflow_artifact_path="structured_reports")
