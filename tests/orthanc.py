@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
 import requests
+
+from pneumonia_kedro.ui import free_port
 
 ORTHANC = "Orthanc"
 PLUGIN_FOLDER = Path("/usr/share/orthanc/plugins")
@@ -48,12 +49,6 @@ def require_orthanc() -> None:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Orthanc:
