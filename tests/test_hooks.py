@@ -239,10 +239,12 @@ def test_bad_parameters_are_refused_together_before_any_node_and_before_mlflow(
     had run (and the classifier had saved a new version)."""
     register(None)
     bad = {"train": {"epochs": 0}, "classifier": {"batch_size": -2},
-           "inference": {"no_box": "nothing"}}
-    with pytest.raises(ConfigError, match="3 bad parameter") as info:
+           "inference": {"no_box": "nothing"}, "split": {"validation_fraction": 1.5}}
+    with pytest.raises(ConfigError, match="4 bad parameter") as info:
         run_session(kedro_project, env="demo", params=bad)
     message = str(info.value)
+    # The split group is read first, for the fold checks; its error is listed with the rest.
+    assert "params:split.validation_fraction = 1.5 is out of range" in message
     assert "params:train.epochs = 0 is out of range: it must be >= 1" in message
     assert "params:classifier.batch_size = -2 is out of range" in message
     assert "params:inference.no_box = 'nothing'" in message

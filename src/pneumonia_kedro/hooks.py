@@ -186,7 +186,10 @@ class RunParametersCheckHook:
                 "comes from the FOLDS environment variable (conf/base/parameters_split.yml), or "
                 "from conf/base and conf/$KEDRO_ENV (else conf/local). Ask for "
                 f"{folds} fold{'s' * (folds > 1)} with `FOLDS={folds} kedro run{env}`.")
-        config = from_params(SplitConfig, split_params, "split")
+        try:
+            config = from_params(SplitConfig, split_params, "split")
+        except ConfigError:
+            return  # listed with the run's other bad parameters, where the run takes them
         most = training_patients_at_most(config)
         if folds > 1 and most is not None and folds > most:
             raise ConfigError(
